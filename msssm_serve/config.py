@@ -1,0 +1,63 @@
+"""Model configuration: one dataclass shared by the trainer, the exporter and the runtime (no torch here)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    n_channels: int = 12  # input leads
+    n_classes: int = 5
+    multi_label: bool = True  # sigmoid per class (True) or softmax over classes (False)
+    d_model: int = 32
+    n_layers: int = 3
+    expand: int = 2  # d_inner = expand * d_model, as in Mamba
+    d_state: int = 4  # N: state size of each SSM in the array ((S+2)*N per channel in all)
+    n_scales: int = 3  # S: dilated-conv levels; 0 = plain single-scale Mamba-style block (one SSM)
+    kernel_size: int = 4  # K of every dilated conv
+    ssm: Literal["s6", "s4"] = "s6"
+    a_init: Literal["scale", "mamba"] = "scale"
+    mixer: Literal["input", "static", "softmax"] = "input"
+    dt_rank: int = 0  # 0 = ceil(d_model / 16), as in Mamba
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dropout: float = 0.0
+    # The blocked scan runs `scan_levels` static levels of `scan_block` steps, so one call covers up to
+    # scan_block ** scan_levels samples (8 ** 5 = 32768: more than 60 s at 500 Hz). Eager training ignores the cap.
+    scan_block: int = 8
+    scan_levels: int = 5
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def n_ssm(self) -> int:
+        """Sequences per channel: input, d^1..d^S, a^S (S+2); a single SSM when n_scales == 0."""
+        return self.n_scales + 2 if self.n_scales > 0 else 1
+
+    @property
+    def rank(self) -> int:
+        return self.dt_rank or -(-self.d_model // 16)
+
+    @property
+    def max_chunk(self) -> int:
+        return self.scan_block**self.scan_levels
+
+    def conv_history(self, scale: int) -> int:
+        """Past samples the conv of `scale` (1-based) needs: (K-1) * 2^(s-1)."""
+        return (self.kernel_size - 1) * 2 ** (scale - 1)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)

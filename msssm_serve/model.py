@@ -1,0 +1,294 @@
+"""MS-SSM (multi-scale state space model) for sequence classification, in PyTorch.
+
+One module tree serves both forms of the model:
+  * `forward(x)`: a whole sequence from the zero state (training), logits at every step;
+  * `advance(x, state)`: any number of new samples from a carried state (streaming, ONNX export).
+Both go through `MSSSMClassifier.run`, so the step form cannot drift from the trained one. State is a tuple of plain
+tensors that every function returns anew and never mutates.
+
+Paper: "MS-SSM: A Multi-Scale State Space Model for Efficient Sequence Modeling", section 2 and appendix A.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .selective import fused_available, selective_scan_fused, selective_scan_tensor_ops
+
+State = tuple[torch.Tensor, ...]
+
+
+def haar_filters(kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Haar low-pass phi and high-pass psi, zero-padded to the kernel length (tap l multiplies x[t - l*dilation])."""
+    low = torch.zeros(kernel_size)
+    high = torch.zeros(kernel_size)
+    low[:2] = 1 / math.sqrt(2)
+    high[0], high[1] = 1 / math.sqrt(2), -1 / math.sqrt(2)
+    return low, high
+
+
+def initial_a(cfg: ModelConfig) -> torch.Tensor:
+    """Diagonal of A for every SSM of the array: [n_ssm, d_inner, N], all entries negative.
+
+    `scale`: the paper asks for diag(A^s) uniform in (-N(S+1-s), -N(S-s)] for s in 0..S+1, which is positive for
+    s = S+1 (an off-by-one). We shift the intervals by one block of N so that every entry is negative and use an
+    evenly spaced grid: A^s_n = -(N(S+1-s) + n + 1). Concatenated over scales this is S4D-real's -(n+1) for
+    n < (S+2)N, dealt out so that the coarsest scale (a^S, s = S+1) gets -1..-N (Abar nearest 1, longest memory)
+    and the raw input (s = 0) the most negative block (shortest memory).
+    `mamba`: A_n = -(n+1) for every SSM (the ablation).
+    """
+    n = torch.arange(cfg.d_state, dtype=torch.float32) + 1
+    if cfg.a_init == "mamba" or cfg.n_ssm == 1:
+        per_ssm = [n] * cfg.n_ssm
+    elif cfg.a_init == "scale":
+        per_ssm = [cfg.d_state * (cfg.n_scales + 1 - s) + n for s in range(cfg.n_ssm)]
+    else:
+        raise ValueError(f"unknown a_init {cfg.a_init!r}")
+    a = -torch.stack(per_ssm)  # [n_ssm, N]
+    return a[:, None, :].expand(cfg.n_ssm, cfg.d_inner, cfg.d_state).clone()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class MultiScaleDecomposition(nn.Module):
+    """Nested causal depthwise dilated convolutions (paper eq. 2-3): u -> [u, d^1, ..., d^S, a^S].
+
+    Scale s (1-based) filters a^{s-1} with learnable per-channel phi_s / psi_s at dilation 2^(s-1). Its state is the
+    last (K-1)*2^(s-1) samples of a^{s-1}: the ring buffer a stream carries between calls.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        low, high = haar_filters(cfg.kernel_size)
+        self.low = nn.Parameter(low.repeat(cfg.n_scales, cfg.d_inner, 1))  # [S, D, K]
+        self.high = nn.Parameter(high.repeat(cfg.n_scales, cfg.d_inner, 1))
+
+    def forward(self, u: torch.Tensor, history: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """u: [B, L, D]; history[s]: [B, (K-1)*2^s, D] -> sequences [B, L, S+2, D], new history."""
+        length = u.shape[1]
+        sequences = [u]
+        new_history = []
+        approx = u
+        for s in range(self.cfg.n_scales):
+            dilation = 2**s
+            past = self.cfg.conv_history(s + 1)
+            full = torch.cat([history[s], approx], dim=1)  # [B, past + L, D]
+            new_history.append(full[:, full.shape[1] - past :])
+            low = torch.zeros_like(approx)
+            high = torch.zeros_like(approx)
+            for tap in range(self.cfg.kernel_size):
+                shifted = full[:, past - tap * dilation : past - tap * dilation + length]  # x[t - tap*dilation]
+                low = low + shifted * self.low[s, :, tap]
+                high = high + shifted * self.high[s, :, tap]
+            sequences.append(high)
+            approx = low
+        sequences.append(approx)
+        return torch.stack(sequences, dim=2), new_history
+
+
+class SSMArray(nn.Module):
+    """n_ssm independent diagonal SSMs, one per scale sequence (discretisation: see `selective`).
+
+    `s6`: B_t, C_t, Delta_t are functions of the raw input u_t (paper: "Input-dependent Parameterization").
+    `s4`: B, C, Delta are learned constants (time-invariant, S4D-real style).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        m, d, n, r = cfg.n_ssm, cfg.d_inner, cfg.d_state, cfg.rank
+        self.A_log = nn.Parameter(torch.log(-initial_a(cfg)))
+        self.D = nn.Parameter(torch.ones(m, d))
+        # Delta initialised log-uniform in [dt_min, dt_max] (Mamba), stored through softplus^-1.
+        dt = torch.exp(torch.rand(m, d) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt_bias = dt + torch.log(-torch.expm1(-dt))
+        if cfg.ssm == "s6":
+            self.x_proj = nn.Linear(d, m * (r + 2 * n), bias=False)
+            self.dt_proj = nn.Parameter(torch.randn(m, r, d) * r**-0.5)
+            self.dt_bias = nn.Parameter(dt_bias)
+        elif cfg.ssm == "s4":
+            self.B = nn.Parameter(torch.randn(m, d, n) * n**-0.5)
+            self.C = nn.Parameter(torch.randn(m, d, n) * n**-0.5)
+            self.dt_bias = nn.Parameter(dt_bias)
+        else:
+            raise ValueError(f"unknown ssm kind {cfg.ssm!r}")
+
+    def forward(
+        self, sequences: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, scan_levels: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """sequences: [B, L, M, D]; u (raw input): [B, L, D]; h0: [B, M, D, N] -> y [B, L, M, D], h_L."""
+        cfg = self.cfg
+        batch, length = u.shape[:2]
+        A = -torch.exp(self.A_log)  # [M, D, N]
+        if cfg.ssm == "s6":
+            params = self.x_proj(u).view(batch, length, cfg.n_ssm, cfg.rank + 2 * cfg.d_state)
+            dt_low, B, C = torch.split(params, [cfg.rank, cfg.d_state, cfg.d_state], dim=-1)
+            dt = F.softplus(torch.einsum("blmr,mrd->blmd", dt_low, self.dt_proj) + self.dt_bias)
+            B, C = B.unsqueeze(3), C.unsqueeze(3)  # [B, L, M, 1, N]: shared by the channels, as in Mamba
+        else:
+            dt = F.softplus(self.dt_bias).expand(batch, length, -1, -1)
+            B, C = self.B, self.C
+        # Eager CPU runs the fused kernel; export (a fixed scan depth) and CUDA trace the tensor-op form.
+        if cfg.ssm == "s6" and scan_levels is None and fused_available(u.device):
+            y, h_last = selective_scan_fused(sequences, dt, A, B.squeeze(3), C.squeeze(3), h0)
+        else:
+            y, h_last = selective_scan_tensor_ops(sequences, dt, A, B, C, h0, cfg.scan_block, scan_levels)
+        return y + self.D * sequences, h_last
+
+
+class ScaleMixer(nn.Module):
+    """z_t = E_t y_t (paper eq. 4). `input`: E_t = Linear(u_t); `static`: E learned constant;
+    `softmax`: E_t = softmax(Linear(u_t)) (the ablations of table 5)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mixer
+        m = cfg.n_ssm
+        if self.kind == "static":
+            self.E = nn.Parameter(torch.ones(m))
+        elif self.kind in ("input", "softmax"):
+            self.proj = nn.Linear(cfg.d_inner, m)
+            nn.init.normal_(self.proj.weight, std=0.02)
+            nn.init.constant_(self.proj.bias, 1.0 if self.kind == "input" else 0.0)
+        else:
+            raise ValueError(f"unknown mixer {self.kind!r}")
+
+    def forward(self, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """y: [B, L, M, D]; u: [B, L, D] -> [B, L, D]."""
+        if self.kind == "static":
+            return torch.einsum("blmd,m->bld", y, self.E)
+        E = self.proj(u)
+        if self.kind == "softmax":
+            E = torch.softmax(E, dim=-1)
+        return torch.einsum("blmd,blm->bld", y, E)
+
+
+class MSSSM(nn.Module):
+    """Multi-scale decomposition -> array of SSMs -> scale mixer. With n_scales == 0: one plain SSM."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.decompose = MultiScaleDecomposition(cfg) if cfg.n_scales > 0 else None
+        self.ssms = SSMArray(cfg)
+        self.mixer = ScaleMixer(cfg) if cfg.n_scales > 0 else None
+
+    def forward(self, u, conv_history, h0, scan_levels):
+        if self.decompose is None:
+            sequences, new_history = u.unsqueeze(2), []
+        else:
+            sequences, new_history = self.decompose(u, conv_history)
+        y, h = self.ssms(sequences, u, h0, scan_levels)
+        z = y[:, :, 0] if self.mixer is None else self.mixer(y, u)
+        return z, new_history, h
+
+
+class ResidualBlock(nn.Module):
+    """Mamba-style block: x + out_proj(MSSSM(silu(in_x)) * silu(gate)), with (in_x, gate) = in_proj(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model)
+        self.in_proj = nn.Linear(cfg.d_model, 2 * cfg.d_inner)
+        self.msssm = MSSSM(cfg)
+        self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, conv_history, h0, scan_levels):
+        u, gate = self.in_proj(self.norm(x)).chunk(2, dim=-1)
+        z, new_history, h = self.msssm(F.silu(u), conv_history, h0, scan_levels)
+        return x + self.dropout(self.out_proj(z * F.silu(gate))), new_history, h
+
+
+class MSSSMClassifier(nn.Module):
+    """Leads -> input projection -> residual MS-SSM blocks -> causal mean pooling -> class logits at every step.
+
+    The pooled feature after t samples is the mean of the first t feature vectors, so the output at t depends on
+    those t samples only: a stream's prediction at t equals the window classifier on its first t samples.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        # Input normalisation lives in the model (and so in the exported graph): fitted by the trainer.
+        self.register_buffer("input_mean", torch.zeros(cfg.n_channels))
+        self.register_buffer("input_std", torch.ones(cfg.n_channels))
+        self.embed = nn.Linear(cfg.n_channels, cfg.d_model)
+        self.blocks = nn.ModuleList(ResidualBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.n_classes)
+
+    # --- state -------------------------------------------------------------------------------------------------
+    def state_spec(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Names and per-stream shapes (batch dim left out) of the state tensors, in order."""
+        cfg = self.cfg
+        spec = []
+        for layer in range(cfg.n_layers):
+            for s in range(1, cfg.n_scales + 1):
+                spec.append((f"conv_{layer}_{s}", (cfg.conv_history(s), cfg.d_inner)))
+            spec.append((f"ssm_{layer}", (cfg.n_ssm, cfg.d_inner, cfg.d_state)))
+        spec.append(("pool_sum", (cfg.d_model,)))
+        spec.append(("pool_count", (1,)))
+        return spec
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> State:
+        device = device if device is not None else self.input_mean.device
+        return tuple(torch.zeros(batch, *shape, device=device) for _, shape in self.state_spec())
+
+    # --- the one computation ------------------------------------------------------------------------------------
+    def run(self, x: torch.Tensor, state: State, scan_levels: int | None = None) -> tuple[torch.Tensor, State]:
+        """x: [B, T, C] raw signal from `state` on -> (logits [B, T, classes], new state)."""
+        cfg = self.cfg
+        h = self.embed((x - self.input_mean) / self.input_std)
+        per_layer = cfg.n_scales + 1
+        new_state: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            layer_state = state[i * per_layer : (i + 1) * per_layer]
+            h, conv_history, ssm_h = block(h, list(layer_state[:-1]), layer_state[-1], scan_levels)
+            new_state.extend(conv_history)
+            new_state.append(ssm_h)
+        pool_sum, pool_count = state[-2], state[-1]
+        feats = self.norm_f(h)
+        sums = pool_sum.unsqueeze(1) + torch.cumsum(feats, dim=1)
+        counts = pool_count.unsqueeze(1) + torch.cumsum(torch.ones_like(feats[..., :1]), dim=1)
+        logits = self.head(sums / counts)
+        new_state.extend([sums[:, -1], counts[:, -1]])
+        return logits, tuple(new_state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Training form: x [B, L, C] from the zero state -> logits at every step [B, L, classes]."""
+        return self.run(x, self.init_state(x.shape[0], x.device))[0]
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.cfg.multi_label else torch.softmax(logits, dim=-1)
+
+    def advance(self, x: torch.Tensor, state: State, scan_levels: int | None = None) -> tuple[torch.Tensor, State]:
+        """Streaming form: x [B, T, C] (T >= 1) -> (class probabilities at each step [B, T, classes], new state)."""
+        logits, new_state = self.run(x, state, scan_levels)
+        return self.probabilities(logits), new_state
+
+
+class StreamingGraph(nn.Module):
+    """What export traces: (x, *state) -> (probabilities, *new_state) with a depth-capped scan."""
+
+    def __init__(self, model: MSSSMClassifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, *state: torch.Tensor):
+        probs, new_state = self.model.advance(x, state, scan_levels=self.model.cfg.scan_levels)
+        return (probs, *new_state)

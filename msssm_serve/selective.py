@@ -1,0 +1,82 @@
+"""The selective SSM recurrence of an array of diagonal SSMs, with two interchangeable implementations.
+
+    h_t = exp(dt_t * A) h_{t-1} + dt_t * B_t * x_t        (ZOH for A, Euler for B, as in Mamba)
+    y_t = C_t . h_t
+
+`selective_scan_tensor_ops` spells it in tensor ops over [B, L, M, D, N] and hands the recurrence to a scan
+(`blocked_scan`, or `sequential_scan` as the reference): the form ONNX export traces and CUDA runs.
+`selective_scan_fused` is a C++ kernel (CPU, float32/64) with its own backward that never materialises the
+[B, L, M, D, N] tensors, compiled on first use. Tests hold both to the sequential reference in values and gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .scan import blocked_scan, sequential_scan
+
+log = logging.getLogger(__name__)
+_extension = None
+_extension_failed = False
+
+
+def selective_scan_tensor_ops(x, dt, A, B, C, h0, block: int = 8, levels: int | None = None, reference=False):
+    """x, dt: [Bt, L, M, D]; A: [M, D, N]; B, C: broadcastable to [Bt, L, M, D, N]; h0: [Bt, M, D, N]
+    -> (y [Bt, L, M, D], h_L [Bt, M, D, N])."""
+    decay = torch.exp(dt.unsqueeze(-1) * A)
+    drive = (dt * x).unsqueeze(-1) * B
+    h = sequential_scan(decay, drive, h0) if reference else blocked_scan(decay, drive, h0, block, levels)
+    return (h * C).sum(-1), h[:, -1]
+
+
+def _load_extension():
+    global _extension, _extension_failed
+    if _extension is None and not _extension_failed:
+        try:
+            from torch.utils.cpp_extension import load
+
+            source = Path(__file__).with_name("csrc") / "selective_scan.cpp"
+            _extension = load(
+                name="msssm_selective_scan",
+                sources=[str(source)],
+                extra_cflags=["-O3", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        except Exception as err:  # no compiler: the tensor-op scan still works, only slower
+            _extension_failed = True
+            log.warning("fused CPU selective scan unavailable (%s); using the tensor-op scan", err)
+    return _extension
+
+
+class _FusedScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, h0):
+        ext = _load_extension()
+        y, h_last = ext.forward(x, dt, A, B, C, h0)
+        ctx.save_for_backward(x, dt, A, B, C, h0)
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, gy, gh_last):
+        ext = _load_extension()
+        x, dt, A, B, C, h0 = ctx.saved_tensors
+        gy = torch.zeros_like(x) if gy is None else gy.contiguous()
+        gh_last = torch.zeros_like(h0) if gh_last is None else gh_last.contiguous()
+        return tuple(ext.backward(x, dt, A, B, C, h0, gy, gh_last))
+
+
+def fused_available(device: torch.device) -> bool:
+    if device.type != "cpu" or os.environ.get("MSSSM_DISABLE_FUSED_SCAN") == "1":
+        return False
+    return _load_extension() is not None
+
+
+def selective_scan_fused(x, dt, A, B, C, h0):
+    """Same contract as the tensor-op form, with B, C: [Bt, L, M, N] (input-dependent, shared by channels)."""
+    args = [t.contiguous() for t in (x, dt, A, B, C, h0)]
+    return _FusedScan.apply(*args)

@@ -1,0 +1,186 @@
+"""The model's two forms are one function: whole-sequence forward == stepwise advance, in any chunking."""
+
+import numpy as np
+import pytest
+import torch
+
+from msssm_serve.config import ModelConfig
+from msssm_serve.mixing import mean_mixing_distance, model_mean_mixing_distance
+from msssm_serve.model import MSSSMClassifier, initial_a
+from msssm_serve.scan import blocked_scan, sequential_scan
+from msssm_serve.selective import fused_available, selective_scan_fused, selective_scan_tensor_ops
+
+
+def small_model(seed=0, **overrides) -> MSSSMClassifier:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{"d_model": 16, "n_layers": 2, "d_state": 4, **overrides})
+    model = MSSSMClassifier(cfg).eval()
+    # Non-trivial normalisation so that it is exercised too.
+    model.input_mean.normal_()
+    model.input_std.uniform_(0.5, 2.0)
+    return model
+
+
+def random_chunks(total, rng, sizes=(1, 2, 7, 64, 999, 3, 250)):
+    chunks = []
+    while sum(chunks) < total:
+        chunks.append(int(rng.choice(sizes)))
+    chunks[-1] -= sum(chunks) - total
+    return [c for c in chunks if c > 0]
+
+
+@pytest.mark.parametrize("ssm", ["s6", "s4"])
+@pytest.mark.parametrize("n_scales", [0, 3])
+def test_advance_in_random_chunks_equals_forward(ssm, n_scales):
+    model = small_model(ssm=ssm, n_scales=n_scales)
+    x = torch.randn(2, 5000, 12) * 2
+    rng = np.random.default_rng(1)
+    with torch.no_grad():
+        expected = model.probabilities(model(x))
+        state = model.init_state(2)
+        pieces, start = [], 0
+        for size in random_chunks(5000, rng):
+            probs, state = model.advance(x[:, start : start + size], state)
+            pieces.append(probs)
+            start += size
+        got = torch.cat(pieces, dim=1)
+        # forward is causal: its step t is the model on the prefix of t samples.
+        for prefix in (1, 37, 1000):
+            on_prefix = model.probabilities(model(x[:, :prefix]))[:, -1]
+            assert (on_prefix - expected[:, prefix - 1]).abs().max() <= 1e-5
+    assert got.shape == (2, 5000, 5)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_export_form_with_static_scan_depth_equals_eager():
+    model = small_model()
+    x = torch.randn(3, 700, 12)
+    with torch.no_grad():
+        state = model.init_state(3)
+        eager, eager_state = model.advance(x, state)
+        static, static_state = model.advance(x, state, scan_levels=model.cfg.scan_levels)
+    assert (eager - static).abs().max() <= 1e-5
+    for a, b in zip(eager_state, static_state):
+        assert (a - b).abs().max() <= 1e-4 * (1 + a.abs().max())
+
+
+def test_batch_of_streams_at_different_positions_equals_each_alone():
+    model = small_model()
+    offsets = [0, 13, 250, 1001]
+    signals = [torch.randn(1, off + 40, 12) for off in offsets]
+    with torch.no_grad():
+        states = []
+        for sig, off in zip(signals, offsets):
+            st = model.init_state(1)
+            if off:
+                _, st = model.advance(sig[:, :off], st)
+            states.append(st)
+        batched = tuple(torch.cat(parts) for parts in zip(*states))
+        new = torch.cat([sig[:, off:] for sig, off in zip(signals, offsets)])
+        together, _ = model.advance(new, batched)
+        for i, (sig, off) in enumerate(zip(signals, offsets)):
+            alone, _ = model.advance(sig[:, off:], states[i])
+            assert (together[i] - alone[0]).abs().max() <= 1e-6
+
+
+def test_state_is_not_mutated_and_its_size_is_constant():
+    model = small_model()
+    with torch.no_grad():
+        state = model.init_state(1)
+        _, after_10 = model.advance(torch.randn(1, 10, 12), state)
+        assert all((s == 0).all() for s in state), "advance must not write into its input state"
+        st = after_10
+        for _ in range(10):
+            _, st = model.advance(torch.randn(1, 9999, 12), st)
+    assert float(st[-1][0, 0]) == 10 + 10 * 9999
+    assert [s.shape for s in after_10] == [s.shape for s in st]
+    assert sum(s.numel() for s in after_10) == sum(s.numel() for s in st)
+
+
+def relative_error(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def test_blocked_scan_equals_sequential_in_values_and_gradients():
+    torch.manual_seed(0)
+    for length in (1, 5, 8, 9, 64, 1000):
+        a = torch.rand(2, length, 3, 4, dtype=torch.float64, requires_grad=True)
+        u = torch.randn(2, length, 3, 4, dtype=torch.float64, requires_grad=True)
+        h0 = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+        weights = torch.randn(2, length, 3, 4, dtype=torch.float64)
+        results = []
+        for scan in (
+            lambda: sequential_scan(a, u, h0),
+            lambda: blocked_scan(a, u, h0, 8),
+            lambda: blocked_scan(a, u, h0, 4, levels=5),
+        ):
+            h = scan()
+            grads = torch.autograd.grad((h * weights).sum(), (a, u, h0))
+            results.append((h, grads))
+        ref_h, ref_g = results[0]
+        for h, grads in results[1:]:
+            assert relative_error(h, ref_h) <= 1e-4
+            for g, rg in zip(grads, ref_g):
+                assert relative_error(g, rg) <= 1e-4
+
+
+@pytest.mark.skipif(not fused_available(torch.device("cpu")), reason="no C++ compiler for the fused scan")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_scan_equals_sequential_reference_in_values_and_gradients(dtype):
+    torch.manual_seed(0)
+    Bt, L, M, D, N = 2, 300, 3, 5, 4
+    x = torch.randn(Bt, L, M, D, dtype=dtype, requires_grad=True)
+    dt = (torch.rand(Bt, L, M, D, dtype=dtype) * 0.3).requires_grad_()
+    A = (-torch.rand(M, D, N, dtype=dtype) * 5 - 0.5).requires_grad_()
+    B = torch.randn(Bt, L, M, N, dtype=dtype, requires_grad=True)
+    C = torch.randn(Bt, L, M, N, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(Bt, M, D, N, dtype=dtype, requires_grad=True)
+    wy, wh = torch.randn(Bt, L, M, D, dtype=dtype), torch.randn(Bt, M, D, N, dtype=dtype)
+    inputs = (x, dt, A, B, C, h0)
+
+    y, h = selective_scan_fused(*inputs)
+    grads = torch.autograd.grad((y * wy).sum() + (h * wh).sum(), inputs)
+    ry, rh = selective_scan_tensor_ops(x, dt, A, B.unsqueeze(3), C.unsqueeze(3), h0, reference=True)
+    ref_grads = torch.autograd.grad((ry * wy).sum() + (rh * wh).sum(), inputs)
+    assert relative_error(y, ry) <= 1e-4 and relative_error(h, rh) <= 1e-4
+    for g, rg in zip(grads, ref_grads):
+        assert relative_error(g, rg) <= 1e-4
+
+
+def test_scale_dependent_init_gives_stable_ordered_eigenvalues():
+    cfg = ModelConfig(d_state=8, n_scales=3)
+    A = initial_a(cfg)  # [S+2, D, N]
+    assert (A < 0).all()
+    for dt in (0.001, 0.2, 1.0):
+        abar = torch.exp(dt * A)
+        assert ((abar > 0) & (abar < 1)).all()
+        for s in range(cfg.n_ssm - 1):
+            # scale s+1 is coarser than s: all its eigenvalues lie nearer 1
+            assert abar[s + 1].min() > abar[s].max()
+    # mamba ablation: -(n+1) for every SSM
+    assert torch.equal(initial_a(ModelConfig(d_state=4, a_init="mamba"))[2, 0], -torch.arange(1.0, 5.0))
+    # and the model really starts from these values
+    model = MSSSMClassifier(cfg)
+    assert torch.allclose(-torch.exp(model.blocks[0].msssm.ssms.A_log), A)
+
+
+@pytest.mark.parametrize("mixer", ["input", "static", "softmax"])
+def test_mixer_variants_train(mixer):
+    model = small_model(mixer=mixer).train()
+    x = torch.randn(2, 50, 12)
+    loss = model(x)[:, -1].sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_mean_mixing_distance_on_known_maps_and_a_model():
+    x = torch.randn(50, 3)
+    assert mean_mixing_distance(lambda v: v, x) == pytest.approx(0.0)
+    shift3 = lambda v: torch.nn.functional.pad(v, (0, 0, 3, 0))[:, :-3]  # y_t = x_{t-3}
+    assert mean_mixing_distance(shift3, x) == pytest.approx(3.0)
+    avg = lambda v: torch.cumsum(v, 1) / torch.arange(1, v.shape[1] + 1)[None, :, None]  # uniform over the prefix
+    assert mean_mixing_distance(avg, x) == pytest.approx(49 / 2)
+    d = model_mean_mixing_distance(small_model(), torch.randn(200, 12))
+    assert 0 < d < 200
