@@ -142,6 +142,8 @@ class SSMArray(nn.Module):
         else:
             dt = F.softplus(self.dt_bias).expand(batch, length, -1, -1)
             B, C = self.B, self.C
+        # The recurrence runs in float32 even under autocast: bf16 decays compound badly over thousands of steps.
+        sequences, dt, B, C = (t.float() for t in (sequences, dt, B, C))
         # Eager CPU runs the fused kernel; export (a fixed scan depth) and CUDA trace the tensor-op form.
         if cfg.ssm == "s6" and scan_levels is None and fused_available(u.device):
             y, h_last = selective_scan_fused(sequences, dt, A, B.squeeze(3), C.squeeze(3), h0)

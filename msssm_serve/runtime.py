@@ -1,0 +1,241 @@
+"""Torch-free runtime: load a model directory and run its ONNX graph (onnxruntime + numpy only).
+
+`OnnxModel` wraps the one graph `(x, *state) -> (probabilities, *state_out)`:
+  * `classify(signal)`: a recording cut into windows, each window one call from the zero state;
+  * `advance(x, state)`: many streams (batch rows) by the same number of samples;
+  * `advance_streams(segments, states)`: many streams by different numbers of samples, grouped into as few calls
+    as there are distinct lengths (the server's batched primitive).
+`Stream` holds one stream's state, its pending samples and its position in the current window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+REQUIRED_KEYS = ("name", "labels", "multi_label", "sample_rate", "leads", "window", "state", "max_chunk")
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+
+StreamState = list[np.ndarray]  # one array per state tensor, each with a leading batch dim of 1
+
+
+class ModelDirError(Exception):
+    """A model directory that cannot be served; the message names the file at fault."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    window: int  # window index k within the stream
+    t: int  # samples of window k seen so far
+    probabilities: np.ndarray  # [classes]
+    final: bool
+
+
+def _read_model_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelDirError(f"{path}: missing (a model directory holds model.json and model.onnx)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelDirError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ModelDirError(f"{path}: expected a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ModelDirError(f"{path}: missing keys {missing}")
+    return meta
+
+
+def default_providers() -> list[str]:
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxModel:
+    def __init__(self, model_dir: str | Path = DEFAULT_MODEL_DIR, providers: list[str] | None = None,
+                 threads: int | None = None):
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise ModelDirError(f"{self.dir}: model directory not found")
+        self.meta = _read_model_json(self.dir / "model.json")
+        onnx_path = self.dir / "model.onnx"
+        if not onnx_path.is_file():
+            raise ModelDirError(f"{onnx_path}: missing")
+        options = ort.SessionOptions()
+        # A server runs one inference at a time per process (one batching consumer), so all cores go to intra-op
+        # parallelism; inter-op threads would only contend with it.
+        options.intra_op_num_threads = threads or int(os.environ.get("MSSSM_THREADS", 0)) or (os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=providers or default_providers())
+        except Exception as err:  # onnxruntime raises its own Fail / InvalidProtobuf types
+            raise ModelDirError(f"{onnx_path}: cannot be loaded by onnxruntime ({err})") from err
+        self.state_names = [s["name"] for s in self.meta["state"]]
+        self.state_shapes = [tuple(s["shape"]) for s in self.meta["state"]]
+        expected_inputs = ["x", *self.state_names]
+        got_inputs = [i.name for i in self.session.get_inputs()]
+        if got_inputs != expected_inputs:
+            raise ModelDirError(f"{onnx_path}: inputs {got_inputs} do not match model.json state {expected_inputs}")
+        self.output_names = ["probabilities", *(f"{n}_out" for n in self.state_names)]
+        self.n_channels = int(self.session.get_inputs()[0].shape[-1])
+        if self.n_channels != len(self.leads):
+            raise ModelDirError(f"{self.dir}: graph takes {self.n_channels} channels, model.json lists {self.leads}")
+
+    # --- description --------------------------------------------------------------------------------------------
+    name = property(lambda self: self.meta["name"])
+    labels = property(lambda self: list(self.meta["labels"]))
+    multi_label = property(lambda self: bool(self.meta["multi_label"]))
+    sample_rate = property(lambda self: int(self.meta["sample_rate"]))
+    leads = property(lambda self: list(self.meta["leads"]))
+    window = property(lambda self: int(self.meta["window"]))
+    default_hop = property(lambda self: int(self.meta.get("default_hop", 25)))
+    max_chunk = property(lambda self: int(self.meta["max_chunk"]))
+    providers = property(lambda self: self.session.get_providers())
+
+    @property
+    def state_bytes(self) -> int:
+        return int(sum(np.prod(s) for s in self.state_shapes) * 4)
+
+    # --- computation --------------------------------------------------------------------------------------------
+    def zero_state(self, batch: int = 1) -> list[np.ndarray]:
+        return [np.zeros((batch, *shape), np.float32) for shape in self.state_shapes]
+
+    def advance(self, x: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """x [B, T, C] float32 -> (probabilities [B, T, K], new state). T beyond the graph's scan depth is split."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 3 or x.shape[2] != self.n_channels or x.shape[1] == 0:
+            raise ValueError(f"x must be [batch, T>=1, {self.n_channels}], got {list(x.shape)}")
+        pieces = []
+        for start in range(0, x.shape[1], self.max_chunk):
+            feeds = {"x": x[:, start : start + self.max_chunk], **dict(zip(self.state_names, state))}
+            probs, *state = self.session.run(self.output_names, feeds)
+            pieces.append(probs)
+        return (pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)), state
+
+    def advance_streams(self, segments: list[np.ndarray], states: list[StreamState]):
+        """Advance stream i by segments[i] [T_i, C] from states[i]; streams of equal T_i share one call.
+        -> list of (probabilities [T_i, K], new StreamState), in input order."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, seg in enumerate(segments):
+            groups[len(seg)].append(i)
+        results: list = [None] * len(segments)
+        for members in groups.values():
+            x = np.stack([segments[i] for i in members])
+            batch_state = [np.concatenate([states[i][j] for i in members]) for j in range(len(self.state_names))]
+            probs, new_state = self.advance(x, batch_state)
+            for row, i in enumerate(members):
+                # copies, so a stream's state does not pin the whole batch's arrays in memory
+                results[i] = (probs[row], [s[row : row + 1].copy() for s in new_state])
+        return results
+
+    def classify(self, signal: np.ndarray) -> dict:
+        """signal [T, C] at the model's rate -> per-window probabilities (windows of `window` samples, the last
+        may be shorter, each from the zero state) and their element-wise max."""
+        signal = np.asarray(signal, dtype=np.float32)
+        if signal.ndim != 2 or signal.shape[1] != self.n_channels or len(signal) == 0:
+            raise ValueError(f"signal must be [T>=1, {self.n_channels}], got {list(signal.shape)}")
+        w = self.window
+        starts = list(range(0, len(signal), w))
+        segments = [signal[s : s + w] for s in starts]
+        results = self.advance_streams(segments, [self.zero_state(1)] * len(segments))
+        windows = [{"start": s, "probabilities": probs[-1]} for s, (probs, _) in zip(starts, results)]
+        return {"windows": windows, "probabilities": np.max([w_["probabilities"] for w_ in windows], axis=0)}
+
+
+class Stream:
+    """One stream: samples arrive in any frame sizes; a prediction every `hop` samples of a window and a final one
+    at its end, after which the next window starts from the zero state. Memory: the model state plus at most
+    `max_pending` buffered samples, whatever the stream's length."""
+
+    def __init__(self, model: OnnxModel, hop: int | None = None, max_pending: int | None = None):
+        self.model = model
+        self.hop = hop or model.default_hop
+        if not 1 <= self.hop <= model.window:
+            raise ValueError(f"hop must be in 1..{model.window}, got {self.hop}")
+        self.max_pending = max_pending or 4 * model.window
+        self.state: StreamState = model.zero_state(1)
+        self.window_index = 0
+        self.t = 0  # samples of the current window already advanced
+        self._pending = np.empty((self.max_pending, model.n_channels), np.float32)
+        self.pending = 0
+        self._last: np.ndarray | None = None  # probabilities at the current t
+
+    @property
+    def free(self) -> int:
+        return self.max_pending - self.pending
+
+    def feed(self, samples: np.ndarray) -> None:
+        n = len(samples)
+        if n > self.free:
+            raise OverflowError(f"{n} samples exceed the {self.free} free pending slots")
+        self._pending[self.pending : self.pending + n] = samples
+        self.pending += n
+
+    def next_segment_length(self, max_hops: int = 4, partial: bool = False) -> int:
+        """Samples to advance now: whole hops up to the next prediction points (at most `max_hops` of them, never
+        past the window end), or with `partial` whatever is pending. 0 = nothing to do yet."""
+        to_boundary = self.hop - self.t % self.hop
+        to_window_end = self.model.window - self.t
+        if self.pending >= min(to_boundary, to_window_end):
+            n = to_boundary
+            while n + self.hop <= self.pending and n < max_hops * self.hop:
+                n += self.hop
+            return min(n, to_window_end)
+        return min(self.pending, to_window_end) if partial else 0
+
+    def take(self, n: int) -> np.ndarray:
+        segment = self._pending[:n].copy()
+        self._pending[: self.pending - n] = self._pending[n : self.pending]
+        self.pending -= n
+        return segment
+
+    def apply(self, probs: np.ndarray, new_state: StreamState) -> list[Prediction]:
+        """Take the result of advancing by the last `take` (probs [n, K]) -> the predictions it completes."""
+        out = []
+        t0 = self.t
+        self.t += len(probs)
+        for t in range((t0 // self.hop + 1) * self.hop, self.t + 1, self.hop):
+            if t < self.model.window:
+                out.append(Prediction(self.window_index, t, probs[t - t0 - 1], False))
+        self._last = probs[-1]
+        if self.t == self.model.window:
+            out.append(Prediction(self.window_index, self.t, probs[-1], True))
+            self.window_index += 1
+            self.t = 0
+            self.state = self.model.zero_state(1)
+            self._last = None
+        else:
+            self.state = new_state
+        return out
+
+    def _advance(self, n: int) -> list[Prediction]:
+        (probs, new_state), = self.model.advance_streams([self.take(n)], [self.state])
+        return self.apply(probs, new_state)
+
+    def push(self, samples: np.ndarray) -> list[Prediction]:
+        """Feed samples and advance as far as they go (single-stream use; the server batches instead)."""
+        samples = np.asarray(samples, np.float32).reshape(-1, self.model.n_channels)
+        out = []
+        for start in range(0, len(samples), self.max_pending):
+            self.feed(samples[start : start + self.max_pending])
+            while n := self.next_segment_length(max_hops=self.model.window):
+                out += self._advance(n)
+        return out
+
+    def flush(self) -> list[Prediction]:
+        """Advance whatever is pending and predict the current partial window now: the predictions that advancing
+        completes, then one for the current t unless one was just made there (nothing more at t == 0)."""
+        out = []
+        while n := self.next_segment_length(max_hops=self.model.window, partial=True):
+            out += self._advance(n)
+        if self.t > 0 and not (out and out[-1].window == self.window_index and out[-1].t == self.t):
+            out.append(Prediction(self.window_index, self.t, self._last, False))
+        return out

@@ -1,0 +1,1 @@
+"""Training-side code for the MS-SSM classifier; needs the `train` extra (torch, wfdb, pandas)."""

@@ -1,0 +1,408 @@
+#!/usr/bin/env python
+"""Train MS-SSM: `python training/fit.py --task ptbxl --data-dir DIR [...]` (see ../shared/docs/contract.md).
+
+Writes RUN_DIR/checkpoint.pt (best on validation macro AUROC), RUN_DIR/last.pt (for --resume),
+RUN_DIR/metrics.json and PNG plots. Multi-GPU / multi-process: `torchrun --nproc_per_node N training/fit.py ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from msssm_serve.config import ModelConfig  # noqa: E402
+from msssm_serve.model import MSSSMClassifier  # noqa: E402
+from training.metrics import bootstrap_macro_auroc, macro_auroc, one_hot, per_class_auroc  # noqa: E402
+from training.ptbxl import LEADS, DataError, load_labels, load_signals, split_folds  # noqa: E402
+from training.ucr import load_ucr  # noqa: E402
+
+PTBXL_DATA = {"name": "PTB-XL", "licence": "CC BY 4.0", "citation": "Wagner et al., Scientific Data 7, 154 (2020)"}
+
+
+@dataclass
+class TaskData:
+    x_train: np.ndarray  # [n, L, C] float32 (may be a memmap)
+    y_train: np.ndarray  # [n, K] 0/1 float32 (one-hot when single-label)
+    x_val: np.ndarray
+    y_val: np.ndarray
+    classes: list[str]
+    multi_label: bool
+    sample_rate: int
+    leads: list[str]
+    info: dict = field(default_factory=dict)
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+
+
+def load_task(args) -> TaskData:
+    if args.task == "ptbxl":
+        records = load_labels(args.data_dir, args.label_set, args.labels, args.sampling_rate)
+        split = split_folds(records)
+        if len(split["train"]) == 0 or len(split["val"]) == 0:
+            raise DataError(f"{args.data_dir}: need records in folds 1-8 (train) and fold 9 (validation)")
+        train, val = records.subset(split["train"]), records.subset(split["val"])
+        info = {
+            **PTBXL_DATA,
+            "data_dir": str(args.data_dir),
+            "labels_csv": str(args.labels) if args.labels else None,
+            "label_set": args.label_set,
+            "train_records": len(train.ids),
+            "val_records": len(val.ids),
+            "folds": {"train": "1-8", "validation": 9, "test": "10 (never used by training)"},
+        }
+        return TaskData(
+            x_train=load_signals(args.data_dir, train, sampling_rate=args.sampling_rate),
+            y_train=train.labels,
+            x_val=load_signals(args.data_dir, val, sampling_rate=args.sampling_rate),
+            y_val=val.labels,
+            classes=records.classes,
+            multi_label=True,
+            sample_rate=args.sampling_rate,
+            leads=list(LEADS),
+            info=info,
+        )
+    data = load_ucr(args.data_dir)
+    k = len(data.classes)
+    # Validation carved from TRAIN, stratified, so model selection never sees TEST.
+    rng = np.random.default_rng(args.seed)
+    val_idx = []
+    for c in range(k):
+        members = rng.permutation(np.flatnonzero(data.y_train == c))
+        val_idx.extend(members[: max(1, round(len(members) * args.val_fraction))] if len(members) > 1 else [])
+    val_mask = np.zeros(len(data.y_train), bool)
+    val_mask[val_idx] = True
+    return TaskData(
+        x_train=data.x_train[~val_mask],
+        y_train=one_hot(data.y_train[~val_mask], k),
+        x_val=data.x_train[val_mask],
+        y_val=one_hot(data.y_train[val_mask], k),
+        classes=data.classes,
+        multi_label=False,
+        sample_rate=args.sampling_rate,
+        leads=["signal"],
+        info={"name": Path(args.data_dir).name, "format": "UCR", "data_dir": str(args.data_dir)},
+        x_test=data.x_test,
+        y_test=one_hot(data.y_test, k),
+    )
+
+
+def fit_normalisation(x: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per-lead mean / std over every training sample, in chunks (x may be a memmap larger than memory)."""
+    total = np.zeros(x.shape[-1])
+    total_sq = np.zeros(x.shape[-1])
+    count = 0
+    for i in range(0, len(x), chunk):
+        part = np.asarray(x[i : i + chunk], dtype=np.float64).reshape(-1, x.shape[-1])
+        total += part.sum(0)
+        total_sq += (part**2).sum(0)
+        count += len(part)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+
+def random_crops(x: np.ndarray, idx: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
+    length = x.shape[1]
+    if crop <= 0 or crop >= length:
+        return np.asarray(x[idx], dtype=np.float32)
+    starts = rng.integers(0, length - crop + 1, len(idx))
+    return np.stack([x[i, s : s + crop] for i, s in zip(idx, starts)]).astype(np.float32)
+
+
+@torch.no_grad()
+def predict(model: MSSSMClassifier, x: np.ndarray, device, batch_size: int) -> np.ndarray:
+    """Class probabilities after each whole window (the last step of causal mean pooling)."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = torch.from_numpy(np.asarray(x[i : i + batch_size], dtype=np.float32)).to(device)
+        out.append(model.probabilities(model(xb)[:, -1]).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    return F.cross_entropy(logits, targets.argmax(-1))
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def plot_curves(out: Path, history: list[dict], classes: list[str], y_val, p_val) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax1.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax1.legend()
+    ax2.plot(epochs, [h["val_macro_auroc"] for h in history])
+    ax2.set(xlabel="epoch", ylabel="macro AUROC", title="validation macro AUROC")
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for k, name in enumerate(classes):
+        if 0 < y_val[:, k].sum() < len(y_val):
+            fpr, tpr, _ = roc_curve(y_val[:, k], p_val[:, k])
+            ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="validation ROC (best checkpoint)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "roc_curves.png", dpi=100)
+    plt.close(fig)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def train(args) -> dict:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(args.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    data = load_task(args)
+    window = data.x_val.shape[1]
+    crop = args.crop if args.crop is not None else (250 if args.task == "ptbxl" else 0)
+    cfg = ModelConfig(
+        n_channels=data.x_train.shape[-1],
+        n_classes=len(data.classes),
+        multi_label=data.multi_label,
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        d_state=args.d_state,
+        n_scales=args.n_scales,
+        ssm=args.ssm,
+        a_init=args.a_init,
+        mixer=args.mixer,
+        dropout=args.dropout,
+    )
+    model = MSSSMClassifier(cfg)
+    mean, std = fit_normalisation(data.x_train)
+    model.input_mean.copy_(torch.from_numpy(mean))
+    model.input_std.copy_(torch.from_numpy(std))
+    model.to(device)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        # Norm gains, biases, SSM dynamics (A_log, D, dt) and wavelet taps are not weight-decayed, as in Mamba.
+        (no_decay if p.dim() < 2 or "A_log" in name or ".D" in name or "dt_" in name else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+    )
+    steps_per_epoch = max(1, len(data.x_train) // (args.batch_size * world))
+    if args.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, args.steps_per_epoch)
+    total_steps = steps_per_epoch * args.epochs
+    warmup = min(total_steps // 2, round(args.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    use_amp = device.type == "cuda" and not args.no_amp
+
+    history: list[dict] = []
+    start_epoch, best = 0, -1.0
+    last_path = out / "last.pt"
+    if args.resume and last_path.exists():
+        _, _, payload = load_checkpoint(last_path)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        start_epoch, best, history = payload["epoch"], payload["best"], payload["history"]
+        if is_main:
+            print(f"resumed from {last_path} after epoch {start_epoch}", file=sys.stderr)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    y_val = data.y_val.astype(np.float32)
+    parity_windows = torch.from_numpy(np.array(data.x_val[: args.parity_windows], dtype=np.float32))
+    meta = {
+        "labels": data.classes,
+        "multi_label": data.multi_label,
+        "sample_rate": data.sample_rate,
+        "leads": data.leads,
+        "window": int(window),
+        "default_hop": 25,
+        "task": args.task,
+        "label_set": args.label_set if args.task == "ptbxl" else None,
+        "data": data.info,
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "train_crop": crop,
+        "parity_windows": parity_windows,
+    }
+    t_start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        net.train()
+        epoch_start = time.time()
+        rng = np.random.default_rng(args.seed * 1000 + epoch)  # same permutation on every rank
+        order = rng.permutation(len(data.x_train))[rank::world]
+        losses, seen = [], 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main, file=sys.stderr)
+        for step in bar:
+            idx = order[step * args.batch_size : (step + 1) * args.batch_size]
+            xb = torch.from_numpy(random_crops(data.x_train, idx, crop, rng)).to(device)
+            yb = torch.from_numpy(data.y_train[idx].astype(np.float32)).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = net(xb)[:, -1]
+            loss = loss_fn(logits.float(), yb, data.multi_label)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            seen += len(idx) * world
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", rec_s=f"{seen / (time.time() - epoch_start):.0f}")
+        if not is_main:
+            continue
+        p_val = predict(model, data.x_val, device, args.eval_batch_size)
+        val_loss = float(
+            loss_fn(torch.logit(torch.from_numpy(p_val).clamp(1e-6, 1 - 1e-6)), torch.from_numpy(y_val), True)
+            if data.multi_label
+            else F.nll_loss(torch.log(torch.from_numpy(p_val).clamp_min(1e-9)), torch.from_numpy(y_val.argmax(-1)))
+        )
+        auroc = macro_auroc(y_val, p_val)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "val_loss": val_loss,
+            "val_macro_auroc": auroc,
+            "val_per_class_auroc": dict(zip(data.classes, per_class_auroc(y_val, p_val).tolist())),
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": time.time() - epoch_start,
+            "train_records_per_s": seen / (time.time() - epoch_start),
+        }
+        history.append(record)
+        print(json.dumps({k: v for k, v in record.items() if k != "val_per_class_auroc"}), file=sys.stderr)
+        if auroc > best:
+            best = auroc
+            meta["validation"] = {"macro_auroc": auroc, "epoch": epoch + 1, "per_class_auroc": record["val_per_class_auroc"]}
+            save_checkpoint(out / "checkpoint.pt", model, meta)
+        save_checkpoint(
+            last_path, model, meta, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            epoch=epoch + 1, best=best, history=history,
+        )
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if not is_main:
+        return {}
+
+    best_model, best_meta, _ = load_checkpoint(out / "checkpoint.pt")
+    best_model.to(device)
+    p_val = predict(best_model, data.x_val, device, args.eval_batch_size)
+    metrics = {
+        "task": args.task,
+        "classes": data.classes,
+        "config": cfg.to_dict(),
+        "data": data.info,
+        "command": meta["command"],
+        "device": str(device),
+        "world_size": world,
+        "epochs": history,
+        "best": {**best_meta["validation"], **{f"bootstrap_{k}": v for k, v in
+                 bootstrap_macro_auroc(y_val, p_val, n_boot=args.n_boot).items()}},
+        "train_wall_seconds": time.time() - t_start,
+    }
+    if data.x_test is not None:  # UCR: TEST is scored once, with the checkpoint chosen on validation
+        p_test = predict(best_model, data.x_test, device, args.eval_batch_size)
+        metrics["test_accuracy"] = float((p_test.argmax(-1) == data.y_test.argmax(-1)).mean())
+        metrics["test_macro_auroc"] = macro_auroc(data.y_test, p_test)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_curves(out, history, data.classes, y_val, p_val)
+    return metrics
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["ptbxl", "ucr"], required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--label-set", default="superdiagnostic")
+    p.add_argument("--labels", help="label table CSV: ecg_id, strat_fold, filename_lr, then one 0/1 column per class")
+    p.add_argument("--sampling-rate", type=int, default=100, choices=[100, 500])
+    p.add_argument("--ssm", choices=["s6", "s4"], default="s6")
+    p.add_argument("--n-scales", type=int, default=3)
+    p.add_argument("--d-model", type=int, default=32)
+    p.add_argument("--n-layers", type=int, default=3)
+    p.add_argument("--d-state", type=int, default=4)
+    p.add_argument("--a-init", choices=["scale", "mamba"], default="scale")
+    p.add_argument("--mixer", choices=["input", "static", "softmax"], default="input")
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--eval-batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--crop", type=int, default=None, help="training crop in samples (default: 250 for ptbxl, whole series for ucr)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="ucr: share of TRAIN held out for validation")
+    p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on optimiser steps per epoch (0: a full pass)")
+    p.add_argument("--parity-windows", type=int, default=8, help="validation windows stored for export's parity check")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/latest")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        metrics = train(args)
+    except (DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if metrics:
+        best = metrics["best"]
+        print(json.dumps({"out": args.out, "val_macro_auroc": best["macro_auroc"], "ci95": [best["bootstrap_ci_low"],
+              best["bootstrap_ci_high"]], "epoch": best["epoch"], **{k: metrics[k] for k in ("test_accuracy",
+              "test_macro_auroc") if k in metrics}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
