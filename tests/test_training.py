@@ -1,0 +1,124 @@
+"""The trainer end to end on the real fixture records: a short run, resume, DDP on CPU, UCR, clear errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from msssm_serve.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "ptbxl"
+TINY = ["--d-model", "8", "--n-layers", "1", "--d-state", "2", "--crop", "64", "--batch-size", "4",
+        "--eval-batch-size", "16", "--n-boot", "20", "--device", "cpu", "--parity-windows", "2"]
+
+
+def fit(*args, env=None, check=True):
+    cmd = [sys.executable, str(ROOT / "training" / "fit.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def ptbxl_args(out, *extra):
+    return ["--task", "ptbxl", "--data-dir", str(FIXTURE), "--labels", str(FIXTURE / "labels" / "superdiagnostic.csv"),
+            "--out", str(out), *TINY, *extra]
+
+
+def test_two_step_run_writes_a_loadable_checkpoint_then_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    fit(*ptbxl_args(out, "--epochs", "1", "--steps-per-epoch", "2"))
+    model, meta, _ = load_checkpoint(out / "checkpoint.pt")
+    assert meta["labels"] == ["CD", "HYP", "MI", "NORM", "STTC"]
+    assert meta["window"] == 1000 and meta["sample_rate"] == 100 and len(meta["leads"]) == 12
+    assert meta["parity_windows"].shape == (2, 1000, 12)
+    # normalisation fitted on the training folds and stored in the model
+    assert not np.allclose(model.input_std.numpy(), 1.0)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 1 and 0 <= metrics["best"]["macro_auroc"] <= 1
+    assert (out / "learning_curves.png").stat().st_size > 0 and (out / "roc_curves.png").stat().st_size > 0
+
+    first = load_checkpoint(out / "last.pt")[2]
+    fit(*ptbxl_args(out, "--epochs", "2", "--steps-per-epoch", "2", "--resume"))
+    resumed = load_checkpoint(out / "last.pt")[2]
+    assert resumed["epoch"] == 2
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert resumed["history"][0] == first["history"][0]  # epoch 1 kept, not retrained
+    assert resumed["scheduler"]["last_epoch"] == 4  # the schedule continued from step 2
+
+
+def test_official_metadata_path_trains(tmp_path):
+    fit("--task", "ptbxl", "--data-dir", str(FIXTURE), "--label-set", "superdiagnostic", "--out", str(tmp_path),
+        *TINY, "--epochs", "1", "--steps-per-epoch", "1")
+    assert load_checkpoint(tmp_path / "checkpoint.pt")[1]["labels"] == ["CD", "HYP", "MI", "NORM", "STTC"]
+
+
+def test_ddp_with_two_cpu_processes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(ROOT / "training" / "fit.py"), *ptbxl_args(tmp_path, "--epochs", "1", "--steps-per-epoch", "2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+def write_ucr(root: Path, name="TinyECG", n_train=24, n_test=12, length=40):
+    rng = np.random.default_rng(0)
+    folder = root / name
+    folder.mkdir(parents=True)
+    for split, n in (("TRAIN", n_train), ("TEST", n_test)):
+        labels = np.array([-1, 1] * (n // 2))
+        t = np.linspace(0, 1, length)
+        rows = [np.sin(2 * np.pi * (3 if y > 0 else 1) * t) + 0.1 * rng.standard_normal(length) for y in labels]
+        np.savetxt(folder / f"{name}_{split}.tsv", np.column_stack([labels, rows]), delimiter="\t", fmt="%.5f")
+    return folder
+
+
+def test_ucr_task_writes_test_metrics(tmp_path):
+    data = write_ucr(tmp_path)
+    out = tmp_path / "run"
+    fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--d-model", "8", "--n-layers", "1",
+        "--epochs", "3", "--batch-size", "8", "--n-boot", "20", "--device", "cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["test_accuracy"] <= 1 and 0 <= metrics["test_macro_auroc"] <= 1
+    assert load_checkpoint(out / "checkpoint.pt")[1]["multi_label"] is False
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing_dir", "not found"),
+        ("no_records100", "records100"),
+        ("unknown_label_set", "label set"),
+        ("labels_missing_columns", "strat_fold"),
+        ("corrupt_dat", "00001_lr"),
+    ],
+)
+def test_clear_errors_not_tracebacks(tmp_path, case, expect):
+    data = tmp_path / "ptbxl"
+    shutil.copytree(FIXTURE, data)
+    labels = data / "labels" / "superdiagnostic.csv"
+    args = ["--labels", str(labels)]
+    if case == "missing_dir":
+        data = tmp_path / "nowhere"
+    elif case == "no_records100":
+        shutil.rmtree(data / "records100")
+    elif case == "unknown_label_set":
+        args = ["--label-set", "bogus"]
+    elif case == "labels_missing_columns":
+        text = labels.read_text().splitlines()
+        labels.write_text("\n".join(line.replace("strat_fold", "fold") for line in text))
+    elif case == "corrupt_dat":
+        (data / "records100" / "00000" / "00001_lr.dat").write_bytes(b"\x00\x01garbage")
+    proc = fit("--task", "ptbxl", "--data-dir", str(data), *args, "--out", str(tmp_path / "run"), *TINY,
+               "--epochs", "1", "--steps-per-epoch", "1", check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert expect.lower() in proc.stderr.lower(), proc.stderr

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Evaluate a model on one PTB-XL fold: macro AUROC (and per class) with a bootstrap 95 % interval, JSON on stdout.
+
+    python training/evaluate.py --model MODEL_DIR_OR_CHECKPOINT --task ptbxl --data-dir DIR [--labels CSV] --fold 9
+
+The default fold is 9 (validation); the test fold 10 is scored only when asked for with --fold 10.
+A model directory is run through onnxruntime (exactly what the server runs); a checkpoint through PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from training.metrics import bootstrap_macro_auroc, per_class_auroc  # noqa: E402
+from training.ptbxl import DataError, load_labels, load_signals  # noqa: E402
+
+
+def scores_from_model_dir(model_dir: Path, x: np.ndarray, batch: int = 64) -> tuple[np.ndarray, list[str]]:
+    from msssm_serve.runtime import OnnxModel
+
+    model = OnnxModel(model_dir)
+    out = []
+    for i in range(0, len(x), batch):
+        xb = np.asarray(x[i : i + batch], np.float32)
+        probs, _ = model.advance(xb, model.zero_state(len(xb)))
+        out.append(probs[:, -1])
+    return np.concatenate(out), model.labels
+
+
+def scores_from_checkpoint(path: Path, x: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    import torch
+
+    from msssm_serve.checkpoint import load_checkpoint
+    from training.fit import predict
+
+    model, meta, _ = load_checkpoint(path)
+    return predict(model, x, torch.device("cpu"), 64), meta["labels"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory (model.onnx + model.json) or checkpoint.pt")
+    p.add_argument("--task", choices=["ptbxl"], default="ptbxl")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--labels", help="label table CSV (see fit.py)")
+    p.add_argument("--label-set", default="superdiagnostic")
+    p.add_argument("--sampling-rate", type=int, default=100)
+    p.add_argument("--fold", type=int, default=9, help="9 = validation (default); 10 = the test fold, only on request")
+    p.add_argument("--n-boot", type=int, default=1000)
+    args = p.parse_args(argv)
+    try:
+        records = load_labels(args.data_dir, args.label_set, args.labels, args.sampling_rate)
+        chosen = records.subset(records.folds == args.fold)
+        if len(chosen.ids) == 0:
+            raise DataError(f"{args.data_dir}: no labelled records in fold {args.fold}")
+        x = load_signals(args.data_dir, chosen, sampling_rate=args.sampling_rate)
+        model_path = Path(args.model)
+        if model_path.is_dir():
+            scores, labels = scores_from_model_dir(model_path, x)
+        else:
+            scores, labels = scores_from_checkpoint(model_path, x)
+        if labels != records.classes:
+            raise DataError(f"model classes {labels} differ from the data's {records.classes}")
+    except Exception as err:  # every failure is reported as one line, never as a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = {
+        "model": str(args.model),
+        "fold": args.fold,
+        "records": len(chosen.ids),
+        **bootstrap_macro_auroc(chosen.labels, scores, n_boot=args.n_boot),
+        "per_class_auroc": dict(zip(labels, per_class_auroc(chosen.labels, scores).tolist())),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
