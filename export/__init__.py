@@ -1,0 +1,1 @@
+"""Checkpoint -> ONNX model directory (export/export.py)."""

@@ -1,0 +1,169 @@
+"""Export: checkpoint -> model.onnx that onnxruntime runs like the PyTorch model, and a truthful model.json."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export import export as exporter
+from msssm_serve.checkpoint import save_checkpoint
+from msssm_serve.config import ModelConfig
+from msssm_serve.model import MSSSMClassifier, StreamingGraph
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECORDS = sorted((REPO_ROOT / "tests/fixtures/ptbxl/records100").glob("*/*.hea"))[:4]
+LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+LABELS = ["NORM", "MI", "STTC", "CD", "HYP"]
+
+
+@pytest.fixture(scope="module")
+def windows() -> torch.Tensor:
+    """Real ECG windows [n, 1000, 12] (10 s at 100 Hz), in millivolts as the trainer reads them."""
+    wfdb = pytest.importorskip("wfdb")
+    if not RECORDS:
+        pytest.skip("no PTB-XL fixture records under tests/fixtures/ptbxl/records100")
+    signals = [wfdb.rdsamp(str(path.with_suffix("")))[0] for path in RECORDS]
+    return torch.tensor(np.stack(signals), dtype=torch.float32)
+
+
+def make_checkpoint(path: Path, windows: torch.Tensor, seed=0, **overrides) -> MSSSMClassifier:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{"d_model": 16, "n_layers": 2, "d_state": 4, "n_classes": 5, **overrides})
+    model = MSSSMClassifier(cfg).eval()
+    # Non-trivial normalisation, so that the graph is seen to apply it.
+    model.input_mean.normal_(0, 0.1)
+    model.input_std.uniform_(0.5, 2.0)
+    meta = {
+        "labels": LABELS,
+        "multi_label": cfg.multi_label,
+        "sample_rate": 100,
+        "leads": LEADS,
+        "window": windows.shape[1],
+        "task": "ptbxl",
+        "data": {"dataset": "PTB-XL 1.0.3 (ptbxl_database.csv)", "licence": "CC BY 4.0"},
+        "label_set": "superdiagnostic",
+        "command": "python training/fit.py --task ptbxl --data-dir data/ptbxl",
+        "validation": {"macro_auroc": 0.5, "epoch": 1},
+        "parity_windows": windows,
+    }
+    save_checkpoint(path, model, meta)
+    return model
+
+
+def dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, windows):
+    root = tmp_path_factory.mktemp("export")
+    model = make_checkpoint(root / "checkpoint.pt", windows)
+    desc = exporter.export_model(root / "checkpoint.pt", root / "model", name="tiny")
+    return model, desc, root / "model"
+
+
+def test_export_round_trips_within_tolerance(exported, windows):
+    model, desc, out = exported
+    assert json.loads((out / "model.json").read_text()) == desc
+    parity = desc["parity"]
+    for kind in ("whole_window", "sample_by_sample", "random_chunks"):
+        assert 0 <= parity[kind] <= 1e-4
+    assert parity["windows"] == len(windows) and parity["tolerance"] == 1e-4
+    assert max(parity["onnxruntime_consistency"].values()) <= 2e-4
+
+    assert desc["name"] == "tiny" and desc["labels"] == LABELS and desc["leads"] == LEADS
+    assert desc["window"] == 1000 and desc["default_hop"] == 25 and desc["max_chunk"] == 8**5
+    assert desc["normalisation"]["std"] == pytest.approx(model.input_std.tolist())
+    assert desc["state"] == [{"name": n, "shape": list(s)} for n, s in model.state_spec()]
+    assert desc["state_bytes_per_stream"] == 4 * sum(s.numel() for s in model.init_state(1))
+    assert desc["training"]["label_set"] == "superdiagnostic" and "parity_windows" not in desc["training"]
+    assert desc["validation"] == {"macro_auroc": 0.5, "epoch": 1}
+    assert desc["onnx"]["size_bytes"] == (out / "model.onnx").stat().st_size
+    assert "CC BY 4.0" in (out / "README.md").read_text()
+    # The graph carries its own description (less the file's hash and size, which it cannot contain).
+    props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    embedded = json.loads(props["model.json"])
+    assert embedded["parity"] == desc["parity"] and embedded["state"] == desc["state"]
+
+
+def test_graph_io_names_and_dynamic_dims(exported):
+    model, desc, out = exported
+    graph = onnx.load(str(out / "model.onnx")).graph
+    states = [n for n, _ in model.state_spec()]
+    assert [i.name for i in graph.input] == ["x", *states] == desc["inputs"]
+    assert [o.name for o in graph.output] == ["probabilities", *[f"{n}_out" for n in states]] == desc["outputs"]
+    assert dims(graph.input[0]) == ["batch", "T", 12]
+    assert dims(graph.output[0]) == ["batch", "T", 5]
+    for name, shape in model.state_spec():
+        assert dims(next(i for i in graph.input if i.name == name)) == ["batch", *shape]
+        assert dims(next(o for o in graph.output if o.name == f"{name}_out")) == ["batch", *shape]
+
+
+def test_graph_takes_one_sample_and_max_chunk(exported):
+    model, desc, out = exported
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch, length in ((3, 1), (1, desc["max_chunk"])):
+        x = torch.randn(batch, length, 12)
+        state = model.init_state(batch)
+        feeds = {"x": x.numpy(), **{n: s.numpy() for n, s in zip(desc["inputs"][1:], state)}}
+        probs = session.run(["probabilities"], feeds)[0]
+        with torch.no_grad():
+            expected = model.advance(x, state)[0].numpy()
+        assert probs.shape == (batch, length, 5)
+        assert np.abs(probs - expected).max() <= 1e-4
+    # One sample more than max_chunk overflows the static scan depth: an error from the runtime, never wrong output.
+    feeds["x"] = np.zeros((1, desc["max_chunk"] + 1, 12), np.float32)
+    with pytest.raises(Exception, match="broadcast"):
+        session.run(["probabilities"], feeds)
+
+
+@pytest.mark.parametrize("overrides", [{"ssm": "s4"}, {"n_scales": 0}, {"multi_label": False}])
+def test_variants_export(tmp_path, windows, overrides):
+    make_checkpoint(tmp_path / "checkpoint.pt", windows[:2], **overrides)
+    desc = exporter.export_model(tmp_path / "checkpoint.pt", tmp_path / "model")
+    assert max(desc["parity"][k] for k in ("whole_window", "sample_by_sample", "random_chunks")) <= 1e-4
+    assert desc["config"] == {**desc["config"], **overrides}
+
+
+class SkewedGraph(StreamingGraph):
+    """An export bug stand-in: the traced graph is slightly off from the eager model."""
+
+    def forward(self, x, *state):
+        probs, *new_state = super().forward(x, *state)
+        return (probs * 0.999, *new_state)
+
+
+def test_parity_violation_fails_and_installs_nothing(tmp_path, windows, monkeypatch, capsys):
+    make_checkpoint(tmp_path / "checkpoint.pt", windows[:2])
+    monkeypatch.setattr(exporter, "StreamingGraph", SkewedGraph)
+    code = exporter.main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path / "model")])
+    assert code == 1
+    assert "disagrees with the checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no staging left behind
+
+
+def test_checkpoint_without_parity_windows_is_refused(tmp_path, windows):
+    model = make_checkpoint(tmp_path / "checkpoint.pt", windows[:1])
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del payload["meta"]["parity_windows"]
+    save_checkpoint(tmp_path / "checkpoint.pt", model, payload["meta"])
+    with pytest.raises(exporter.ExportError, match="parity_windows"):
+        exporter.export_model(tmp_path / "checkpoint.pt", tmp_path / "model")
+
+
+def test_cli(tmp_path, windows):
+    make_checkpoint(tmp_path / "checkpoint.pt", windows[:2])
+    out = tmp_path / "model"
+    cmd = [sys.executable, "export/export.py", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--out", str(out)]
+    done = subprocess.run([*cmd, "--opset", "18"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    desc = json.loads((out / "model.json").read_text())
+    assert desc["onnx"]["opset"] == 18 and desc["name"] == "msssm-s6-ptbxl-superdiagnostic"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.json", "model.onnx"]
