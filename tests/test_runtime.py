@@ -1,0 +1,93 @@
+"""The torch-free runtime: streams in random frame sizes equal whole-window classification; bad model dirs."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from msssm_serve.runtime import ModelDirError, OnnxModel, Stream
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return OnnxModel(model_dir, threads=1)
+
+
+def test_stream_in_random_frames_equals_classify_of_each_window_and_prefix(model, records):
+    signal = records.reshape(-1, records.shape[-1])[: 3 * model.window + 321]  # 3 whole windows and a partial one
+    rng = np.random.default_rng(0)
+    stream = Stream(model, hop=25)
+    predictions, start = [], 0
+    while start < len(signal):
+        size = int(rng.choice([1, 3, 25, 64, 333, 1000, 2500]))
+        predictions += stream.push(signal[start : start + size])
+        start += size
+    predictions += stream.flush()
+    finals = [p for p in predictions if p.final]
+    assert [p.window for p in finals] == [0, 1, 2]
+    whole = model.classify(signal)
+    assert len(whole["windows"]) == 4
+    for p, w in zip(finals, whole["windows"]):
+        assert np.abs(p.probabilities - w["probabilities"]).max() <= 1e-4
+    partial = predictions[-1]
+    assert (partial.window, partial.t, partial.final) == (3, 321, False)
+    assert np.abs(partial.probabilities - whole["windows"][3]["probabilities"]).max() <= 1e-4
+    # every intermediate prediction is the classifier on that window's first t samples
+    hops = [p for p in predictions if p.window == 1 and not p.final]
+    assert [p.t for p in hops] == list(range(25, model.window, 25))
+    for p in hops[::7]:
+        prefix = signal[model.window : model.window + p.t]
+        assert np.abs(p.probabilities - model.classify(prefix)["probabilities"]).max() <= 1e-4
+
+
+def test_advance_streams_batches_streams_at_different_positions(model, records):
+    x = records[:3]
+    states, segments, expected = [], [], []
+    for i, offset in enumerate([0, 100, 475]):
+        _, st = model.advance(x[i : i + 1, :offset], model.zero_state(1)) if offset else (None, model.zero_state(1))
+        states.append(st)
+        segments.append(x[i, offset : offset + 50])
+        expected.append(model.advance(x[i : i + 1, : offset + 50], model.zero_state(1))[0][0, -50:])
+    for (probs, _), want in zip(model.advance_streams(segments, states), expected):
+        assert np.abs(probs - want).max() <= 1e-4
+
+
+def test_long_input_is_split_at_max_chunk(model, records):
+    x = np.tile(records[:1], (1, 40, 1))[:, : model.max_chunk + 500]
+    probs, state = model.advance(x, model.zero_state(1))
+    assert probs.shape == (1, model.max_chunk + 500, len(model.labels))
+    assert float(state[-1][0, 0]) == model.max_chunk + 500
+
+
+def test_runtime_imports_without_torch():
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'): raise ImportError('torch is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import msssm_serve.runtime, server.app\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("case", ["missing_onnx", "corrupt_onnx", "missing_json", "corrupt_json", "json_lacks_keys"])
+def test_bad_model_directory_names_the_file(model_dir, tmp_path, case):
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    target = broken / ("model.onnx" if "onnx" in case else "model.json")
+    if case.startswith("missing"):
+        target.unlink()
+    elif case == "json_lacks_keys":
+        target.write_text('{"name": "x"}')
+    else:
+        target.write_bytes(b"\x08\x01not a model{")
+    with pytest.raises(ModelDirError, match=target.name):
+        OnnxModel(broken)
