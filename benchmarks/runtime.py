@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""The exported graph under onnxruntime: latency and throughput, vs PyTorch eager, and streaming vs recomputing.
+
+    python benchmarks/runtime.py [--model models/default] [--checkpoint runs/default/checkpoint.pt] [--threads 2]
+
+Prints, from one run on this machine:
+  1. per-call latency and samples/s of the graph for T in {1, 25, 100, 1000} x batch in {1, 16, 256};
+  2. a 10 s 12-lead window: onnxruntime vs PyTorch eager (the checkpoint the model was exported from), as a ratio;
+  3. stream update cost (advance one hop from the carried state) vs recomputing the window so far from scratch at
+     every hop (W = window, hop = 25), as a ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from msssm_serve.runtime import OnnxModel  # noqa: E402
+
+
+def best_seconds(fn, min_time: float = 0.5, max_runs: int = 50) -> float:
+    fn()  # warm-up
+    times, start = [], time.perf_counter()
+    while len(times) < max_runs and (time.perf_counter() - start < min_time or len(times) < 3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=str(ROOT / "models" / "default"))
+    p.add_argument("--checkpoint", help="checkpoint the model was exported from (for the PyTorch comparison)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    p.add_argument("--hop", type=int, default=25)
+    args = p.parse_args()
+    model = OnnxModel(args.model, threads=args.threads or None)
+    rng = np.random.default_rng(0)
+    C, W = model.n_channels, model.window
+    print(f"model {model.name}: {model.meta['config']['d_model']=} layers={model.meta['config']['n_layers']} "
+          f"state {model.state_bytes} B/stream, providers {model.providers}, threads {args.threads or 'all'}")
+
+    print("\n1. graph latency (median per call) and throughput")
+    print(f"{'T':>6} {'batch':>6} {'ms/call':>10} {'samples/s':>12}")
+    for T in (1, 25, 100, 1000):
+        for batch in (1, 16, 256):
+            x = rng.standard_normal((batch, T, C)).astype(np.float32)
+            state = model.zero_state(batch)
+            s = best_seconds(lambda: model.advance(x, state), min_time=0.3, max_runs=20)
+            print(f"{T:>6} {batch:>6} {s * 1000:>10.2f} {batch * T / s:>12.0f}")
+
+    window = rng.standard_normal((1, W, C)).astype(np.float32)
+    ort_s = best_seconds(lambda: model.advance(window, model.zero_state(1)))
+    print(f"\n2. one {W / model.sample_rate:.0f} s {C}-lead window, batch 1: onnxruntime {ort_s * 1000:.1f} ms")
+    if args.checkpoint:
+        import torch
+
+        from msssm_serve.checkpoint import load_checkpoint
+
+        torch_model, _, _ = load_checkpoint(args.checkpoint)
+        xt = torch.from_numpy(window)
+        with torch.no_grad():
+            torch_s = best_seconds(lambda: torch_model.advance(xt, torch_model.init_state(1)))
+        print(f"   PyTorch eager {torch_s * 1000:.1f} ms (threads {torch.get_num_threads()}) -> onnxruntime is "
+              f"{torch_s / ort_s:.2f}x faster")
+
+    hop = args.hop
+    state = model.zero_state(1)
+    _, state = model.advance(window[:, : W - hop], state)
+    update_s = best_seconds(lambda: model.advance(window[:, W - hop :], state))
+    # Without a carried state every hop would rerun the window so far; averaged over the hops of a window that is
+    # the mean prefix length, measured here at its end (the whole window) as the worst case and at W/2 as the mean.
+    recompute_full = best_seconds(lambda: model.advance(window, model.zero_state(1)))
+    recompute_half = best_seconds(lambda: model.advance(window[:, : W // 2], model.zero_state(1)))
+    print(f"\n3. stream update, W={W}, hop={hop}: advance {hop} samples from state {update_s * 1000:.2f} ms; "
+          f"recompute from scratch: {recompute_full * 1000:.1f} ms (whole window), {recompute_half * 1000:.1f} ms "
+          f"(mean prefix W/2)")
+    print(f"   update vs recompute: {recompute_full / update_s:.0f}x (whole window), "
+          f"{recompute_half / update_s:.0f}x (mean over the window's hops)")
+
+
+if __name__ == "__main__":
+    main()

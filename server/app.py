@@ -1,0 +1,216 @@
+"""The FastAPI app. `create_app()` is a factory, so each uvicorn worker process loads its own model."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import signal
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request, WebSocket
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from msssm_serve.runtime import OnnxModel
+
+from .batcher import Batcher
+from .metrics import Metrics
+from .settings import Settings
+from .signals import (InvalidSignal, JSONError, lead_order, loads, parse_sample_rate, samples_from_bytes,
+                      samples_from_json, to_model_rate)
+from .streaming import GOING_AWAY, StreamHub
+
+
+OPEN_ROUTES = ("/healthz", "/readyz")  # reachable without the API key: probes carry no secrets
+MONITOR_PAGE = Path(__file__).with_name("monitor.html")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        model = OnnxModel(settings.model_dir)
+        batcher = Batcher(model, metrics, settings.batch_wait_ms)
+        batcher.start()
+        app.state.model, app.state.batcher = model, batcher
+        app.state.hub = StreamHub(model, batcher, settings, metrics)
+        restore_sigterm = _close_streams_on_sigterm(app.state.hub)
+        try:
+            yield
+        finally:
+            restore_sigterm()
+            await app.state.hub.close_all(GOING_AWAY, "server shutting down")
+            await batcher.stop()
+
+    app = FastAPI(title="msssm-serve", lifespan=lifespan)
+    app.state.settings, app.state.metrics = settings, metrics
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    if settings.api_key:
+        @app.middleware("http")
+        async def require_api_key(request: Request, call_next):
+            if request.url.path in OPEN_ROUTES or _offered_key_matches(request, settings.api_key):
+                return await call_next(request)
+            return JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer KEY)"}, 401,
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    if settings.cors_origins:  # added last, so outermost: preflights are answered before the key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request):
+        batcher = getattr(request.app.state, "batcher", None)
+        if batcher is None or not batcher.running:
+            return JSONResponse({"status": "not ready"}, 503)
+        return {"status": "ready"}
+
+    @app.get("/model")
+    async def model_info(request: Request):
+        model: OnnxModel = request.app.state.model
+        return {"name": model.name, "version": model.meta.get("version"),
+                "onnx_sha256": model.meta.get("onnx", {}).get("sha256"),
+                "labels": model.labels, "multi_label": model.multi_label, "sample_rate": model.sample_rate,
+                "leads": model.leads, "window": model.window, "default_hop": model.default_hop,
+                "state_bytes": model.state_bytes, "providers": model.providers,
+                "active_streams": len(request.app.state.hub.connections), "max_streams": settings.max_streams}
+
+    @app.get("/metrics")
+    async def metrics_text():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def monitor():
+        return MONITOR_PAGE.read_text()
+
+    @app.post("/classify")
+    async def classify(request: Request):
+        model: OnnxModel = request.app.state.model
+        signal_, rate = _read_signal(model, await _read_body(request, settings.max_body_bytes), request)
+        seconds = len(signal_) / rate
+        if seconds > settings.max_signal_seconds:
+            raise HTTPException(413, f"signal of {float(seconds):.0f} s exceeds the {settings.max_signal_seconds:g} s "
+                                     "limit")
+        signal_ = _invalid_to_422(lambda: to_model_rate(signal_, rate, model.sample_rate))
+        started = time.perf_counter()
+        result = await request.app.state.batcher.run_inference(model.classify, signal_)
+        metrics.inference_seconds.labels("classify").observe(time.perf_counter() - started)
+        metrics.samples.labels("classify").inc(len(signal_))
+        probabilities = result["probabilities"]
+        if model.multi_label:
+            predicted = [label for label, p in zip(model.labels, probabilities) if p >= 0.5]
+        else:
+            predicted = [model.labels[int(np.argmax(probabilities))]]
+        return {"model": model.name, "labels": model.labels, "probabilities": probabilities.tolist(),
+                "predicted": predicted, "samples": len(signal_),
+                "windows": [{"start": w["start"], "probabilities": w["probabilities"].tolist()}
+                            for w in result["windows"]]}
+
+    @app.websocket("/stream")
+    async def stream(ws: WebSocket):
+        await ws.app.state.hub.serve(ws)
+
+    return app
+
+
+def _offered_key_matches(request: Request, key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    offered = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("api_key", "")
+    return hmac.compare_digest(offered.encode(), key.encode())
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` (declared length or bytes read)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _invalid_to_422(parse):
+    try:
+        return parse()
+    except InvalidSignal as err:
+        raise HTTPException(422, str(err)) from err
+
+
+def _read_signal(model: OnnxModel, body: bytes, request: Request):
+    """-> (signal [T, C] in the model's lead order, its sample rate)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/octet-stream":
+        query = request.query_params
+        channels = query.get("channels", "")
+        if not channels.isdigit() or int(channels) != model.n_channels:
+            raise HTTPException(422, f"binary bodies need ?channels={model.n_channels} (the model's lead count), "
+                                     f"got {channels or 'none'}")
+        if not body:
+            raise HTTPException(422, "empty signal")
+        try:
+            signal_ = samples_from_bytes(body, model.n_channels)
+        except InvalidSignal as err:
+            # A length that is no whole number of samples is a malformed body rather than a bad value.
+            raise HTTPException(400 if "whole number" in str(err) else 422, str(err)) from err
+        leads, rate = query.get("leads"), query.get("sample_rate")
+    elif content_type == "application/json":
+        try:
+            payload = loads(body)
+        except (JSONError, ValueError) as err:
+            raise HTTPException(400, f"body is not valid JSON ({err})") from err
+        if not isinstance(payload, dict) or "signal" not in payload:
+            raise HTTPException(422, "body must be a JSON object with a 'signal' field")
+        signal_ = _invalid_to_422(lambda: samples_from_json(payload["signal"], model.n_channels))
+        leads, rate = payload.get("leads"), payload.get("sample_rate")
+    else:
+        raise HTTPException(415, "send application/json or application/octet-stream (float32 LE, ?channels=C)")
+    order = _invalid_to_422(lambda: lead_order(leads, model.leads))
+    if order is not None:
+        signal_ = signal_[:, order]
+    return signal_, _invalid_to_422(lambda: parse_sample_rate(rate, model.sample_rate))
+
+
+def _close_streams_on_sigterm(hub: StreamHub):
+    """uvicorn answers SIGTERM by dropping WebSockets with 1012 before the app's shutdown runs; streams are to be
+    closed with 1001 and a reason, so that is done first, then uvicorn's own handler. -> a restore function."""
+    if threading.current_thread() is not threading.main_thread():  # e.g. TestClient: no signals there
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    async def close_then_exit(signum, frame):
+        await hub.close_all(GOING_AWAY, "server shutting down")
+        if callable(previous):
+            previous(signum, frame)
+        else:  # no server loop owns the signal: restore its default action and take it
+            signal.signal(signal.SIGTERM, previous)
+            signal.raise_signal(signum)
+
+    def handler(signum, frame):
+        loop.call_soon_threadsafe(lambda: loop.create_task(close_then_exit(signum, frame)))
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)

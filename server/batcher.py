@@ -1,0 +1,188 @@
+"""Cross-stream batching: one consumer task advances every stream that has work in one onnxruntime call per
+distinct segment length, on a single inference thread, so the event loop never blocks on the model and a stream's
+state is never advanced by two calls at once.
+
+A `Slot` is one registered stream: its runtime `Stream` (state + bounded pending buffer), the outbox its connection
+drains, and the `room` event the connection's receive loop waits on when the buffer or the outbox is full. Nothing
+is buffered without bound and nothing is dropped: a client that sends faster than the model runs is simply not read
+until there is room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from msssm_serve.runtime import OnnxModel, Prediction, Stream
+
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_HOPS_PER_BATCH = 4  # hops a stream may advance per batch: bounds one call's latency for everyone in it
+MAX_OUTBOX = 16  # undelivered batches of predictions a connection may owe before its samples stop being read
+
+
+class StreamGone(Exception):
+    """The connection behind a slot went away while its receive loop was waiting for room."""
+
+
+class Slot:
+    def __init__(self, stream: Stream, outbox: asyncio.Queue):
+        self.stream = stream
+        # Items for the connection's sender: lists of Predictions here, plus whatever else the connection queues.
+        self.outbox = outbox
+        self.room = asyncio.Event()
+        self.in_flight = False  # part of the batch being computed: not to be taken from or flushed again
+        self.flush_waiter: asyncio.Future | None = None
+        self.gone = False
+        self.last_sent: tuple[int, int] | None = None  # (window, t) of the last prediction queued
+
+    def has_room(self, n: int) -> bool:
+        return self.stream.free >= n and self.outbox.qsize() < MAX_OUTBOX
+
+    def wake(self) -> None:
+        self.room.set()
+
+
+class Batcher:
+    def __init__(self, model: OnnxModel, metrics: Metrics, batch_wait_ms: float):
+        self.model = model
+        self.metrics = metrics
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.slots: set[Slot] = set()
+        # One thread: one inference at a time per process, all its intra-op threads on that call.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._work = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- what connections call ----------------------------------------------------------------------------------
+    def register(self, stream: Stream, outbox: asyncio.Queue) -> Slot:
+        slot = Slot(stream, outbox)
+        self.slots.add(slot)
+        return slot
+
+    def unregister(self, slot: Slot) -> None:
+        """Forget the stream at once; a batch it is in still completes, and its result is dropped."""
+        self.slots.discard(slot)
+        slot.gone = True
+        slot.wake()
+        if slot.flush_waiter is not None and not slot.flush_waiter.done():
+            slot.flush_waiter.cancel()
+
+    async def feed(self, slot: Slot, samples: np.ndarray) -> None:
+        """Queue samples [T, C] for the stream, waiting for room as the batcher works the buffer down."""
+        chunk = slot.stream.max_pending
+        for start in range(0, len(samples), chunk):
+            part = samples[start : start + chunk]
+            while not slot.has_room(len(part)):
+                if slot.gone:
+                    raise StreamGone()
+                # No await between the check and the clear, so a wake() cannot slip in between.
+                slot.room.clear()
+                await slot.room.wait()
+            slot.stream.feed(part)
+            self._work.set()
+
+    async def flush(self, slot: Slot) -> None:
+        """Advance whatever the stream has pending and queue the prediction of its partial window; returns once
+        the predictions are in the outbox, so later samples cannot slip into the flushed window."""
+        slot.flush_waiter = asyncio.get_running_loop().create_future()
+        self._work.set()
+        try:
+            await slot.flush_waiter
+        finally:
+            slot.flush_waiter = None
+
+    async def run_inference(self, fn, *args):
+        """Run another inference (e.g. /classify) on the same thread, so it never overlaps a batch."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # --- the consumer -------------------------------------------------------------------------------------------
+    def _wants_flush(self, slot: Slot) -> bool:
+        return slot.flush_waiter is not None and not slot.flush_waiter.done() and not slot.in_flight
+
+    def _ready(self) -> list[Slot]:
+        return [s for s in self.slots if not s.in_flight and (
+            self._wants_flush(s) or s.stream.next_segment_length(max_hops=MAX_HOPS_PER_BATCH) > 0)]
+
+    async def _run(self) -> None:
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            ready = self._ready()
+            if not ready:
+                continue
+            if len(ready) < len(self.slots) and self.batch_wait_s > 0:
+                # Other streams may be a frame away from work: a short wait lets them share this call.
+                await asyncio.sleep(self.batch_wait_s)
+                ready = self._ready()
+            try:
+                await self._advance(ready)
+            except Exception:  # keep serving the other streams; the failed ones are told and closed
+                log.exception("batched inference failed")
+            # Streams may have more than MAX_HOPS_PER_BATCH hops pending: look again.
+            self._work.set()
+
+    async def _advance(self, ready: list[Slot]) -> None:
+        flushing = [s for s in ready if self._wants_flush(s)]
+        stepping = [s for s in ready if s not in flushing]
+        segments = [s.stream.take(s.stream.next_segment_length(max_hops=MAX_HOPS_PER_BATCH)) for s in stepping]
+        states = [s.stream.state for s in stepping]
+        for s in ready:
+            s.in_flight = True
+        self.metrics.batch_size.observe(len(ready))
+        self.metrics.samples.labels("stream").inc(sum(map(len, segments)) + sum(s.stream.pending for s in flushing))
+        try:
+            results, flushed = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._compute, segments, states, [s.stream for s in flushing])
+        except Exception as err:
+            for s in ready:
+                s.in_flight = False
+                s.outbox.put_nowait(err)
+            raise
+        for slot, (probs, new_state) in zip(stepping, results):
+            slot.in_flight = False
+            if not slot.gone:
+                self._deliver(slot, slot.stream.apply(probs, new_state))
+        for slot, predictions in zip(flushing, flushed):
+            slot.in_flight = False
+            if not slot.gone:
+                self._deliver(slot, predictions)
+                slot.flush_waiter.set_result(None)
+
+    def _compute(self, segments, states, flushing: list[Stream]):
+        """On the inference thread. Flushes are rare and partial, so each runs its own (small) calls."""
+        started = time.perf_counter()
+        results = self.model.advance_streams(segments, states) if segments else []
+        flushed = [stream.flush() for stream in flushing]
+        self.metrics.inference_seconds.labels("stream").observe(time.perf_counter() - started)
+        return results, flushed
+
+    @staticmethod
+    def _deliver(slot: Slot, predictions: list[Prediction]) -> None:
+        # A flush that lands on a hop boundary would repeat the prediction just made there, or not, depending on
+        # whether that hop was advanced before the flush or by it; never repeating keeps the messages deterministic.
+        predictions = [p for p in predictions if (p.window, p.t) != slot.last_sent]
+        if predictions:
+            slot.last_sent = (predictions[-1].window, predictions[-1].t)
+            slot.outbox.put_nowait(predictions)
+        slot.wake()

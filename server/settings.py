@@ -1,0 +1,39 @@
+"""Server settings: environment variables (MSSSM_*), which `python -m server` fills from its flags so that every
+uvicorn worker process, each building its own app, sees the same values."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from msssm_serve.runtime import DEFAULT_MODEL_DIR
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_dir: Path = DEFAULT_MODEL_DIR
+    api_key: str | None = None
+    max_streams: int = 1000
+    idle_timeout_s: float = 60.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_frame_bytes: int = 1024 * 1024
+    max_signal_seconds: float = 3600.0
+    batch_wait_ms: float = 2.0
+    cors_origins: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: os._Environ | dict | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        origins = env.get("MSSSM_CORS_ORIGINS", "")
+        return cls(
+            model_dir=Path(env.get("MSSSM_MODEL_DIR") or DEFAULT_MODEL_DIR),
+            api_key=env.get("MSSSM_API_KEY") or None,
+            max_streams=int(env.get("MSSSM_MAX_STREAMS", cls.max_streams)),
+            idle_timeout_s=float(env.get("MSSSM_IDLE_TIMEOUT_S", cls.idle_timeout_s)),
+            max_body_bytes=int(env.get("MSSSM_MAX_BODY_BYTES", cls.max_body_bytes)),
+            max_frame_bytes=int(env.get("MSSSM_MAX_FRAME_BYTES", cls.max_frame_bytes)),
+            max_signal_seconds=float(env.get("MSSSM_MAX_SIGNAL_SECONDS", cls.max_signal_seconds)),
+            batch_wait_ms=float(env.get("MSSSM_BATCH_WAIT_MS", cls.batch_wait_ms)),
+            cors_origins=tuple(o.strip() for o in origins.split(",") if o.strip()),
+        )

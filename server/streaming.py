@@ -1,0 +1,223 @@
+"""WS /stream: one connection = one `Stream` registered with the batcher.
+
+Two tasks per connection: the receive loop (parses frames, feeds the batcher, waits for room when the stream's
+buffer is full) and the sender (the only writer on the socket: config, predictions, errors and the close, in order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from dataclasses import dataclass
+
+import numpy as np
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from msssm_serve.runtime import OnnxModel, Prediction, Stream
+
+from .batcher import Batcher, Slot, StreamGone
+from .metrics import Metrics
+from .settings import Settings
+from .signals import InvalidSignal, JSONError, lead_order, loads, samples_from_bytes, samples_from_json
+
+
+UNSUPPORTED, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1003, 1007, 1008, 1009, 1011, 1013
+NORMAL, GOING_AWAY = 1000, 1001
+SENDER_DRAIN_S = 5.0  # how long a closing connection may take to deliver what it still owes
+
+
+@dataclass(frozen=True)
+class Close:
+    code: int
+    detail: str
+
+
+class StreamError(Exception):
+    def __init__(self, code: int, detail: str):
+        super().__init__(detail)
+        self.close = Close(code, detail)
+
+
+def prediction_message(p: Prediction) -> dict:
+    return {"type": "prediction", "window": p.window, "t": p.t,
+            "probabilities": p.probabilities.tolist(), "final": p.final}
+
+
+class StreamHub:
+    """The open connections of one app: admission (max streams), the active-streams gauge, shutdown."""
+
+    def __init__(self, model: OnnxModel, batcher: Batcher, settings: Settings, metrics: Metrics):
+        self.model, self.batcher, self.settings, self.metrics = model, batcher, settings, metrics
+        self.connections: set[Connection] = set()
+
+    def authorized(self, ws: WebSocket) -> bool:
+        key = self.settings.api_key
+        if key is None:
+            return True
+        header = ws.headers.get("authorization", "")
+        offered = header[7:] if header.lower().startswith("bearer ") else ws.query_params.get("api_key", "")
+        return hmac.compare_digest(offered.encode(), key.encode())
+
+    async def serve(self, ws: WebSocket) -> None:
+        await ws.accept()  # a close code and an error message can only be sent on an accepted socket
+        conn = Connection(self, ws)
+        if not self.authorized(ws):
+            return await conn.refuse(Close(POLICY, "missing or wrong API key (Authorization: Bearer KEY or ?api_key=)"))
+        if len(self.connections) >= self.settings.max_streams:
+            return await conn.refuse(Close(TRY_LATER, "server full, try later"))
+        self.connections.add(conn)
+        self.metrics.active_streams.set(len(self.connections))
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+            self.metrics.active_streams.set(len(self.connections))
+
+    async def close_all(self, code: int, detail: str) -> None:
+        """Graceful shutdown: every connection is told why and closed, waiting (bounded) for them to go."""
+        for conn in list(self.connections):
+            conn.send(Close(code, detail))
+        deadline = asyncio.get_running_loop().time() + SENDER_DRAIN_S
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
+
+class Connection:
+    def __init__(self, hub: StreamHub, ws: WebSocket):
+        self.hub, self.ws = hub, ws
+        self.model = hub.model
+        self.slot: Slot | None = None
+        self.order: np.ndarray | None = None  # column permutation from the client's lead order to the model's
+        # What the sender is to write, in order; the batcher adds predictions to it once the stream exists.
+        self.outbox: asyncio.Queue = asyncio.Queue()
+
+    def send(self, item) -> None:
+        self.outbox.put_nowait(item)
+
+    async def refuse(self, close: Close) -> None:
+        self.hub.metrics.stream_closes.labels(str(close.code)).inc()
+        await self.ws.send_json({"type": "error", "detail": close.detail})
+        await self.ws.close(close.code, close.detail[:120])
+
+    async def run(self) -> None:
+        sender = asyncio.create_task(self._send_loop())
+        try:
+            close = await self._receive_loop()
+        finally:
+            if self.slot is not None:
+                self.hub.batcher.unregister(self.slot)  # state freed now, whatever the sender still does
+        if close is None:  # the client went away
+            sender.cancel()
+        else:
+            self.send(close)
+        await asyncio.wait([sender], timeout=SENDER_DRAIN_S)
+        sender.cancel()
+
+    # --- receiving ----------------------------------------------------------------------------------------------
+    async def _receive_loop(self) -> Close | None:
+        first = True
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(self.ws.receive(), self.hub.settings.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    return Close(NORMAL, f"idle for {self.hub.settings.idle_timeout_s:g} s, closing")
+                if message["type"] == "websocket.disconnect":
+                    return None
+                await self._handle(message, first)
+                first = False
+        except StreamError as err:
+            return err.close
+        except (StreamGone, WebSocketDisconnect):
+            return None
+
+    async def _handle(self, message: dict, first: bool) -> None:
+        limit = self.hub.settings.max_frame_bytes
+        data, text = message.get("bytes"), message.get("text")
+        size = len(data) if data is not None else len(text.encode()) if text is not None else 0
+        if size > limit:
+            raise StreamError(TOO_BIG, f"frame of {size} bytes exceeds the {limit}-byte limit")
+        if data is not None:
+            self._ensure_stream({})
+            return await self._feed(self._decode(lambda: samples_from_bytes(data, self.model.n_channels, "frame")))
+        if text is None:
+            raise StreamError(UNSUPPORTED, "unsupported frame")
+        try:
+            body = loads(text)
+        except (JSONError, ValueError) as err:
+            raise StreamError(INVALID_DATA, f"text frame is not valid JSON ({err})") from err
+        if not isinstance(body, dict):
+            raise StreamError(INVALID_DATA, "text frames must be JSON objects")
+        if "samples" in body:
+            self._ensure_stream({})
+            signal = self._decode(lambda: samples_from_json(body["samples"], self.model.n_channels, "samples"))
+            return await self._feed(signal)
+        kind = body.get("type", "config" if first else None)
+        if kind == "config" and first:
+            self._ensure_stream(body)
+            return self.send({"type": "config", "labels": self.model.labels, "window": self.model.window,
+                              "hop": self.slot.stream.hop, "sample_rate": self.model.sample_rate,
+                              "leads": body.get("leads") or self.model.leads})
+        if kind == "flush":
+            self._ensure_stream({})
+            return await self.hub.batcher.flush(self.slot)
+        if kind == "config":
+            raise StreamError(UNSUPPORTED, "the config message must be the first message of a stream")
+        raise StreamError(UNSUPPORTED, f"unknown message type {kind!r} (expected samples, flush or a first config)")
+
+    def _decode(self, parse) -> np.ndarray:
+        try:
+            return parse()
+        except InvalidSignal as err:
+            raise StreamError(INVALID_DATA, str(err)) from err
+
+    def _ensure_stream(self, config: dict) -> None:
+        if self.slot is not None:
+            return
+        model = self.model
+        rate = config.get("sample_rate", model.sample_rate)
+        if rate != model.sample_rate:
+            raise StreamError(INVALID_DATA, f"streams run at the model's rate of {model.sample_rate} Hz, got "
+                                            f"{rate!r}: resample on the client (POST /classify resamples)")
+        hop = config.get("hop", model.default_hop)
+        if isinstance(hop, bool) or not isinstance(hop, int) or not 1 <= hop <= model.window:
+            raise StreamError(INVALID_DATA, f"'hop' must be an integer in 1..{model.window}, got {hop!r}")
+        try:
+            self.order = lead_order(config.get("leads"), model.leads)
+        except InvalidSignal as err:
+            raise StreamError(INVALID_DATA, str(err)) from err
+        self.slot = self.hub.batcher.register(Stream(model, hop=hop), self.outbox)
+
+    async def _feed(self, samples: np.ndarray) -> None:
+        if self.order is not None:
+            samples = samples[:, self.order]
+        await self.hub.batcher.feed(self.slot, samples)
+
+    # --- sending ------------------------------------------------------------------------------------------------
+    async def _send_loop(self) -> None:
+        try:
+            while True:
+                item = await self.outbox.get()
+                if self.slot is not None:
+                    self.slot.wake()  # the outbox shrank: a receive loop waiting for room may go on
+                if isinstance(item, Close):
+                    return await self._close(item)
+                if isinstance(item, Exception):
+                    return await self._close(Close(INTERNAL, "inference failed; please reconnect"))
+                if isinstance(item, dict):
+                    await self.ws.send_json(item)
+                else:
+                    for prediction in item:
+                        await self.ws.send_json(prediction_message(prediction))
+        except Exception:  # the socket is gone: stop, and let a receive loop waiting for room go
+            if self.slot is not None:
+                self.hub.batcher.unregister(self.slot)
+        finally:
+            if self.slot is not None:
+                self.slot.gone = True
+                self.slot.wake()
+
+    async def _close(self, close: Close) -> None:
+        self.hub.metrics.stream_closes.labels(str(close.code)).inc()
+        await self.ws.send_json({"type": "error", "detail": close.detail})
+        await self.ws.close(close.code, close.detail[:120])

@@ -1,0 +1,114 @@
+"""Shared fixtures: a small exported model directory built from the PTB-XL fixture records, and real uvicorn
+servers (`python -m server`) on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECORDS = sorted((REPO_ROOT / "tests/fixtures/ptbxl/records100").glob("*/*.hea"))
+LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+LABELS = ["NORM", "MI", "STTC", "CD", "HYP"]
+SERVER_START_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="session")
+def records() -> np.ndarray:
+    """Real ECG records [n, 1000, 12] float32 (10 s at 100 Hz, mV)."""
+    wfdb = pytest.importorskip("wfdb")
+    if len(RECORDS) < 3:
+        pytest.skip("needs PTB-XL fixture records under tests/fixtures/ptbxl/records100")
+    return np.stack([wfdb.rdsamp(str(p.with_suffix("")))[0] for p in RECORDS[:4]]).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, records) -> Path:
+    """A tiny random model exported like a trained one (parity-checked on the real records)."""
+    torch = pytest.importorskip("torch")
+    from export.export import export_model
+    from msssm_serve.checkpoint import save_checkpoint
+    from msssm_serve.config import ModelConfig
+    from msssm_serve.model import MSSSMClassifier
+
+    root = tmp_path_factory.mktemp("served")
+    torch.manual_seed(0)
+    model = MSSSMClassifier(ModelConfig(d_model=16, n_layers=2, d_state=4, n_classes=len(LABELS))).eval()
+    model.input_mean.normal_(0, 0.1)
+    model.input_std.uniform_(0.5, 2.0)
+    meta = {"labels": LABELS, "multi_label": model.cfg.multi_label, "sample_rate": 100, "leads": LEADS,
+            "window": records.shape[1], "task": "ptbxl", "data": {"dataset": "PTB-XL fixture records"},
+            "validation": {"macro_auroc": 0.5}, "parity_windows": torch.from_numpy(records)}
+    save_checkpoint(root / "checkpoint.pt", model, meta)
+    export_model(root / "checkpoint.pt", root / "model", name="tiny-test")
+    return root / "model"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model_dir: Path, env: dict[str, str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/stream"
+        self.log = open(model_dir.parent / f"server-{self.port}.log", "w+")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server", "--model", str(model_dir), "--port", str(self.port),
+             "--log-level", "warning"],
+            cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MSSSM_THREADS": "1", **env})
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}: {self.output()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server not ready within {SERVER_START_TIMEOUT_S} s: {self.output()}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(model_dir):
+    proc = ServerProcess(model_dir, {"MSSSM_MAX_STREAMS": "60"})
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def strict_server(model_dir):
+    """API key, two streams at most, small frames and bodies, short idle timeout."""
+    proc = ServerProcess(model_dir, {"MSSSM_API_KEY": "s3cret", "MSSSM_MAX_STREAMS": "2",
+                                     "MSSSM_MAX_FRAME_BYTES": "4800", "MSSSM_MAX_BODY_BYTES": "100000",
+                                     "MSSSM_IDLE_TIMEOUT_S": "1", "MSSSM_MAX_SIGNAL_SECONDS": "30"})
+    yield proc
+    proc.stop()

@@ -1,0 +1,344 @@
+"""The server against a real uvicorn process on loopback: /classify, WS /stream (equal to /classify whatever the
+frame sizes, batched across streams without mixing states), limits, bad input, auth, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from scipy.signal import resample_poly
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from msssm_serve.runtime import OnnxModel
+
+from conftest import LEADS, ServerProcess
+
+TOL = 1e-4
+KEY = {"Authorization": "Bearer s3cret"}
+
+
+@pytest.fixture(scope="module")
+def model(model_dir) -> OnnxModel:
+    return OnnxModel(model_dir, threads=1)
+
+
+@pytest.fixture(scope="module")
+def signal_3w(records) -> np.ndarray:
+    """Three real records back to back plus part of a fourth: three whole windows and a partial one."""
+    return np.concatenate([records[0], records[1], records[2], records[3][:310]])
+
+
+def post_json(url, signal_, headers=None, **extra):
+    return httpx.post(url + "/classify", json={"signal": signal_.tolist(), **extra}, headers=headers, timeout=30)
+
+
+def post_binary(url, signal_, params=None, headers=None):
+    return httpx.post(url + "/classify", content=np.asarray(signal_, "<f4").tobytes(), timeout=30,
+                      params={"channels": signal_.shape[1], **(params or {})},
+                      headers={"Content-Type": "application/octet-stream", **(headers or {})})
+
+
+def window_reference(model: OnnxModel, signal_: np.ndarray) -> list[np.ndarray]:
+    """Per window k of the signal, probabilities [t, K] after each sample (the graph is causal, so row t-1 is the
+    classification of the window's first t samples)."""
+    w = model.window
+    return [model.advance(signal_[s : s + w][None], model.zero_state(1))[0][0] for s in range(0, len(signal_), w)]
+
+
+async def run_stream(url, signal_, frame_sizes, *, hop=None, binary=True, flush=True, headers=None):
+    """Send the signal in frames of the given sizes (cycled), optionally flush; -> prediction messages."""
+    async with connect(url, additional_headers=headers, max_size=None) as ws:
+        if hop is not None:
+            await ws.send(json.dumps({"hop": hop, "sample_rate": 100, "leads": LEADS}))
+            assert json.loads(await ws.recv())["type"] == "config"
+        start, i = 0, 0
+        while start < len(signal_):
+            frame = signal_[start : start + frame_sizes[i % len(frame_sizes)]]
+            await ws.send(frame.astype("<f4").tobytes() if binary else json.dumps({"samples": frame.tolist()}))
+            start += len(frame)
+            i += 1
+        if flush:
+            await ws.send(json.dumps({"type": "flush"}))
+        hop_ = hop or 25  # the fixture model's window (1000) is a multiple of both hops used here
+        expected = sum(min(len(signal_) - s, 1000) // hop_ for s in range(0, len(signal_), 1000))
+        if flush and len(signal_) % 1000 % hop_:  # a flush on a hop boundary repeats nothing
+            expected += 1
+        return [json.loads(await asyncio.wait_for(ws.recv(), 30)) for _ in range(expected)]
+
+
+async def closing(url, messages, headers=None):
+    """Send messages; -> (messages received, close code)."""
+    received = []
+    async with connect(url, additional_headers=headers, max_size=None) as ws:
+        try:
+            for m in messages:
+                await ws.send(m)
+            async for m in ws:
+                received.append(json.loads(m))
+        except ConnectionClosed:
+            pass
+        await ws.wait_closed()
+        return received, ws.close_code
+
+
+# --- /classify ---------------------------------------------------------------------------------------------------
+def test_classify_json_and_binary_equal_runtime(server, model, signal_3w):
+    expected = model.classify(signal_3w)
+    for response in (post_json(server.url, signal_3w), post_binary(server.url, signal_3w)):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == "tiny-test" and body["labels"] == model.labels
+        assert body["samples"] == len(signal_3w)
+        assert [w["start"] for w in body["windows"]] == [0, 1000, 2000, 3000]
+        for got, want in zip(body["windows"], expected["windows"]):
+            np.testing.assert_allclose(got["probabilities"], want["probabilities"], atol=TOL)
+        np.testing.assert_allclose(body["probabilities"], expected["probabilities"], atol=TOL)
+        assert body["predicted"] == [l for l, p in zip(model.labels, body["probabilities"]) if p >= 0.5]
+
+
+def test_classify_reorders_leads_and_resamples(server, model, records):
+    x = records[0]
+    shuffled = [LEADS[i] for i in np.random.default_rng(0).permutation(12)]
+    columns = [LEADS.index(name) for name in shuffled]
+    by_name = post_json(server.url, x[:, columns], leads=[n.lower() for n in shuffled]).json()
+    np.testing.assert_allclose(by_name["probabilities"], model.classify(x)["probabilities"], atol=TOL)
+
+    at_250 = resample_poly(x, 5, 2, axis=0).astype(np.float32)
+    body = post_binary(server.url, at_250, {"sample_rate": 250, "leads": ",".join(LEADS)}).json()
+    back = resample_poly(at_250, 2, 5, axis=0).astype(np.float32)
+    assert body["samples"] == len(back) == 1000
+    np.testing.assert_allclose(body["probabilities"], model.classify(back)["probabilities"], atol=TOL)
+
+
+BAD_CLASSIFY = {
+    "wrong channel count": (dict(json={"signal": [[0.0] * 11] * 50}), 422),
+    "unknown lead": (dict(json={"signal": [[0.0] * 12] * 50, "leads": LEADS[:11] + ["V7"]}), 422),
+    "missing lead": (dict(json={"signal": [[0.0] * 12] * 50, "leads": LEADS[:11] + ["I"]}), 422),
+    "NaN": (dict(content='{"signal": [[NaN' + ', 0' * 11 + ']]}', headers={"Content-Type": "application/json"}), 422),
+    "Infinity": (dict(json={"signal": [[1e39] * 12]}), 422),
+    "strings": (dict(json={"signal": [["0.1"] * 12] * 5}), 422),
+    "empty signal": (dict(json={"signal": []}), 422),
+    "ragged rows": (dict(json={"signal": [[0.0] * 12, [0.0] * 11]}), 422),
+    "no signal field": (dict(json={"samples": [[0.0] * 12]}), 422),
+    "malformed JSON": (dict(content=b'{"signal": [[1,', headers={"Content-Type": "application/json"}), 400),
+    "wrong content type": (dict(content=b"1,2,3", headers={"Content-Type": "text/csv"}), 415),
+    "binary not whole samples": (dict(content=b"\0" * 100, params={"channels": 12},
+                                      headers={"Content-Type": "application/octet-stream"}), 400),
+    "binary without channels": (dict(content=b"\0" * 48, headers={"Content-Type": "application/octet-stream"}), 422),
+    "binary NaN": (dict(content=np.full(12, np.nan, "<f4").tobytes(), params={"channels": 12},
+                        headers={"Content-Type": "application/octet-stream"}), 422),
+    "sample rate too low": (dict(json={"signal": [[0.0] * 12] * 50, "sample_rate": 10}), 422),
+    "sample rate not a number": (dict(json={"signal": [[0.0] * 12] * 50, "sample_rate": "fast"}), 422),
+    "too long": (dict(json={"signal": [[0.0] * 12] * 400000}), 413),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CLASSIFY))
+def test_classify_rejects_bad_input(server, case):
+    kwargs, status = BAD_CLASSIFY[case]
+    response = httpx.post(server.url + "/classify", timeout=30, **kwargs)
+    assert response.status_code == status, response.text
+    assert isinstance(response.json()["detail"], str) and response.json()["detail"]
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+# --- /stream -----------------------------------------------------------------------------------------------------
+def test_stream_equals_classify_whatever_the_frames(server, model, signal_3w):
+    frames = list(np.random.default_rng(1).integers(1, 700, size=40))
+    predictions = asyncio.run(run_stream(server.ws_url, signal_3w, frames, hop=50))
+    reference = window_reference(model, signal_3w)
+    finals = [p for p in predictions if p["final"]]
+    assert [p["window"] for p in finals] == [0, 1, 2]
+    for p in finals:
+        start = 1000 * p["window"]
+        whole = post_binary(server.url, signal_3w[start : start + 1000]).json()
+        np.testing.assert_allclose(p["probabilities"], whole["probabilities"], atol=TOL)
+    for p in predictions:
+        assert p["type"] == "prediction"
+        np.testing.assert_allclose(p["probabilities"], reference[p["window"]][p["t"] - 1], atol=TOL)
+    assert [p["t"] for p in predictions if p["window"] == 0] == list(range(50, 1001, 50))
+    flushed = predictions[-1]
+    assert (flushed["window"], flushed["t"], flushed["final"]) == (3, 310, False)
+    # ...and the checks against /classify of prefixes itself, at a few points
+    for p in (predictions[0], predictions[27], flushed):
+        start = 1000 * p["window"]
+        prefix = post_json(server.url, signal_3w[start : start + p["t"]]).json()
+        np.testing.assert_allclose(p["probabilities"], prefix["probabilities"], atol=TOL)
+
+
+def test_stream_text_frames_default_config(server, model, records):
+    predictions = asyncio.run(run_stream(server.ws_url, records[0][:130], [7, 60, 1], binary=False))
+    reference = window_reference(model, records[0][:130])
+    assert [(p["t"], p["final"]) for p in predictions] == [(25, False), (50, False), (75, False), (100, False),
+                                                         (125, False), (130, False)]
+    for p in predictions:
+        np.testing.assert_allclose(p["probabilities"], reference[0][p["t"] - 1], atol=TOL)
+
+
+def test_fifty_concurrent_streams_are_batched_without_mixing_states(server, model, records):
+    long_signal = np.concatenate(list(records))
+    rng = np.random.default_rng(2)
+    plans = [(int(rng.integers(0, 2000)), int(rng.integers(100, 1400)), list(rng.integers(1, 300, size=8)))
+             for _ in range(50)]
+
+    async def all_streams():
+        return await asyncio.gather(*(run_stream(server.ws_url, long_signal[o : o + n], frames)
+                                      for o, n, frames in plans))
+
+    results = asyncio.run(all_streams())
+    for (offset, n, _), predictions in zip(plans, results):
+        reference = window_reference(model, long_signal[offset : offset + n])
+        assert predictions, "every stream predicts"
+        for p in predictions:
+            np.testing.assert_allclose(p["probabilities"], reference[p["window"]][p["t"] - 1], atol=TOL)
+    metrics = httpx.get(server.url + "/metrics").text
+    batch_sum = float(next(l.split()[-1] for l in metrics.splitlines() if l.startswith("msssm_batch_size_sum")))
+    batch_count = float(next(l.split()[-1] for l in metrics.splitlines() if l.startswith("msssm_batch_size_count")))
+    assert batch_sum / batch_count > 1, "streams share inference calls"
+
+
+def active_streams(url, headers=None) -> int:
+    return httpx.get(url + "/model", headers=headers).json()["active_streams"]
+
+
+def wait_until_no_streams(url, headers=None) -> int:
+    deadline = time.monotonic() + 5
+    while (n := active_streams(url, headers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return n
+
+
+def test_disconnect_mid_stream_frees_the_stream(server, records):
+    async def vanish_midway():
+        async with connect(server.ws_url) as ws:
+            await ws.send(records[0][:510].astype("<f4").tobytes())
+            await ws.recv()
+            assert active_streams(server.url) == 1
+            ws.transport.abort()  # the client vanishes: no close handshake
+    asyncio.run(vanish_midway())
+    assert wait_until_no_streams(server.url) == 0
+    assert "msssm_active_streams 0.0" in httpx.get(server.url + "/metrics").text
+
+
+BAD_STREAM = {
+    "NaN samples": ([json.dumps({"samples": [[float("nan")] * 12]})], 1007),
+    "wrong channels": ([json.dumps({"samples": [[0.0] * 11]})], 1007),
+    "binary not whole samples": ([b"\0" * 50], 1007),
+    "binary NaN": ([np.full(12, np.nan, "<f4").tobytes()], 1007),
+    "bad JSON text": (["{samples: nope"], 1007),
+    "strings": ([json.dumps({"samples": [["1"] * 12]})], 1007),
+    "unknown message type": ([json.dumps({"type": "dance"})], 1003),
+    "late config": ([json.dumps({"samples": [[0.0] * 12]}), json.dumps({"type": "config", "hop": 5})], 1003),
+    "other sample rate": ([json.dumps({"sample_rate": 250})], 1007),
+    "unknown lead": ([json.dumps({"leads": LEADS[:11] + ["X"]})], 1007),
+    "bad hop": ([json.dumps({"hop": 0})], 1007),
+    "frame too big": ([b"\0" * (48 * 30000)], 1009),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STREAM))
+def test_stream_rejects_bad_input(server, case):
+    messages, code = BAD_STREAM[case]
+    received, close_code = asyncio.run(closing(server.ws_url, messages))
+    assert close_code == code
+    assert received[-1]["type"] == "error" and received[-1]["detail"]
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+# --- the other routes --------------------------------------------------------------------------------------------
+def test_model_health_ready_metrics_monitor(server, model):
+    info = httpx.get(server.url + "/model").json()
+    assert info["labels"] == model.labels and info["window"] == 1000 and info["sample_rate"] == 100
+    assert info["state_bytes"] == model.state_bytes and info["default_hop"] == 25 and info["version"]
+    assert httpx.get(server.url + "/healthz").status_code == 200
+    assert httpx.get(server.url + "/readyz").status_code == 200
+    metrics = httpx.get(server.url + "/metrics").text
+    for name in ("msssm_requests_total", "msssm_request_seconds_bucket", "msssm_active_streams",
+                 "msssm_batch_size_bucket", "msssm_inference_seconds_bucket", "msssm_samples_processed_total"):
+        assert name in metrics
+    assert 'route="/classify"' in metrics
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "msssm-serve" in page.text
+
+
+# --- limits and auth (a second server: API key, 2 streams, small frames and bodies, 1 s idle) -------------------
+def test_api_key_required_except_probes(strict_server, records):
+    url = strict_server.url
+    for route in ("/model", "/metrics", "/"):
+        assert httpx.get(url + route).status_code == 401
+        assert httpx.get(url + route, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(url + route, headers=KEY).status_code == 200
+    assert post_json(url, records[0][:100]).status_code == 401
+    assert post_json(url, records[0][:100], headers=KEY).status_code == 200
+    assert httpx.get(url + "/healthz").status_code == 200 and httpx.get(url + "/readyz").status_code == 200
+
+    ws = strict_server.ws_url
+    assert asyncio.run(closing(ws, []))[1] == 1008
+    assert asyncio.run(closing(ws + "?api_key=wrong", []))[1] == 1008
+    predictions = asyncio.run(run_stream(ws + "?api_key=s3cret", records[0][:50], [50], flush=False))
+    assert len(predictions) == 2
+    predictions = asyncio.run(run_stream(ws, records[0][:50], [50], flush=False, headers=KEY))
+    assert len(predictions) == 2
+
+
+def test_limits(strict_server, records):
+    url, ws = strict_server.url, strict_server.ws_url
+    big = np.concatenate(list(records))[:2100]  # 100 800 bytes
+    # body over 100 000 bytes: declared, and streamed without a declared length
+    assert post_binary(url, big, headers=KEY).status_code == 413
+    chunks = (big.astype("<f4").tobytes()[i : i + 10000] for i in range(0, 100800, 10000))
+    response = httpx.post(url + "/classify?channels=12", content=chunks, timeout=30,
+                          headers={**KEY, "Content-Type": "application/octet-stream"})
+    assert response.status_code == 413
+    # longer than 30 s once resampled... or before: 2000 samples at 50 Hz = 40 s
+    assert post_binary(url, big[:2000], {"sample_rate": 50}, headers=KEY).status_code == 413
+    # frame over 4800 bytes
+    assert asyncio.run(closing(ws, [b"\0" * 4848], headers=KEY))[1] == 1009
+
+    async def crowd():
+        async with connect(ws, additional_headers=KEY), connect(ws, additional_headers=KEY):
+            await asyncio.sleep(0.2)
+            received, code = await closing(ws, [], headers=KEY)
+            assert code == 1013 and "full" in received[-1]["detail"]
+    asyncio.run(crowd())
+    assert wait_until_no_streams(url, KEY) == 0
+
+    started = time.monotonic()
+    received, code = asyncio.run(closing(ws, [records[0][:10].astype("<f4").tobytes()], headers=KEY))
+    assert code == 1000 and "idle" in received[-1]["detail"]
+    assert 0.9 < time.monotonic() - started < 5
+    assert wait_until_no_streams(url, KEY) == 0
+
+
+def test_sigterm_closes_streams_with_1001(model_dir, records):
+    proc = ServerProcess(model_dir, {})
+    try:
+        async def interrupted():
+            async with connect(proc.ws_url) as ws:
+                await ws.send(records[0][:100].astype("<f4").tobytes())
+                for _ in range(4):
+                    await ws.recv()
+                proc.process.send_signal(signal.SIGTERM)
+                received = [json.loads(m) async for m in ws]
+                return received, ws.close_code
+        received, code = asyncio.run(interrupted())
+        assert code == 1001 and received[-1] == {"type": "error", "detail": "server shutting down"}
+        # uvicorn re-raises the signal it handled once it has shut down cleanly
+        assert proc.process.wait(timeout=15) in (0, -signal.SIGTERM)
+    finally:
+        proc.stop()
+
+
+def test_serving_path_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, server.__main__, server.app; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
