@@ -25,8 +25,9 @@ class ModelConfig:
     dt_min: float = 0.001
     dt_max: float = 0.1
     dropout: float = 0.0
-    # The blocked scan runs `scan_levels` static levels of `scan_block` steps, so one call covers up to
-    # scan_block ** scan_levels samples (8 ** 5 = 32768: more than 60 s at 500 Hz). Eager training ignores the cap.
+    # `blocked_scan` scans blocks of `scan_block` steps. One call of the exported graph takes at most
+    # scan_block ** scan_levels samples (32768: more than 60 s at 500 Hz); the runtime splits longer inputs, which
+    # bounds the memory of one call.
     scan_block: int = 8
     scan_levels: int = 5
 

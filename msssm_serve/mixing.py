@@ -37,7 +37,7 @@ def model_mean_mixing_distance(model, x: torch.Tensor, position: int = -1) -> fl
         layer_state = state[i * per_layer : (i + 1) * per_layer]
 
         def block_fn(inp, block=block, layer_state=layer_state):
-            return block(inp, list(layer_state[:-1]), layer_state[-1], None)[0]
+            return block(inp, list(layer_state[:-1]), layer_state[-1], "auto")[0]
 
         values.append(mean_mixing_distance(block_fn, h[0], position))
         with torch.no_grad():

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .selective import fused_available, selective_scan_fused, selective_scan_tensor_ops
+from .selective import selective_scan
 
 State = tuple[torch.Tensor, ...]
 
@@ -128,7 +128,7 @@ class SSMArray(nn.Module):
             raise ValueError(f"unknown ssm kind {cfg.ssm!r}")
 
     def forward(
-        self, sequences: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, scan_levels: int | None
+        self, sequences: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, scan: str = "auto"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """sequences: [B, L, M, D]; u (raw input): [B, L, D]; h0: [B, M, D, N] -> y [B, L, M, D], h_L."""
         cfg = self.cfg
@@ -141,14 +141,10 @@ class SSMArray(nn.Module):
             B, C = B.unsqueeze(3), C.unsqueeze(3)  # [B, L, M, 1, N]: shared by the channels, as in Mamba
         else:
             dt = F.softplus(self.dt_bias).expand(batch, length, -1, -1)
-            B, C = self.B, self.C
+            B, C = self.B[None, None], self.C[None, None]  # [1, 1, M, D, N]
         # The recurrence runs in float32 even under autocast: bf16 decays compound badly over thousands of steps.
         sequences, dt, B, C = (t.float() for t in (sequences, dt, B, C))
-        # Eager CPU runs the fused kernel; export (a fixed scan depth) and CUDA trace the tensor-op form.
-        if cfg.ssm == "s6" and scan_levels is None and fused_available(u.device):
-            y, h_last = selective_scan_fused(sequences, dt, A, B.squeeze(3), C.squeeze(3), h0)
-        else:
-            y, h_last = selective_scan_tensor_ops(sequences, dt, A, B, C, h0, cfg.scan_block, scan_levels)
+        y, h_last = selective_scan(sequences, dt, A, B, C, h0, scan, cfg.scan_block, cfg.scan_levels)
         return y + self.D * sequences, h_last
 
 
@@ -189,12 +185,12 @@ class MSSSM(nn.Module):
         self.ssms = SSMArray(cfg)
         self.mixer = ScaleMixer(cfg) if cfg.n_scales > 0 else None
 
-    def forward(self, u, conv_history, h0, scan_levels):
+    def forward(self, u, conv_history, h0, scan):
         if self.decompose is None:
             sequences, new_history = u.unsqueeze(2), []
         else:
             sequences, new_history = self.decompose(u, conv_history)
-        y, h = self.ssms(sequences, u, h0, scan_levels)
+        y, h = self.ssms(sequences, u, h0, scan)
         z = y[:, :, 0] if self.mixer is None else self.mixer(y, u)
         return z, new_history, h
 
@@ -210,9 +206,9 @@ class ResidualBlock(nn.Module):
         self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, conv_history, h0, scan_levels):
+    def forward(self, x, conv_history, h0, scan):
         u, gate = self.in_proj(self.norm(x)).chunk(2, dim=-1)
-        z, new_history, h = self.msssm(F.silu(u), conv_history, h0, scan_levels)
+        z, new_history, h = self.msssm(F.silu(u), conv_history, h0, scan)
         return x + self.dropout(self.out_proj(z * F.silu(gate))), new_history, h
 
 
@@ -252,15 +248,16 @@ class MSSSMClassifier(nn.Module):
         return tuple(torch.zeros(batch, *shape, device=device) for _, shape in self.state_spec())
 
     # --- the one computation ------------------------------------------------------------------------------------
-    def run(self, x: torch.Tensor, state: State, scan_levels: int | None = None) -> tuple[torch.Tensor, State]:
-        """x: [B, T, C] raw signal from `state` on -> (logits [B, T, classes], new state)."""
+    def run(self, x: torch.Tensor, state: State, scan: str = "auto") -> tuple[torch.Tensor, State]:
+        """x: [B, T, C] raw signal from `state` on -> (logits [B, T, classes], new state).
+        `scan` picks the recurrence's implementation (see `selective.selective_scan`); all compute the same."""
         cfg = self.cfg
         h = self.embed((x - self.input_mean) / self.input_std)
         per_layer = cfg.n_scales + 1
         new_state: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             layer_state = state[i * per_layer : (i + 1) * per_layer]
-            h, conv_history, ssm_h = block(h, list(layer_state[:-1]), layer_state[-1], scan_levels)
+            h, conv_history, ssm_h = block(h, list(layer_state[:-1]), layer_state[-1], scan)
             new_state.extend(conv_history)
             new_state.append(ssm_h)
         pool_sum, pool_count = state[-2], state[-1]
@@ -271,26 +268,26 @@ class MSSSMClassifier(nn.Module):
         new_state.extend([sums[:, -1], counts[:, -1]])
         return logits, tuple(new_state)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scan: str = "auto") -> torch.Tensor:
         """Training form: x [B, L, C] from the zero state -> logits at every step [B, L, classes]."""
-        return self.run(x, self.init_state(x.shape[0], x.device))[0]
+        return self.run(x, self.init_state(x.shape[0], x.device), scan)[0]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.cfg.multi_label else torch.softmax(logits, dim=-1)
 
-    def advance(self, x: torch.Tensor, state: State, scan_levels: int | None = None) -> tuple[torch.Tensor, State]:
+    def advance(self, x: torch.Tensor, state: State, scan: str = "auto") -> tuple[torch.Tensor, State]:
         """Streaming form: x [B, T, C] (T >= 1) -> (class probabilities at each step [B, T, classes], new state)."""
-        logits, new_state = self.run(x, state, scan_levels)
+        logits, new_state = self.run(x, state, scan)
         return self.probabilities(logits), new_state
 
 
 class StreamingGraph(nn.Module):
-    """What export traces: (x, *state) -> (probabilities, *new_state) with a depth-capped scan."""
+    """What export traces: (x, *state) -> (probabilities, *new_state), with the fixed-depth blocked scan."""
 
     def __init__(self, model: MSSSMClassifier):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor, *state: torch.Tensor):
-        probs, new_state = self.model.advance(x, state, scan_levels=self.model.cfg.scan_levels)
+        probs, new_state = self.model.advance(x, state, scan="static")
         return (probs, *new_state)

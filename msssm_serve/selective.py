@@ -3,10 +3,13 @@
     h_t = exp(dt_t * A) h_{t-1} + dt_t * B_t * x_t        (ZOH for A, Euler for B, as in Mamba)
     y_t = C_t . h_t
 
-`selective_scan_tensor_ops` spells it in tensor ops over [B, L, M, D, N] and hands the recurrence to a scan
-(`blocked_scan`, or `sequential_scan` as the reference): the form ONNX export traces and CUDA runs.
-`selective_scan_fused` is a C++ kernel (CPU, float32/64) with its own backward that never materialises the
-[B, L, M, D, N] tensors, compiled on first use. Tests hold both to the sequential reference in values and gradients.
+Implementations, chosen by `selective_scan(..., scan=)`; tests hold all to the sequential reference:
+  * `blocked`: tensor ops over [B, L, M, D, N] with the recurrence in `blocked_scan` (parallel; CUDA training);
+  * `sequential`: the same with `sequential_scan` (the reference);
+  * `fused`: a C++ kernel (CPU, float32/64) with its own backward that never materialises the [B, L, M, D, N]
+    tensors, compiled on first use (CPU training and eager inference);
+  * `static`: `blocked` with a fixed number of levels, whatever L: a graph of plain tensor ops with no loops and a
+    dynamic time axis, which is what ONNX export traces.
 """
 
 from __future__ import annotations
@@ -31,6 +34,23 @@ def selective_scan_tensor_ops(x, dt, A, B, C, h0, block: int = 8, levels: int | 
     drive = (dt * x).unsqueeze(-1) * B
     h = sequential_scan(decay, drive, h0) if reference else blocked_scan(decay, drive, h0, block, levels)
     return (h * C).sum(-1), h[:, -1]
+
+
+def selective_scan(x, dt, A, B, C, h0, scan: str = "auto", block: int = 8, levels: int = 5):
+    """x, dt: [Bt, L, M, D]; A: [M, D, N]; B, C: [Bt, L, M, 1, N] (input-dependent) or [1, 1, M, D, N]
+    (time-invariant); h0: [Bt, M, D, N] -> (y [Bt, L, M, D], h_L).
+    scan: auto (fused on CPU for input-dependent B, C when it compiles; blocked otherwise) | fused | blocked |
+    sequential | static (blocked at a fixed depth of `levels`: L <= block ** levels)."""
+    if scan == "auto":
+        input_dependent = B.shape[:2] == x.shape[:2] and B.shape[3] == 1
+        scan = "fused" if input_dependent and fused_available(x.device) else "blocked"
+    if scan == "fused":
+        return selective_scan_fused(x, dt, A, B.squeeze(3), C.squeeze(3), h0)
+    if scan == "static":
+        return selective_scan_tensor_ops(x, dt, A, B, C, h0, block, levels)
+    if scan in ("blocked", "sequential"):
+        return selective_scan_tensor_ops(x, dt, A, B, C, h0, block, reference=scan == "sequential")
+    raise ValueError(f"unknown scan {scan!r}")
 
 
 def _load_extension():

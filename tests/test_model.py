@@ -52,16 +52,19 @@ def test_advance_in_random_chunks_equals_forward(ssm, n_scales):
     assert (got - expected).abs().max().item() <= 1e-5
 
 
-def test_export_form_with_static_scan_depth_equals_eager():
-    model = small_model()
+@pytest.mark.parametrize("ssm", ["s6", "s4"])
+def test_every_scan_implementation_gives_the_same_model(ssm):
+    model = small_model(ssm=ssm)
     x = torch.randn(3, 700, 12)
     with torch.no_grad():
         state = model.init_state(3)
-        eager, eager_state = model.advance(x, state)
-        static, static_state = model.advance(x, state, scan_levels=model.cfg.scan_levels)
-    assert (eager - static).abs().max() <= 1e-5
-    for a, b in zip(eager_state, static_state):
-        assert (a - b).abs().max() <= 1e-4 * (1 + a.abs().max())
+        _, state = model.advance(torch.randn(3, 50, 12), state)
+        ref, ref_state = model.advance(x, state, scan="sequential")
+        for scan in ("auto", "blocked", "static"):
+            probs, new_state = model.advance(x, state, scan=scan)
+            assert (probs - ref).abs().max() <= 1e-5, scan
+            for a, b in zip(new_state, ref_state):
+                assert (a - b).abs().max() <= 1e-4 * (1 + b.abs().max()), scan
 
 
 def test_batch_of_streams_at_different_positions_equals_each_alone():
