@@ -86,7 +86,7 @@ def labels_of(records: LabeledRecords, ecg_id: int):
 
 
 def fixture_copy(tmp_path) -> Path:
-    return Path(shutil.copytree(FIXTURE, tmp_path / "ptbxl"))
+    return Path(shutil.copytree(FIXTURE, tmp_path / "ptbxl", ignore=shutil.ignore_patterns(".msssm_cache")))
 
 
 # --- labels -------------------------------------------------------------------------------------------------------
@@ -239,6 +239,7 @@ def test_different_record_sets_get_different_caches(tmp_path):
 
 
 def test_default_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MSSSM_CACHE_DIR", raising=False)
     data_dir = fixture_copy(tmp_path)
     records = load_labels(data_dir).subset([0])
     load_signals(data_dir, records)

@@ -18,6 +18,12 @@ TINY = ["--d-model", "8", "--n-layers", "1", "--d-state", "2", "--crop", "64", "
         "--eval-batch-size", "16", "--n-boot", "20", "--device", "cpu", "--parity-windows", "2"]
 
 
+@pytest.fixture(autouse=True)
+def signal_cache_outside_the_fixture(tmp_path, monkeypatch):
+    # Training caches decoded signals next to the data by default; tests keep tests/fixtures untouched.
+    monkeypatch.setenv("MSSSM_CACHE_DIR", str(tmp_path / "cache"))
+
+
 def fit(*args, env=None, check=True):
     cmd = [sys.executable, str(ROOT / "training" / "fit.py"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)

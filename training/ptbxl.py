@@ -224,7 +224,10 @@ def load_signals(data_dir, records: LabeledRecords, cache_dir=None, sampling_rat
 
 
 def _default_cache_dir(data_dir: Path) -> Path:
-    # Next to the data when possible (one cache per dataset copy); shared datasets are often read-only.
+    # $MSSSM_CACHE_DIR when set; else next to the data when possible (one cache per dataset copy); shared datasets
+    # are often read-only, so then the user's cache.
+    if os.environ.get("MSSSM_CACHE_DIR"):
+        return Path(os.environ["MSSSM_CACHE_DIR"])
     candidate = data_dir / ".msssm_cache"
     try:
         candidate.mkdir(exist_ok=True)
