@@ -128,3 +128,21 @@ def test_clear_errors_not_tracebacks(tmp_path, case, expect):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert expect.lower() in proc.stderr.lower(), proc.stderr
+
+
+def test_evaluate_model_dir_and_checkpoint_agree(tmp_path, model_dir):
+    """evaluate.py on fold 9 of the fixture: the ONNX model directory and its checkpoint give the same AUROC."""
+    results = []
+    for model in (model_dir, model_dir.parent / "checkpoint.pt"):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "training" / "evaluate.py"), "--model", str(model), "--task", "ptbxl",
+             "--data-dir", str(FIXTURE), "--labels", str(FIXTURE / "labels" / "superdiagnostic.csv"), "--fold", "9",
+             "--n-boot", "50"],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results.append(json.loads(proc.stdout))
+    onnx_result, torch_result = results
+    assert onnx_result["records"] == torch_result["records"] > 0
+    assert abs(onnx_result["macro_auroc"] - torch_result["macro_auroc"]) < 1e-3
+    assert onnx_result["ci_low"] <= onnx_result["macro_auroc"] <= onnx_result["ci_high"]
