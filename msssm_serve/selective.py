@@ -14,6 +14,7 @@ Implementations, chosen by `selective_scan(..., scan=)`; tests hold all to the s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -60,10 +61,12 @@ def _load_extension():
             from torch.utils.cpp_extension import load
 
             source = Path(__file__).with_name("csrc") / "selective_scan.cpp"
+            # The source hash in the name: a changed kernel builds beside, never over, one a running process uses.
+            digest = hashlib.sha256(source.read_bytes()).hexdigest()[:10]
             _extension = load(
-                name="msssm_selective_scan",
+                name=f"msssm_selective_scan_{digest}",
                 sources=[str(source)],
-                extra_cflags=["-O3", "-fopenmp"],
+                extra_cflags=["-O3", "-fopenmp", "-march=native"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
