@@ -1,0 +1,579 @@
+"""Capacity search without locust: how many real-time ECG streams (or /classify windows per second) one server takes.
+
+    PYTHONPATH=. python loadtest/streams.py --model models/default [--workers 1] [--duration 30]
+    PYTHONPATH=. python loadtest/streams.py --classify --model models/default [--workers 1] [--duration 30]
+
+Stream mode: one asyncio process runs N `websockets` clients. Each sends 25-sample binary float32 frames (one hop) at
+the real rate (100 Hz, i.e. a frame every 250 ms) taken from the PTB-XL fixture records (tiled, random start phase in
+both the data and the send schedule), and measures the hop-update latency: time from sending the frame that completes
+a hop to receiving that hop's prediction. For each N in a step search (then a bisection between the last pass and the
+first fail) it runs a warm-up, then `--duration` seconds of measurement, and records p50/p95/p99, failures (errors,
+closes, predictions missing), server CPU/RSS (server + worker processes) and the load generator's own pacing lag and CPU.
+A step passes when p99 < 100 ms, there are no failures and the generator kept its pacing (send-lag p99 < 50 ms).
+
+Classify mode: open-loop POST /classify of real 10 s windows (JSON bodies per the contract, encoded once) at fixed
+rates; a rate passes when p99 < 200 ms with no failures and the generator kept its schedule.
+
+This module also holds the helpers run.py and long_stream.py share (records, server process, CPU/RSS sampler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "loadtest" / "results"
+RECORDS_DIR = REPO_ROOT / "tests" / "fixtures" / "ptbxl" / "records100"
+DEFAULT_MODEL = REPO_ROOT / "models" / "default"
+SAMPLE_RATE = 100
+
+
+# ----------------------------------------------------------------------------------------------------------------- helpers
+def load_records(limit: int | None = None) -> np.ndarray:
+    """Real ECG records [n, 1000, 12] float32 (10 s at 100 Hz, mV) from the PTB-XL fixture."""
+    import wfdb
+
+    paths = sorted(RECORDS_DIR.glob("*/*.hea"))[:limit]
+    if not paths:
+        raise SystemExit(f"no records under {RECORDS_DIR}")
+    recs = [wfdb.rdsamp(str(p.with_suffix("")))[0] for p in paths]
+    n = min(len(r) for r in recs)
+    arr = np.stack([r[:n] for r in recs]).astype(np.float32)
+    return np.nan_to_num(arr)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values, q) -> float | None:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
+
+
+def latency_summary(ms: list[float]) -> dict:
+    return {"count": len(ms), "p50_ms": pct(ms, 50), "p95_ms": pct(ms, 95), "p99_ms": pct(ms, 99),
+            "max_ms": float(max(ms)) if ms else None, "mean_ms": float(np.mean(ms)) if ms else None}
+
+
+class Server:
+    """`python -m server` on a free loopback port; waits for /readyz."""
+
+    def __init__(self, model: str | Path, workers: int = 1, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None, log_name: str = "server"):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/stream"
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        self.log_path = RESULTS_DIR / f"{log_name}.log"
+        self.log = open(self.log_path, "w")
+        cmd = [sys.executable, "-m", "server", "--model", str(model), "--port", str(self.port),
+               "--workers", str(workers), "--log-level", "warning", *(extra or [])]
+        self.process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            self.stop()
+            raise RuntimeError(f"server not ready in 120 s; see {self.log_path}")
+        self.ps = psutil.Process(self.process.pid)
+        # uvicorn with --workers > 1 forks its workers right away; give them a moment to be ready too
+        if workers > 1:
+            time.sleep(3)
+        self.model_info = httpx.get(self.url + "/model", timeout=5).json()
+
+    def procs(self) -> list[psutil.Process]:
+        try:
+            return [self.ps, *self.ps.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self.procs()]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def tree_cpu_rss(procs: list[psutil.Process]) -> tuple[float, int]:
+    cpu, rss = 0.0, 0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            cpu += t.user + t.system
+            rss += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return cpu, rss
+
+
+class Sampler:
+    """Samples server (process tree) CPU% and RSS every `interval` s in a thread; `window()` summarises a span.
+
+    CPU% is process CPU seconds / wall seconds * 100 (200 % = both cores of this machine). Also samples this process
+    (the load generator) and the whole machine, so contention (e.g. a training job) shows."""
+
+    def __init__(self, server: Server, interval: float = 0.5, client_pids: list[int] | None = None):
+        self.server, self.interval = server, interval
+        self.client = [psutil.Process(pid) for pid in (client_pids or [os.getpid()])]
+        self.samples: list[tuple[float, float, int, float, float]] = []  # t, server cpu s, rss, client cpu s, machine%
+        self._stop = threading.Event()
+        psutil.cpu_percent(None)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def add_client(self, pid: int) -> None:
+        self.client.append(psutil.Process(pid))
+
+    def _sample(self) -> None:
+        cpu, rss = tree_cpu_rss(self.server.procs())
+        server_pids = {p.pid for p in self.server.procs()} | {self.server.process.pid}
+        ccpu, _ = tree_cpu_rss([q for p in self.client for q in self._tree(p) if q.pid not in server_pids])
+        self.samples.append((time.monotonic(), cpu, rss, ccpu, psutil.cpu_percent(None)))
+
+    @staticmethod
+    def _tree(p: psutil.Process) -> list[psutil.Process]:
+        try:
+            return [p, *p.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def window(self, t0: float, t1: float) -> dict:
+        s = [x for x in self.samples if t0 <= x[0] <= t1]
+        if len(s) < 2:
+            return {}
+        wall = s[-1][0] - s[0][0]
+        return {"server_cpu_pct": round(100 * (s[-1][1] - s[0][1]) / wall, 1),
+                "server_rss_mb_max": round(max(x[2] for x in s) / 2**20, 1),
+                "server_rss_mb_end": round(s[-1][2] / 2**20, 1),
+                "loadgen_cpu_pct": round(100 * (s[-1][3] - s[0][3]) / wall, 1),
+                "machine_cpu_pct_of_all_cores": round(float(np.mean([x[4] for x in s[1:]])), 1)}
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    jp, mp = RESULTS_DIR / f"{name}.json", RESULTS_DIR / f"{name}.md"
+    jp.write_text(json.dumps(data, indent=2) + "\n")
+    mp.write_text(markdown)
+    return jp, mp
+
+
+def environment() -> dict:
+    return {"cpu_count": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0],
+            "note": "2-core machine; a model-training job was running in the background and shared the CPU"}
+
+
+def fmt(v, nd=1) -> str:
+    return "–" if v is None else f"{v:.{nd}f}"
+
+
+# ---------------------------------------------------------------------------------------------------------- stream mode
+class StreamClient:
+    """One paced real-time stream over `websockets`."""
+
+    def __init__(self, run: "StreamRun", idx: int, signal: np.ndarray, offset: int):
+        self.run, self.idx, self.signal, self.pos = run, idx, signal, offset
+        self.sent_samples = 0
+        self.pending: dict[tuple[int, int], float] = {}  # (window, t) -> send time of completing frame
+        self.ws = None
+
+    async def main(self) -> None:
+        import websockets
+
+        r = self.run
+        try:
+            async with r.connect_sem:
+                self.ws = await websockets.connect(r.ws_url, max_size=2**22, ping_interval=None,
+                                                   compression=None, open_timeout=30)
+                await self.ws.send(json.dumps({"hop": r.hop}))
+                cfg = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
+                if cfg.get("type") != "config":
+                    raise RuntimeError(f"unexpected first message {cfg}")
+                self.window, self.hop = int(cfg["window"]), int(cfg["hop"])
+            r.connected += 1
+            recv = asyncio.create_task(self.receiver())
+            try:
+                await self.sender()
+            finally:
+                recv.cancel()
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # connection refused / closed / server error
+            r.fail(f"{type(e).__name__}: {str(e)[:120]}")
+        finally:
+            if self.ws is not None:
+                try:
+                    await asyncio.wait_for(self.ws.close(), 5)
+                except Exception:
+                    pass
+
+    async def sender(self) -> None:
+        r = self.run
+        F = r.frame_samples
+        period = F / SAMPLE_RATE
+        # wait for every client to connect, then start at a random phase within one frame period
+        await r.all_connected.wait()
+        t_next = r.t_start + random.random() * period
+        loop = asyncio.get_running_loop()
+        n = len(self.signal)
+        while not r.stop_sending:
+            delay = t_next - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = loop.time()
+            if r.measuring(now):
+                r.lag_ms.append((now - t_next) * 1000)
+            # frame from the tiled signal
+            if self.pos + F <= n:
+                frame = self.signal[self.pos:self.pos + F]
+            else:
+                frame = np.concatenate([self.signal[self.pos:], self.signal[:F - (n - self.pos)]])
+            self.pos = (self.pos + F) % n
+            # hops this frame completes
+            before, after = self.sent_samples, self.sent_samples + F
+            W, H = self.window, self.hop
+            first = (before // H + 1) * H
+            t_send = time.perf_counter()
+            for g in range(first, after + 1, H):
+                k, t = divmod(g, W)
+                key = (k - 1, W) if t == 0 else (k, t)
+                self.pending[key] = t_send
+                if r.measuring(now):
+                    r.expected += 1
+                    r.measured_keys.add((self.idx, key))
+            self.sent_samples = after
+            await self.ws.send(frame.tobytes())
+            t_next += period
+
+    async def receiver(self) -> None:
+        r = self.run
+        async for msg in self.ws:
+            if isinstance(msg, bytes):
+                continue
+            m = json.loads(msg)
+            typ = m.get("type")
+            if typ == "prediction":
+                key = (m["window"], m["t"])
+                t0 = self.pending.pop(key, None)
+                if t0 is not None and (self.idx, key) in r.measured_keys:
+                    r.measured_keys.discard((self.idx, key))
+                    r.latency_ms.append((time.perf_counter() - t0) * 1000)
+            elif typ == "error":
+                r.fail(f"error message: {m.get('detail')}")
+        if not self.run.stop_sending:
+            r.fail(f"closed by server: {self.ws.close_code} {self.ws.close_reason}")
+
+
+class StreamRun:
+    def __init__(self, ws_url: str, n: int, frame_samples: int, hop: int, warmup: float, duration: float):
+        self.ws_url, self.n, self.frame_samples, self.hop = ws_url, n, frame_samples, hop
+        self.warmup, self.duration = warmup, duration
+        self.latency_ms: list[float] = []
+        self.lag_ms: list[float] = []
+        self.failures: dict[str, int] = {}
+        self.expected = 0
+        self.measured_keys: set = set()
+        self.connected = 0
+        self.stop_sending = False
+        self.t_start = 0.0
+        self.t_measure0 = self.t_measure1 = float("inf")
+
+    def fail(self, what: str) -> None:
+        self.failures[what] = self.failures.get(what, 0) + 1
+
+    def measuring(self, now: float) -> bool:
+        return self.t_measure0 <= now < self.t_measure1
+
+    async def go(self, signals: list[np.ndarray], sampler: Sampler) -> dict:
+        loop = asyncio.get_running_loop()
+        self.connect_sem = asyncio.Semaphore(64)
+        self.all_connected = asyncio.Event()
+        clients = []
+        for i in range(self.n):
+            sig = signals[i % len(signals)]
+            clients.append(StreamClient(self, i, sig, random.randrange(len(sig))))
+        tasks = [asyncio.create_task(c.main()) for c in clients]
+        t_conn = loop.time()
+        while self.connected + sum(self.failures.values()) < self.n and loop.time() - t_conn < 120:
+            await asyncio.sleep(0.05)
+        connect_s = loop.time() - t_conn
+        self.t_start = loop.time() + 0.1
+        self.t_measure0 = self.t_start + self.warmup
+        self.t_measure1 = self.t_measure0 + self.duration
+        self.all_connected.set()
+        await asyncio.sleep(self.t_measure0 - loop.time())
+        m0 = time.monotonic()
+        await asyncio.sleep(self.t_measure1 - loop.time())
+        m1 = time.monotonic()
+        # let the last measured hops' predictions arrive (keep sending so nothing looks idle), then stop
+        await asyncio.sleep(2.0)
+        self.stop_sending = True
+        lost = len(self.measured_keys)
+        if lost:
+            self.failures["prediction missing after 2 s"] = lost
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        res = {"streams": self.n, "connected": self.connected, "connect_s": round(connect_s, 2),
+               "expected_hops": self.expected, "failures": sum(self.failures.values()),
+               "failure_kinds": self.failures, **latency_summary(self.latency_ms),
+               "send_lag_p50_ms": pct(self.lag_ms, 50), "send_lag_p99_ms": pct(self.lag_ms, 99),
+               "send_lag_max_ms": float(max(self.lag_ms)) if self.lag_ms else None,
+               "achieved_frames_per_s": round(len(self.lag_ms) / self.duration, 1),
+               "target_frames_per_s": round(self.n * SAMPLE_RATE / self.frame_samples, 1),
+               **sampler.window(m0, m1)}
+        return res
+
+
+def stream_pass(r: dict, p99_limit: float, lag_limit: float) -> bool:
+    return (r["failures"] == 0 and r["p99_ms"] is not None and r["p99_ms"] < p99_limit
+            and r["send_lag_p99_ms"] is not None and r["send_lag_p99_ms"] < lag_limit)
+
+
+def run_streams(args) -> None:
+    signals = [s for s in load_records()]
+    tiled = [np.concatenate([signals[(i + j) % len(signals)] for j in range(6)]) for i in range(len(signals))]
+    steps = [int(x) for x in args.steps.split(",")]
+    results: list[dict] = []
+    server = Server(args.model, args.workers, extra=["--max-streams", str(max(steps) * 4)],
+                    log_name=f"streams-w{args.workers}-server")
+    sampler = Sampler(server)
+    print(f"server pid {server.process.pid} on {server.port}, workers {args.workers}", flush=True)
+    hop = int(server.model_info.get("default_hop", 25))
+    t_begin = time.monotonic()
+
+    def one(n: int) -> dict:
+        random.seed(n)
+        run = StreamRun(server.ws_url, n, args.frame_samples, hop, args.warmup, args.duration)
+        r = asyncio.run(run.go(tiled, sampler))
+        r["pass"] = stream_pass(r, args.p99_ms, args.lag_ms)
+        results.append(r)
+        print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+        time.sleep(2)  # let closed streams drain
+        return r
+
+    try:
+        last_pass, first_fail = 0, None
+        for n in steps:
+            r = one(n)
+            if r["pass"]:
+                last_pass = n
+            else:
+                first_fail = n
+                break
+            if time.monotonic() - t_begin > args.budget_s:
+                break
+        # bisection between last pass and first fail
+        while (first_fail is not None and first_fail - last_pass > max(10, last_pass // 10)
+               and time.monotonic() - t_begin < args.budget_s):
+            mid = (last_pass + first_fail) // 2
+            if one(mid)["pass"]:
+                last_pass = mid
+            else:
+                first_fail = mid
+    finally:
+        sampler.stop()
+        server.stop()
+
+    data = {"mode": "streams", "model": str(args.model), "workers": args.workers,
+            "msssm_threads_env": os.environ.get("MSSSM_THREADS"), "frame_samples": args.frame_samples,
+            "hop": hop, "warmup_s": args.warmup, "duration_s": args.duration,
+            "criteria": {"p99_ms_below": args.p99_ms, "failures": 0, "send_lag_p99_ms_below": args.lag_ms},
+            "capacity_streams": last_pass, "first_failing_streams": first_fail,
+            "capacity_note": ("no failing step found within the step list/time budget; capacity is at least this"
+                              if first_fail is None else "largest N that passed; first_failing_streams failed"),
+            "environment": environment(), "steps": sorted(results, key=lambda r: r["streams"])}
+    md = [f"# Real-time stream capacity (workers={args.workers}"
+          + (f", MSSSM_THREADS={os.environ['MSSSM_THREADS']}" if os.environ.get("MSSSM_THREADS") else "") + ")\n",
+          f"Model `{args.model}`, {args.frame_samples}-sample binary frames at 100 Hz (hop {hop}), "
+          f"{args.warmup:g} s warm-up + {args.duration:g} s per step. Pass: p99 < {args.p99_ms:g} ms, no failures, "
+          f"load-generator send lag p99 < {args.lag_ms:g} ms.\n",
+          f"**Capacity: {last_pass} streams** (first failing step: {first_fail}). "
+          "A training job shared the 2 CPU cores during the run.\n",
+          "| streams | hops/s | p50 ms | p95 ms | p99 ms | failures | send lag p99 ms | server CPU % | server RSS MB "
+          "| loadgen CPU % | machine CPU % | pass |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["steps"]:
+        md.append(f"| {r['streams']} | {r['count'] / args.duration:.0f} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | "
+                  f"{fmt(r['p99_ms'])} | {r['failures']} | {fmt(r['send_lag_p99_ms'])} | "
+                  f"{r.get('server_cpu_pct', '–')} | {r.get('server_rss_mb_max', '–')} | "
+                  f"{r.get('loadgen_cpu_pct', '–')} | {r.get('machine_cpu_pct_of_all_cores', '–')} | "
+                  f"{'yes' if r['pass'] else 'no'} |")
+    for r in data["steps"]:
+        if r["failure_kinds"]:
+            md.append(f"\nFailures at {r['streams']} streams: `{json.dumps(r['failure_kinds'])[:400]}`")
+    jp, mp = write_results(f"streams_w{args.workers}{args.tag}", data, "\n".join(md) + "\n")
+    print(f"capacity {last_pass} streams (first fail {first_fail}); wrote {jp} {mp}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------- classify mode
+async def classify_rate(url: str, bodies: list[bytes], rate: float, warmup: float, duration: float) -> dict:
+    import httpx
+
+    lat, lag, fails = [], [], {}
+    loop = asyncio.get_running_loop()
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        async def one(body: bytes, measured: bool) -> None:
+            t0 = time.perf_counter()
+            try:
+                resp = await client.post("/classify", content=body, headers={"content-type": "application/json"})
+                ok = resp.status_code == 200
+                what = f"HTTP {resp.status_code}"
+            except Exception as e:
+                ok, what = False, type(e).__name__
+            if measured:
+                if ok:
+                    lat.append((time.perf_counter() - t0) * 1000)
+                else:
+                    fails[what] = fails.get(what, 0) + 1
+
+        tasks = []
+        t_start = loop.time() + 0.05
+        t_m0, t_m1 = t_start + warmup, t_start + warmup + duration
+        i = 0
+        while True:
+            t_next = t_start + i / rate
+            if t_next >= t_m1:
+                break
+            d = t_next - loop.time()
+            if d > 0:
+                await asyncio.sleep(d)
+            measured = t_next >= t_m0
+            if measured:
+                lag.append((loop.time() - t_next) * 1000)
+            tasks.append(asyncio.create_task(one(bodies[i % len(bodies)], measured)))
+            i += 1
+        await asyncio.gather(*tasks)
+    return {"rate": rate, "sent": len(lag), "failures": sum(fails.values()), "failure_kinds": fails,
+            **latency_summary(lat), "send_lag_p99_ms": pct(lag, 99),
+            "achieved_rps": round(len(lat) / duration, 1)}
+
+
+def run_classify(args) -> None:
+    recs = load_records()
+    bodies = [json.dumps({"signal": r.tolist(), "sample_rate": SAMPLE_RATE}).encode() for r in recs]
+    rates = [float(x) for x in args.rates.split(",")]
+    server = Server(args.model, args.workers, log_name=f"classify-w{args.workers}-server")
+    sampler = Sampler(server)
+    print(f"server pid {server.process.pid} on {server.port}, workers {args.workers}", flush=True)
+    results, best, first_fail = [], 0.0, None
+    t_begin = time.monotonic()
+    try:
+        for rate in rates:
+            m0 = time.monotonic()
+            r = asyncio.run(classify_rate(server.url, bodies, rate, args.warmup, args.duration))
+            r.update(sampler.window(m0 + args.warmup, time.monotonic()))
+            r["pass"] = (r["failures"] == 0 and r["p99_ms"] is not None and r["p99_ms"] < args.classify_p99_ms
+                         and r["send_lag_p99_ms"] < args.lag_ms)
+            results.append(r)
+            print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+            time.sleep(2)
+            if r["pass"]:
+                best = rate
+            else:
+                first_fail = rate
+                break
+            if time.monotonic() - t_begin > args.budget_s:
+                break
+    finally:
+        sampler.stop()
+        server.stop()
+    data = {"mode": "classify", "model": str(args.model), "workers": args.workers, "warmup_s": args.warmup,
+            "duration_s": args.duration, "body": "JSON, one 10 s 12-lead window (1000 x 12) per request",
+            "criteria": {"p99_ms_below": args.classify_p99_ms, "failures": 0, "send_lag_p99_ms_below": args.lag_ms},
+            "capacity_windows_per_s": best, "first_failing_rate": first_fail, "environment": environment(),
+            "steps": results}
+    md = [f"# POST /classify capacity (workers={args.workers})\n",
+          f"Model `{args.model}`, open-loop arrivals at fixed rates, one 10 s 12-lead window (JSON) per request, "
+          f"{args.warmup:g} s warm-up + {args.duration:g} s per rate. Pass: p99 < {args.classify_p99_ms:g} ms, "
+          "no failures.\n",
+          f"**Capacity: {best:g} windows/s** (first failing rate: {first_fail}). "
+          "A training job shared the 2 CPU cores during the run.\n",
+          "| rate /s | achieved /s | p50 ms | p95 ms | p99 ms | failures | server CPU % | server RSS MB | "
+          "loadgen CPU % | machine CPU % | pass |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        md.append(f"| {r['rate']:g} | {r['achieved_rps']} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | "
+                  f"{fmt(r['p99_ms'])} | {r['failures']} | {r.get('server_cpu_pct', '–')} | "
+                  f"{r.get('server_rss_mb_max', '–')} | {r.get('loadgen_cpu_pct', '–')} | "
+                  f"{r.get('machine_cpu_pct_of_all_cores', '–')} | {'yes' if r['pass'] else 'no'} |")
+    jp, mp = write_results(f"classify_w{args.workers}{args.tag}", data, "\n".join(md) + "\n")
+    print(f"capacity {best:g} windows/s (first fail {first_fail}); wrote {jp} {mp}", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--duration", type=float, default=30.0, help="measured seconds per step")
+    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--classify", action="store_true", help="find the largest /classify rate instead")
+    p.add_argument("--steps", default="50,100,200,300,500,700,1000,1400,2000", help="stream counts to try")
+    p.add_argument("--rates", default="0.5,1,2,5,10,25,50,100,150", help="/classify windows per second to try")
+    p.add_argument("--frame-samples", type=int, default=int(os.environ.get("MSSSM_FRAME_SAMPLES", 25)))
+    p.add_argument("--p99-ms", type=float, default=100.0)
+    p.add_argument("--classify-p99-ms", type=float, default=200.0)
+    p.add_argument("--lag-ms", type=float, default=50.0, help="load generator pacing: send-lag p99 limit")
+    p.add_argument("--tag", default="", help="suffix for the result file names, e.g. _threads1")
+    p.add_argument("--budget-s", type=float, default=420.0, help="stop searching after this long")
+    args = p.parse_args(argv)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    if args.classify:
+        run_classify(args)
+    else:
+        run_streams(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
