@@ -3,7 +3,7 @@
     python export/export.py --checkpoint RUN_DIR/checkpoint.pt --out MODEL_DIR [--opset N] [--name NAME]
 
 The graph is `StreamingGraph` traced by the TorchScript ONNX exporter: (x, *state) -> (probabilities, *new_state),
-batch and T dynamic. Nothing is written unless onnxruntime reproduces the PyTorch model on the checkpoint's real
+batch and T dynamic, the recurrence of each layer one ONNX Scan (export/onnx_scan.py). Nothing is written unless onnxruntime reproduces the PyTorch model on the checkpoint's real
 windows (whole window, sample by sample, random chunks) within `TOLERANCE`; the files are built in a temporary
 directory and moved into MODEL_DIR only then, model.json last, so a model.json always describes a checked graph.
 """
@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import msssm_serve  # noqa: E402
 from msssm_serve.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from msssm_serve.model import MSSSMClassifier, StreamingGraph  # noqa: E402
+from export.onnx_scan import lower_selective_scans  # noqa: E402
 
 DEFAULT_OPSET = 17
 DEFAULT_HOP = 25
@@ -57,8 +58,9 @@ def _io_names(model: MSSSMClassifier) -> tuple[list[str], list[str]]:
 
 
 def _trace(model: MSSSMClassifier, path: Path, opset: int) -> None:
-    """TorchScript exporter: it traces the blocked scan (static depth, no loops) in about a second and keeps T dynamic.
-    The dynamo exporter gives an equally correct graph but takes ~40x longer on the same model."""
+    """TorchScript exporter: it traces the model with one `msssm::SelectiveScan` placeholder per layer (lowered to an
+    ONNX Scan afterwards) in a second or two and keeps batch and T dynamic. (The dynamo exporter's own `scan`
+    support failed on this model in torch 2.13 and takes ~40x longer to trace.)"""
     inputs, outputs = _io_names(model)
     dynamic_axes = {"x": {0: "batch", 1: "T"}, "probabilities": {0: "batch", 1: "T"}}
     dynamic_axes.update({name: {0: "batch"} for name in inputs[1:] + outputs[1:]})
@@ -76,18 +78,20 @@ def _trace(model: MSSSMClassifier, path: Path, opset: int) -> None:
             dynamic_axes=dynamic_axes,
             opset_version=opset,
             dynamo=False,
+            custom_opsets={"msssm": 1},
         )
 
 
-def _declare_state_shapes(graph_model: onnx.ModelProto, model: MSSSMClassifier) -> None:
-    """The tracer leaves the new-state outputs' non-batch dims symbolic; they are constants, so say so."""
+def _declare_output_shapes(graph_model: onnx.ModelProto, model: MSSSMClassifier) -> None:
+    """The tracer cannot see through the scan placeholders, so it leaves the outputs' fixed dims symbolic: the
+    classes of `probabilities` and every non-batch dim of the new states. They are constants, so say so."""
     shapes = {f"{name}_out": shape for name, shape in model.state_spec()}
     for output in graph_model.graph.output:
-        if output.name in shapes:
-            dims = output.type.tensor_type.shape.dim
-            for dim, size in zip(dims[1:], shapes[output.name], strict=True):
-                dim.Clear()
-                dim.dim_value = size
+        dims = output.type.tensor_type.shape.dim
+        fixed = {2: model.cfg.n_classes} if output.name == "probabilities" else dict(enumerate(shapes.get(output.name, ()), 1))
+        for axis, size in fixed.items():
+            dims[axis].Clear()
+            dims[axis].dim_value = size
 
 
 # --- parity --------------------------------------------------------------------------------------------------------
@@ -329,7 +333,9 @@ def export_model(checkpoint_path, out_dir, opset: int | None = None, name: str |
         onnx_path = staging / "model.onnx"
         _trace(model, onnx_path, opset)
         graph_model = onnx.load(str(onnx_path))
-        _declare_state_shapes(graph_model, model)
+        if lower_selective_scans(graph_model) != model.cfg.n_layers:
+            raise ExportError("expected one selective scan per layer in the traced graph")
+        _declare_output_shapes(graph_model, model)
         onnx.checker.check_model(graph_model, full_check=True)
         onnx.save(graph_model, str(onnx_path))
 

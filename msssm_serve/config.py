@@ -25,9 +25,9 @@ class ModelConfig:
     dt_min: float = 0.001
     dt_max: float = 0.1
     dropout: float = 0.0
-    # `blocked_scan` scans blocks of `scan_block` steps. One call of the exported graph takes at most
-    # scan_block ** scan_levels samples (32768: more than 60 s at 500 Hz); the runtime splits longer inputs, which
-    # bounds the memory of one call.
+    # `blocked_scan` scans blocks of `scan_block` steps; scan="static" runs exactly `scan_levels` levels. The runtime
+    # splits inputs longer than max_chunk = scan_block ** scan_levels (32768: more than 60 s at 500 Hz) into
+    # several calls of the exported graph, which bounds the memory of one call.
     scan_block: int = 8
     scan_levels: int = 5
 

@@ -282,12 +282,13 @@ class MSSSMClassifier(nn.Module):
 
 
 class StreamingGraph(nn.Module):
-    """What export traces: (x, *state) -> (probabilities, *new_state), with the fixed-depth blocked scan."""
+    """What export traces: (x, *state) -> (probabilities, *new_state); the recurrence as one placeholder node per
+    layer that export lowers to an ONNX Scan (see `selective.selective_scan`, scan="onnx")."""
 
     def __init__(self, model: MSSSMClassifier):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor, *state: torch.Tensor):
-        probs, new_state = self.model.advance(x, state, scan="static")
+        probs, new_state = self.model.advance(x, state, scan="onnx")
         return (probs, *new_state)

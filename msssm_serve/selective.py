@@ -8,8 +8,11 @@ Implementations, chosen by `selective_scan(..., scan=)`; tests hold all to the s
   * `sequential`: the same with `sequential_scan` (the reference);
   * `fused`: a C++ kernel (CPU, float32/64) with its own backward that never materialises the [B, L, M, D, N]
     tensors, compiled on first use (CPU training and eager inference);
-  * `static`: `blocked` with a fixed number of levels, whatever L: a graph of plain tensor ops with no loops and a
-    dynamic time axis, which is what ONNX export traces.
+  * `onnx`: for export only. Traces as one placeholder node `msssm::SelectiveScan` that the exporter lowers to an
+    ONNX Scan over time whose body is one step (export/onnx_scan.py), so the served graph does one step of work per
+    sample, never materialises [B, L, M, D, N] tensors, and takes any T. Computes `sequential` when run in torch.
+  * `static`: `blocked` with a fixed number of levels, whatever L: loop-free tensor ops with a dynamic time axis
+    (an alternative export form; one call covers at most block ** levels samples).
 """
 
 from __future__ import annotations
@@ -37,16 +40,32 @@ def selective_scan_tensor_ops(x, dt, A, B, C, h0, block: int = 8, levels: int | 
     return (h * C).sum(-1), h[:, -1]
 
 
+class _OnnxScanPlaceholder(torch.autograd.Function):
+    """x, dt [Bt, L, M, D]; A [M, D, N]; B, C [Bt or 1, L, M, D or 1, N] (time axis present); h0 [Bt, M, D, N]."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, h0):
+        return selective_scan_tensor_ops(x, dt, A, B, C, h0, reference=True)
+
+    @staticmethod
+    def symbolic(g, x, dt, A, B, C, h0):
+        return g.op("msssm::SelectiveScan", x, dt, A, B, C, h0, outputs=2)
+
+
 def selective_scan(x, dt, A, B, C, h0, scan: str = "auto", block: int = 8, levels: int = 5):
     """x, dt: [Bt, L, M, D]; A: [M, D, N]; B, C: [Bt, L, M, 1, N] (input-dependent) or [1, 1, M, D, N]
     (time-invariant); h0: [Bt, M, D, N] -> (y [Bt, L, M, D], h_L).
     scan: auto (fused on CPU for input-dependent B, C when it compiles; blocked otherwise) | fused | blocked |
-    sequential | static (blocked at a fixed depth of `levels`: L <= block ** levels)."""
+    sequential | static (blocked at a fixed depth of `levels`: L <= block ** levels) | onnx."""
     if scan == "auto":
         input_dependent = B.shape[:2] == x.shape[:2] and B.shape[3] == 1
         scan = "fused" if input_dependent and fused_available(x.device) else "blocked"
     if scan == "fused":
         return selective_scan_fused(x, dt, A, B.squeeze(3), C.squeeze(3), h0)
+    if scan == "onnx":
+        length = x.shape[1]
+        B, C = B.expand(-1, length, -1, -1, -1), C.expand(-1, length, -1, -1, -1)  # a Scan input needs the time axis
+        return _OnnxScanPlaceholder.apply(x, dt, A, B, C, h0)
     if scan == "static":
         return selective_scan_tensor_ops(x, dt, A, B, C, h0, block, levels)
     if scan in ("blocked", "sequential"):
