@@ -24,8 +24,6 @@ import asyncio
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -33,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from server.launcher import LocalServer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "loadtest" / "results"
@@ -55,12 +56,6 @@ def load_records(limit: int | None = None) -> np.ndarray:
     return np.nan_to_num(arr)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pct(values, q) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
 
@@ -70,36 +65,15 @@ def latency_summary(ms: list[float]) -> dict:
             "max_ms": float(max(ms)) if ms else None, "mean_ms": float(np.mean(ms)) if ms else None}
 
 
-class Server:
-    """`python -m server` on a free loopback port; waits for /readyz."""
+class Server(LocalServer):
+    """`python -m server` on a free loopback port (see server/launcher.py), watched with psutil."""
 
     def __init__(self, model: str | Path, workers: int = 1, extra: list[str] | None = None,
                  env: dict[str, str] | None = None, log_name: str = "server"):
         import httpx
 
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}/stream"
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        self.log_path = RESULTS_DIR / f"{log_name}.log"
-        self.log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "server", "--model", str(model), "--port", str(self.port),
-               "--workers", str(workers), "--log-level", "warning", *(extra or [])]
-        self.process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            self.stop()
-            raise RuntimeError(f"server not ready in 120 s; see {self.log_path}")
+        super().__init__(model, RESULTS_DIR / f"{log_name}.log", workers, extra, env)
         self.ps = psutil.Process(self.process.pid)
         # uvicorn with --workers > 1 forks its workers right away; give them a moment to be ready too
         if workers > 1:
@@ -114,22 +88,6 @@ class Server:
 
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self.procs()]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 def tree_cpu_rss(procs: list[psutil.Process]) -> tuple[float, int]:

@@ -3,16 +3,13 @@ servers (`python -m server`) on free loopback ports."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
+
+from server.launcher import LocalServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECORDS = sorted((REPO_ROOT / "tests/fixtures/ptbxl/records100").glob("*/*.hea"))
@@ -52,49 +49,12 @@ def model_dir(tmp_path_factory, records) -> Path:
     return root / "model"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ServerProcess(LocalServer):
+    """A test server: one onnxruntime thread (tests share two cores), log beside the model."""
 
-
-class ServerProcess:
     def __init__(self, model_dir: Path, env: dict[str, str]):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}/stream"
-        self.log = open(model_dir.parent / f"server-{self.port}.log", "w+")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--model", str(model_dir), "--port", str(self.port),
-             "--log-level", "warning"],
-            cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MSSSM_THREADS": "1", **env})
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}: {self.output()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server not ready within {SERVER_START_TIMEOUT_S} s: {self.output()}")
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()[-4000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+        log = model_dir.parent / f"server-{time.monotonic_ns()}.log"
+        super().__init__(model_dir, log, env={"MSSSM_THREADS": "1", **env}, start_timeout_s=SERVER_START_TIMEOUT_S)
 
 
 @pytest.fixture(scope="session")
