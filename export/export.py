@@ -251,7 +251,8 @@ def model_card(desc: dict) -> str:
         *(f"| {k} | {_fmt(v)} |" for k, v in desc["config"].items()),
         "",
         f"Streaming state: {len(desc['state'])} tensors, {desc['state_bytes_per_stream']} bytes per stream. "
-        f"One call takes at most {desc['max_chunk']} samples per stream; split longer inputs.",
+        f"The graph takes any number of samples per call; the runtime splits inputs longer than {desc['max_chunk']} "
+        "samples into several calls to bound one call's memory.",
         "",
         "## Data",
         "",
