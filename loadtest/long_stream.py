@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     md = ["# One-hour stream\n",
           f"Model `{args.model}`: {args.samples} samples ({args.samples / SAMPLE_RATE / 3600:g} h at 100 Hz, real records "
           f"tiled) on one WebSocket stream in {F}-sample frames, ≤ {args.in_flight} frame in flight, hop {out['hop']}, "
-          f"window {out['window']}. A training job shared the 2 CPU cores.\n",
+          f"window {out['window']}.\n",
           f"- took {out['total_s']:.1f} s ({data['realtime_factor']}× real time); predictions "
           f"{out['received_predictions']}/{data['expected_predictions']}; errors: {out['errors'] or 'none'}",
           f"- per-sample server time (frame round trip / {F}): first minute median {fmt(ps['first_minute_median'])} µs, "

@@ -164,7 +164,7 @@ def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
 
 def environment() -> dict:
     return {"cpu_count": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0],
-            "note": "2-core machine; a model-training job was running in the background and shared the CPU"}
+            "cores": os.cpu_count()}
 
 
 def fmt(v, nd=1) -> str:
@@ -393,7 +393,7 @@ def run_streams(args) -> None:
           f"{args.warmup:g} s warm-up + {args.duration:g} s per step. Pass: p99 < {args.p99_ms:g} ms, no failures, "
           f"load-generator send lag p99 < {args.lag_ms:g} ms.\n",
           f"**Capacity: {last_pass} streams** (first failing step: {first_fail}). "
-          "A training job shared the 2 CPU cores during the run.\n",
+          
           "| streams | hops/s | p50 ms | p95 ms | p99 ms | failures | send lag p99 ms | server CPU % | server RSS MB "
           "| loadgen CPU % | machine CPU % | pass |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -493,7 +493,7 @@ def run_classify(args) -> None:
           f"{args.warmup:g} s warm-up + {args.duration:g} s per rate. Pass: p99 < {args.classify_p99_ms:g} ms, "
           "no failures.\n",
           f"**Capacity: {best:g} windows/s** (first failing rate: {first_fail}). "
-          "A training job shared the 2 CPU cores during the run.\n",
+          
           "| rate /s | achieved /s | p50 ms | p95 ms | p99 ms | failures | server CPU % | server RSS MB | "
           "loadgen CPU % | machine CPU % | pass |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
