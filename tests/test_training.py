@@ -59,6 +59,18 @@ def test_two_step_run_writes_a_loadable_checkpoint_then_resume_continues(tmp_pat
     assert resumed["scheduler"]["last_epoch"] == 4  # the schedule continued from step 2
 
 
+def test_init_warm_starts_from_a_checkpoint(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    fit(*ptbxl_args(first, "--epochs", "1", "--steps-per-epoch", "1"))
+    # model flags that disagree with the checkpoint are ignored: its architecture and weights are the start
+    fit(*ptbxl_args(second, "--epochs", "1", "--steps-per-epoch", "1", "--init", str(first / "checkpoint.pt"),
+                    "--d-model", "16"))
+    start, _, _ = load_checkpoint(first / "checkpoint.pt")
+    warm, _, payload = load_checkpoint(second / "last.pt")
+    assert warm.cfg == start.cfg
+    assert payload["epoch"] == 1 and payload["scheduler"]["last_epoch"] == 1
+
+
 def test_official_metadata_path_trains(tmp_path):
     fit("--task", "ptbxl", "--data-dir", str(FIXTURE), "--label-set", "superdiagnostic", "--out", str(tmp_path),
         *TINY, "--epochs", "1", "--steps-per-epoch", "1")

@@ -222,7 +222,16 @@ def train(args) -> dict:
         mixer=args.mixer,
         dropout=args.dropout,
     )
-    model = MSSSMClassifier(cfg)
+    if args.init:
+        # Warm start (e.g. a second cosine cycle): weights and architecture from a checkpoint, a fresh optimiser and
+        # schedule. The model flags are ignored; the data must have the checkpoint's classes.
+        model, init_meta, _ = load_checkpoint(args.init)
+        if init_meta["labels"] != data.classes:
+            raise DataError(f"--init checkpoint classes {init_meta['labels']} differ from the data's {data.classes}")
+        cfg = model.cfg
+        model.train()
+    else:
+        model = MSSSMClassifier(cfg)
     mean, std = fit_normalisation(data.x_train)
     model.input_mean.copy_(torch.from_numpy(mean))
     model.input_std.copy_(torch.from_numpy(std))
@@ -386,6 +395,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--init", help="start from this checkpoint's weights and config (new optimiser and schedule)")
     return p.parse_args(argv)
 
 
