@@ -1,10 +1,10 @@
 """The linear recurrence h_t = a_t * h_{t-1} + u_t, two ways.
 
-`sequential_scan` is the obviously-correct reference. `blocked_scan` is the one the model runs, for training and
-for export alike: it scans blocks of `block` steps in parallel across all blocks, then scans the block carries one
-level up, recursively. Every loop has a static trip count (the block size), so the function traces into an ONNX
-graph of plain tensor ops with a dynamic time axis, and it is numerically safe: it multiplies by decays in (0, 1]
-only, never divides by them.
+`sequential_scan` is the obviously-correct reference. `blocked_scan` is the parallel form (CUDA training, and the
+loop-free `static` export form): it scans blocks of `block` steps in parallel across all blocks, then scans the
+block carries one level up, recursively. Every loop has a static trip count (the block size), so it traces into
+plain tensor ops with a dynamic time axis, and it is numerically safe: it multiplies by decays in (0, 1] only, never
+divides by them. (CPU training runs the fused kernel in `selective`; see there for the dispatch.)
 """
 
 from __future__ import annotations
