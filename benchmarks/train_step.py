@@ -46,7 +46,7 @@ def main() -> None:
 
     results = {
         "sequential reference (tensor ops, one step at a time)": step_seconds(model, x, "sequential", args.repeats),
-        "blocked parallel scan (tensor ops; CUDA and export)": step_seconds(model, x, "blocked", args.repeats),
+        "blocked parallel scan (tensor ops; the CUDA form)": step_seconds(model, x, "blocked", args.repeats),
     }
     if selective.fused_available(x.device):
         results["fused CPU scan (C++ kernel; training default on CPU)"] = step_seconds(model, x, "fused", args.repeats)
