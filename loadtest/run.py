@@ -94,8 +94,7 @@ def main(argv=None) -> int:
     md = [f"# Locust: {args.user_class or 'all users'}, {args.users} users, {args.duration}, workers={args.workers}\n",
           f"Model `{args.model}`. Server CPU {res.get('server_cpu_pct')} % (200 % = both cores), "
           f"RSS max {res.get('server_rss_mb_max')} MB; locust CPU {res.get('loadgen_cpu_pct')} %; "
-          f"machine {res.get('machine_cpu_pct_of_all_cores')} % of all cores. "
-          
+          f"machine {res.get('machine_cpu_pct_of_all_cores')} % of all cores.\n",
           "| type | name | requests | failures | req/s | p50 ms | p95 ms | p99 ms | max ms |",
           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -392,8 +392,7 @@ def run_streams(args) -> None:
           f"Model `{args.model}`, {args.frame_samples}-sample binary frames at 100 Hz (hop {hop}), "
           f"{args.warmup:g} s warm-up + {args.duration:g} s per step. Pass: p99 < {args.p99_ms:g} ms, no failures, "
           f"load-generator send lag p99 < {args.lag_ms:g} ms.\n",
-          f"**Capacity: {last_pass} streams** (first failing step: {first_fail}). "
-          
+          f"**Capacity: {last_pass} streams** (first failing step: {first_fail}).\n",
           "| streams | hops/s | p50 ms | p95 ms | p99 ms | failures | send lag p99 ms | server CPU % | server RSS MB "
           "| loadgen CPU % | machine CPU % | pass |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -492,8 +491,7 @@ def run_classify(args) -> None:
           f"Model `{args.model}`, open-loop arrivals at fixed rates, one 10 s 12-lead window (JSON) per request, "
           f"{args.warmup:g} s warm-up + {args.duration:g} s per rate. Pass: p99 < {args.classify_p99_ms:g} ms, "
           "no failures.\n",
-          f"**Capacity: {best:g} windows/s** (first failing rate: {first_fail}). "
-          
+          f"**Capacity: {best:g} windows/s** (first failing rate: {first_fail}).\n",
           "| rate /s | achieved /s | p50 ms | p95 ms | p99 ms | failures | server CPU % | server RSS MB | "
           "loadgen CPU % | machine CPU % | pass |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
