@@ -60,6 +60,21 @@ def pct(values, q) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
 
 
+def step_up(values, passes, deadline: float):
+    """Try `values` in order until one fails or the monotonic `deadline` passes -> (last passing, first failing);
+    None where there is none."""
+    last_pass = first_fail = None
+    for value in values:
+        if passes(value):
+            last_pass = value
+        else:
+            first_fail = value
+            break
+        if time.monotonic() > deadline:
+            break
+    return last_pass, first_fail
+
+
 def latency_summary(ms: list[float]) -> dict:
     return {"count": len(ms), "p50_ms": pct(ms, 50), "p95_ms": pct(ms, 95), "p99_ms": pct(ms, 99),
             "max_ms": float(max(ms)) if ms else None, "mean_ms": float(np.mean(ms)) if ms else None}
@@ -357,16 +372,8 @@ def run_streams(args) -> None:
         return r
 
     try:
-        last_pass, first_fail = 0, None
-        for n in steps:
-            r = one(n)
-            if r["pass"]:
-                last_pass = n
-            else:
-                first_fail = n
-                break
-            if time.monotonic() - t_begin > args.budget_s:
-                break
+        last_pass, first_fail = step_up(steps, lambda n: one(n)["pass"], t_begin + args.budget_s)
+        last_pass = last_pass or 0
         # bisection between last pass and first fail
         while (first_fail is not None and first_fail - last_pass > max(10, last_pass // 10)
                and time.monotonic() - t_begin < args.budget_s):
@@ -460,25 +467,23 @@ def run_classify(args) -> None:
     server = Server(args.model, args.workers, log_name=f"classify-w{args.workers}-server")
     sampler = Sampler(server)
     print(f"server pid {server.process.pid} on {server.port}, workers {args.workers}", flush=True)
-    results, best, first_fail = [], 0.0, None
+    results = []
     t_begin = time.monotonic()
+
+    def passes(rate: float) -> bool:
+        m0 = time.monotonic()
+        r = asyncio.run(classify_rate(server.url, bodies, rate, args.warmup, args.duration))
+        r.update(sampler.window(m0 + args.warmup, time.monotonic()))
+        r["pass"] = (r["failures"] == 0 and r["p99_ms"] is not None and r["p99_ms"] < args.classify_p99_ms
+                     and r["send_lag_p99_ms"] < args.lag_ms)
+        results.append(r)
+        print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+        time.sleep(2)
+        return r["pass"]
+
     try:
-        for rate in rates:
-            m0 = time.monotonic()
-            r = asyncio.run(classify_rate(server.url, bodies, rate, args.warmup, args.duration))
-            r.update(sampler.window(m0 + args.warmup, time.monotonic()))
-            r["pass"] = (r["failures"] == 0 and r["p99_ms"] is not None and r["p99_ms"] < args.classify_p99_ms
-                         and r["send_lag_p99_ms"] < args.lag_ms)
-            results.append(r)
-            print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
-            time.sleep(2)
-            if r["pass"]:
-                best = rate
-            else:
-                first_fail = rate
-                break
-            if time.monotonic() - t_begin > args.budget_s:
-                break
+        best, first_fail = step_up(rates, passes, t_begin + args.budget_s)
+        best = best or 0.0
     finally:
         sampler.stop()
         server.stop()
