@@ -30,14 +30,11 @@ def model_mean_mixing_distance(model, x: torch.Tensor, position: int = -1) -> fl
     """Mean over the residual blocks of an MSSSMClassifier, each fed what it sees inside the model for x [L, C]."""
     with torch.no_grad():
         h = model.embed((x.unsqueeze(0) - model.input_mean) / model.input_std)
-    state = model.init_state(1)
-    per_layer = model.cfg.n_scales + 1
     values = []
-    for i, block in enumerate(model.blocks):
-        layer_state = state[i * per_layer : (i + 1) * per_layer]
+    for block, (conv_history, ssm_h) in zip(model.blocks, model.layer_states(model.init_state(1))):
 
-        def block_fn(inp, block=block, layer_state=layer_state):
-            return block(inp, list(layer_state[:-1]), layer_state[-1], "auto")[0]
+        def block_fn(inp, block=block, conv_history=conv_history, ssm_h=ssm_h):
+            return block(inp, conv_history, ssm_h, "auto")[0]
 
         values.append(mean_mixing_distance(block_fn, h[0], position))
         with torch.no_grad():

@@ -247,17 +247,22 @@ class MSSSMClassifier(nn.Module):
         device = device if device is not None else self.input_mean.device
         return tuple(torch.zeros(batch, *shape, device=device) for _, shape in self.state_spec())
 
+    def layer_states(self, state: State) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+        """Per layer (conv histories of scales 1..S, SSM state), in `state_spec` order."""
+        per_layer = self.cfg.n_scales + 1
+        return [
+            (list(state[i * per_layer : (i + 1) * per_layer - 1]), state[(i + 1) * per_layer - 1])
+            for i in range(self.cfg.n_layers)
+        ]
+
     # --- the one computation ------------------------------------------------------------------------------------
     def run(self, x: torch.Tensor, state: State, scan: str = "auto") -> tuple[torch.Tensor, State]:
         """x: [B, T, C] raw signal from `state` on -> (logits [B, T, classes], new state).
         `scan` picks the recurrence's implementation (see `selective.selective_scan`); all compute the same."""
-        cfg = self.cfg
         h = self.embed((x - self.input_mean) / self.input_std)
-        per_layer = cfg.n_scales + 1
         new_state: list[torch.Tensor] = []
-        for i, block in enumerate(self.blocks):
-            layer_state = state[i * per_layer : (i + 1) * per_layer]
-            h, conv_history, ssm_h = block(h, list(layer_state[:-1]), layer_state[-1], scan)
+        for block, (conv_history, ssm_h) in zip(self.blocks, self.layer_states(state)):
+            h, conv_history, ssm_h = block(h, conv_history, ssm_h, scan)
             new_state.extend(conv_history)
             new_state.append(ssm_h)
         pool_sum, pool_count = state[-2], state[-1]
