@@ -5,9 +5,13 @@
 
 Prints, from one run on this machine:
   1. per-call latency and samples/s of the graph for T in {1, 25, 100, 1000} x batch in {1, 16, 256};
-  2. a 10 s 12-lead window: onnxruntime vs PyTorch eager (the checkpoint the model was exported from), as a ratio;
+  2. a 10 s 12-lead window: onnxruntime vs PyTorch eager (the checkpoint the model was exported from), as ratios,
+     against both PyTorch forms: the fused C++ scan kernel (what `model(x)` runs on CPU) and the tensor-op scan
+     (plain PyTorch ops, what runs where the kernel is not built);
   3. stream update cost (advance one hop from the carried state) vs recomputing the window so far from scratch at
-     every hop (W = window, hop = 25), as a ratio.
+     every hop (W = window, hop = 25), as a ratio;
+  4. the graph's cost per sample by call shape (streams x samples per call, one Session.run each): the measurement
+     behind the runtime's ROWS_PER_CALL and SAMPLES_PER_CALL.
 """
 
 from __future__ import annotations
@@ -66,11 +70,13 @@ def main() -> None:
         from msssm_serve.checkpoint import load_checkpoint
 
         torch_model, _, _ = load_checkpoint(args.checkpoint)
+        torch_model.eval()
         xt = torch.from_numpy(window)
-        with torch.no_grad():
-            torch_s = best_seconds(lambda: torch_model.advance(xt, torch_model.init_state(1)))
-        print(f"   PyTorch eager {torch_s * 1000:.1f} ms (threads {torch.get_num_threads()}) -> onnxruntime is "
-              f"{torch_s / ort_s:.2f}x faster")
+        for scan, label in (("auto", "fused C++ scan kernel"), ("blocked", "tensor-op scan")):
+            with torch.no_grad():
+                torch_s = best_seconds(lambda: torch_model.advance(xt, torch_model.init_state(1), scan=scan))
+            print(f"   PyTorch eager, {label}: {torch_s * 1000:.1f} ms (threads {torch.get_num_threads()}) -> "
+                  f"onnxruntime is {torch_s / ort_s:.2f}x faster")
 
     hop = args.hop
     state = model.zero_state(1)
@@ -85,6 +91,14 @@ def main() -> None:
           f"(mean prefix W/2)")
     print(f"   update vs recompute: {recompute_full / update_s:.0f}x (whole window), "
           f"{recompute_half / update_s:.0f}x (mean over the window's hops)")
+
+    print("\n4. graph cost by call shape (one Session.run per call, no splitting)")
+    print(f"{'streams':>8} {'samples':>8} {'us/sample':>10}")
+    for rows, length in ((1, 1000), (1, 250), (4, 125), (16, 25), (16, 50), (64, 25), (256, 25)):
+        x = rng.standard_normal((rows, length, C)).astype(np.float32)
+        feeds = {"x": x, **dict(zip(model.state_names, model.zero_state(rows)))}
+        s = best_seconds(lambda: model.session.run(model.output_names, feeds), min_time=0.3, max_runs=20)
+        print(f"{rows:>8} {length:>8} {s * 1e6 / (rows * length):>10.1f}")
 
 
 if __name__ == "__main__":

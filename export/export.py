@@ -3,7 +3,7 @@
     python export/export.py --checkpoint RUN_DIR/checkpoint.pt --out MODEL_DIR [--opset N] [--name NAME]
 
 The graph is `StreamingGraph` traced by the TorchScript ONNX exporter: (x, *state) -> (probabilities, *new_state),
-batch and T dynamic, the recurrence of each layer one ONNX Scan (export/onnx_scan.py). Nothing is written unless onnxruntime reproduces the PyTorch model on the checkpoint's real
+batch and T dynamic, the recurrence of each layer one ONNX Scan (export/lowering.py). Nothing is written unless onnxruntime reproduces the PyTorch model on the checkpoint's real
 windows (whole window, sample by sample, random chunks) within `TOLERANCE`; the files are built in a temporary
 directory and moved into MODEL_DIR only then, model.json last, so a model.json always describes a checked graph.
 """
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import msssm_serve  # noqa: E402
 from msssm_serve.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from msssm_serve.model import MSSSMClassifier, StreamingGraph  # noqa: E402
-from export.onnx_scan import lower_selective_scans  # noqa: E402
+from export.lowering import expand_softplus, lower_selective_scans  # noqa: E402
 
 DEFAULT_OPSET = 17
 DEFAULT_HOP = 25
@@ -251,8 +251,8 @@ def model_card(desc: dict) -> str:
         *(f"| {k} | {_fmt(v)} |" for k, v in desc["config"].items()),
         "",
         f"Streaming state: {len(desc['state'])} tensors, {desc['state_bytes_per_stream']} bytes per stream. "
-        f"The graph takes any number of samples per call; the runtime splits inputs longer than {desc['max_chunk']} "
-        "samples into several calls to bound one call's memory.",
+        f"The graph takes any number of samples per call (up to {desc['max_chunk']}); the runtime cuts work into calls "
+        "of at most 16 streams and about 512 samples, which keeps the graph's intermediates in cache.",
         "",
         "## Data",
         "",
@@ -336,6 +336,7 @@ def export_model(checkpoint_path, out_dir, opset: int | None = None, name: str |
         graph_model = onnx.load(str(onnx_path))
         if lower_selective_scans(graph_model) != model.cfg.n_layers:
             raise ExportError("expected one selective scan per layer in the traced graph")
+        expand_softplus(graph_model)
         _declare_output_shapes(graph_model, model)
         onnx.checker.check_model(graph_model, full_check=True)
         onnx.save(graph_model, str(onnx_path))

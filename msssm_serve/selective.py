@@ -9,7 +9,7 @@ Implementations, chosen by `selective_scan(..., scan=)`; tests hold all to the s
   * `fused`: a C++ kernel (CPU, float32/64) with its own backward that never materialises the [B, L, M, D, N]
     tensors, compiled on first use (CPU training and eager inference);
   * `onnx`: for export only. Traces as one placeholder node `msssm::SelectiveScan` that the exporter lowers to an
-    ONNX Scan over time whose body is one step (export/onnx_scan.py), so the served graph does one step of work per
+    ONNX Scan over time whose body is one step (export/lowering.py), so the served graph does one step of work per
     sample, never materialises [B, L, M, D, N] tensors, and takes any T. Computes `sequential` when run in torch.
   * `static`: `blocked` with a fixed number of levels, whatever L: loop-free tensor ops with a dynamic time axis
     (an alternative export form; one call covers at most block ** levels samples).

@@ -64,6 +64,22 @@ def test_long_input_is_split_at_max_chunk(model, records):
     assert float(state[-1][0, 0]) == model.max_chunk + 500
 
 
+def test_advance_in_blocks_equals_one_call(model, records):
+    """advance cuts a batch into calls of ROWS_PER_CALL rows and about SAMPLES_PER_CALL samples; the cut is exact."""
+    from msssm_serve.runtime import ROWS_PER_CALL, SAMPLES_PER_CALL
+
+    rows, length = ROWS_PER_CALL + 5, SAMPLES_PER_CALL + 300
+    x = np.tile(records, (rows // len(records) + 1, 1, 1))[:rows, :length]
+    x = x + np.random.default_rng(0).normal(0, 0.05, x.shape).astype(np.float32)  # distinct rows
+    probs, state = model.advance(x, model.zero_state(rows))
+    feeds = {"x": x, **dict(zip(model.state_names, model.zero_state(rows)))}
+    want, *want_state = model.session.run(model.output_names, feeds)
+    assert probs.shape == want.shape
+    assert np.abs(probs - want).max() <= 1e-5
+    for got, ref in zip(state, want_state):
+        assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
 def test_runtime_imports_without_torch():
     code = (
         "import sys, importlib.abc\n"
