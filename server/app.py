@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      "limit")
         signal_ = _invalid_to_422(lambda: to_model_rate(signal_, rate, model.sample_rate))
         started = time.perf_counter()
-        result = await request.app.state.batcher.run_inference(model.classify, signal_)
+        result = await request.app.state.batcher.classify(signal_)
         metrics.inference_seconds.labels("classify").observe(time.perf_counter() - started)
         metrics.samples.labels("classify").inc(len(signal_))
         probabilities = result["probabilities"]

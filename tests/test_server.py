@@ -103,6 +103,24 @@ def test_classify_json_and_binary_equal_runtime(server, model, signal_3w):
         assert body["predicted"] == [l for l, p in zip(model.labels, body["probabilities"]) if p >= 0.5]
 
 
+def test_concurrent_classify_requests_are_batched_and_each_gets_its_own_answer(server, model, records, signal_3w):
+    """Requests that wait together share calls (MAX_CLASSIFY_WINDOWS_PER_CALL windows); none sees another's data."""
+    signals = [records[i % len(records)][: 1000 - 90 * (i // 4)] for i in range(10)] + [signal_3w]  # equal lengths share rows
+
+    async def post_all():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(server.url + "/classify", json={"signal": s.tolist()})
+                                          for s in signals))
+
+    for response, signal_ in zip(asyncio.run(post_all()), signals):
+        assert response.status_code == 200, response.text
+        expected = model.classify(signal_)
+        got = response.json()
+        assert [w["start"] for w in got["windows"]] == [w["start"] for w in expected["windows"]]
+        for w_got, w_want in zip(got["windows"], expected["windows"]):
+            np.testing.assert_allclose(w_got["probabilities"], w_want["probabilities"], atol=TOL)
+
+
 def test_classify_reorders_leads_and_resamples(server, model, records):
     x = records[0]
     shuffled = [LEADS[i] for i in np.random.default_rng(0).permutation(12)]
