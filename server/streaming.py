@@ -119,8 +119,10 @@ class Connection:
         try:
             while True:
                 try:
-                    message = await asyncio.wait_for(self.ws.receive(), self.hub.settings.idle_timeout_s)
-                except asyncio.TimeoutError:
+                    # asyncio.timeout, not wait_for: no extra task per frame (wait_for made one in Python 3.11)
+                    async with asyncio.timeout(self.hub.settings.idle_timeout_s):
+                        message = await self.ws.receive()
+                except TimeoutError:
                     return Close(NORMAL, f"idle for {self.hub.settings.idle_timeout_s:g} s, closing")
                 if message["type"] == "websocket.disconnect":
                     return None
