@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
@@ -250,6 +251,9 @@ def train(args) -> dict:
     warmup = min(total_steps // 2, round(args.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     use_amp = device.type == "cuda" and not args.no_amp
+    # An exponential moving average of the weights, scored beside the raw weights once the run is a quarter
+    # through; the better of the two on validation is the epoch's candidate for the best checkpoint.
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
 
     history: list[dict] = []
     start_epoch, best = 0, -1.0
@@ -260,6 +264,8 @@ def train(args) -> dict:
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         start_epoch, best, history = payload["epoch"], payload["best"], payload["history"]
+        if ema is not None and payload.get("ema") is not None:
+            ema.load_state_dict(payload["ema"])
         if is_main:
             print(f"resumed from {last_path} after epoch {start_epoch}", file=sys.stderr)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -300,23 +306,32 @@ def train(args) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             losses.append(loss.item())
             seen += len(idx) * world
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", rec_s=f"{seen / (time.time() - epoch_start):.0f}")
         if not is_main:
             continue
-        p_val = predict(model, data.x_val, device, args.eval_batch_size)
+        candidates = {"raw": model}
+        if ema is not None and epoch + 1 > args.epochs // 4:
+            candidates["ema"] = ema.module
+        scored = {name: predict(m, data.x_val, device, args.eval_batch_size) for name, m in candidates.items()}
+        aurocs = {name: macro_auroc(y_val, p) for name, p in scored.items()}
+        chosen = max(aurocs, key=aurocs.get)
+        p_val, auroc = scored[chosen], aurocs[chosen]
         val_loss = float(
             loss_fn(torch.logit(torch.from_numpy(p_val).clamp(1e-6, 1 - 1e-6)), torch.from_numpy(y_val), True)
             if data.multi_label
             else F.nll_loss(torch.log(torch.from_numpy(p_val).clamp_min(1e-9)), torch.from_numpy(y_val.argmax(-1)))
         )
-        auroc = macro_auroc(y_val, p_val)
         record = {
             "epoch": epoch + 1,
             "train_loss": float(np.mean(losses)),
             "val_loss": val_loss,
             "val_macro_auroc": auroc,
+            "weights": chosen,
+            **{f"val_macro_auroc_{name}": value for name, value in aurocs.items()},
             "val_per_class_auroc": dict(zip(data.classes, per_class_auroc(y_val, p_val).tolist())),
             "lr": scheduler.get_last_lr()[0],
             "seconds": time.time() - epoch_start,
@@ -326,11 +341,12 @@ def train(args) -> dict:
         print(json.dumps({k: v for k, v in record.items() if k != "val_per_class_auroc"}), file=sys.stderr)
         if auroc > best:
             best = auroc
-            meta["validation"] = {"macro_auroc": auroc, "epoch": epoch + 1, "per_class_auroc": record["val_per_class_auroc"]}
-            save_checkpoint(out / "checkpoint.pt", model, meta)
+            meta["validation"] = {"macro_auroc": auroc, "epoch": epoch + 1, "weights": chosen,
+                                  "per_class_auroc": record["val_per_class_auroc"]}
+            save_checkpoint(out / "checkpoint.pt", candidates[chosen], meta)
         save_checkpoint(
             last_path, model, meta, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            epoch=epoch + 1, best=best, history=history,
+            epoch=epoch + 1, best=best, history=history, ema=ema.state_dict() if ema is not None else None,
         )
     if world > 1:
         dist.barrier()
@@ -385,6 +401,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--ema", type=float, default=0.998,
+                   help="decay of the moving average of the weights scored beside them (0: off)")
     p.add_argument("--crop", type=int, default=None, help="training crop in samples (default: 250 for ptbxl, whole series for ucr)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="ucr: share of TRAIN held out for validation")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on optimiser steps per epoch (0: a full pass)")
