@@ -120,14 +120,17 @@ class OnnxModel:
         return [np.zeros((batch, *shape), np.float32) for shape in self.state_shapes]
 
     def advance(self, x: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """x [B, T, C] float32 -> (probabilities [B, T, K], new state), in calls of about SAMPLES_PER_CALL samples
-        (see ROWS_PER_CALL; never beyond the graph's scan depth)."""
+        """x [B, T, C] float32 -> (probabilities [B, T, K], new state), on the CPU in calls of about SAMPLES_PER_CALL
+        samples (see ROWS_PER_CALL), never beyond the graph's scan depth."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 3 or x.shape[2] != self.n_channels or x.shape[1] == 0:
             raise ValueError(f"x must be [batch, T>=1, {self.n_channels}], got {list(x.shape)}")
         batch, length = x.shape[:2]
-        rows_per_call = min(batch, max(ROWS_PER_CALL, SAMPLES_PER_CALL // length))  # short hops: more rows
-        steps = min(self.max_chunk, max(1, SAMPLES_PER_CALL // rows_per_call))
+        if self.providers[0] == "CPUExecutionProvider":
+            rows_per_call = min(batch, max(ROWS_PER_CALL, SAMPLES_PER_CALL // length))  # short hops: more rows
+            steps = min(self.max_chunk, max(1, SAMPLES_PER_CALL // rows_per_call))
+        else:  # a GPU wants the largest calls: 256 streams x 25 samples cost 1.5 us/sample on an H100, 16 x 25 19
+            rows_per_call, steps = batch, self.max_chunk
         row_blocks, new_state_blocks = [], []
         for r0 in range(0, batch, rows_per_call):
             rows = slice(r0, r0 + rows_per_call)

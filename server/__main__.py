@@ -52,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {model_dir} is not a model directory (no model.json); export one with export/export.py",
               file=sys.stderr)
         return 2
-    # Workers share the cores: each onnxruntime session gets its slice instead of all of them.
-    os.environ.setdefault("MSSSM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
+    # Workers share the cores, and each worker's event loop needs CPU beside its inference thread: each
+    # onnxruntime session gets its slice of what the event loops leave. On 2 cores, 1 worker with 1 thread held 350
+    # streams, with 2 threads 250 or fewer (loadtest/results/streams_w1*.md).
+    cores = os.cpu_count() or 1
+    os.environ.setdefault("MSSSM_THREADS", str(max(1, (cores - args.workers) // args.workers)))
     frame_limit = int(os.environ.get("MSSSM_MAX_FRAME_BYTES", 1024 * 1024))
     uvicorn.run("server.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
                 log_level=args.log_level,
