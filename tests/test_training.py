@@ -57,6 +57,10 @@ def test_two_step_run_writes_a_loadable_checkpoint_then_resume_continues(tmp_pat
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
     assert resumed["history"][0] == first["history"][0]  # epoch 1 kept, not retrained
     assert resumed["scheduler"]["last_epoch"] == 4  # the schedule continued from step 2
+    # the moving average of the weights is scored beside them, and resumes with the run
+    assert all({"val_macro_auroc_raw", "val_macro_auroc_ema"} <= set(h) for h in resumed["history"])
+    assert all(h["val_macro_auroc"] == h[f"val_macro_auroc_{h['weights']}"] for h in resumed["history"])
+    assert resumed["ema"]["n_averaged"].item() == 4 and first["ema"]["n_averaged"].item() == 2
 
 
 def test_init_warm_starts_from_a_checkpoint(tmp_path):
