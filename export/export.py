@@ -251,8 +251,8 @@ def model_card(desc: dict) -> str:
         *(f"| {k} | {_fmt(v)} |" for k, v in desc["config"].items()),
         "",
         f"Streaming state: {len(desc['state'])} tensors, {desc['state_bytes_per_stream']} bytes per stream. "
-        f"The graph takes any number of samples per call (up to {desc['max_chunk']}); the runtime cuts work into calls "
-        "of at most 16 streams and about 512 samples, which keeps the graph's intermediates in cache.",
+        f"The graph takes any number of samples per call (up to {desc['max_chunk']}); on the CPU the runtime cuts work "
+        "into calls of about 512 samples, which keeps the graph's intermediates in cache.",
         "",
         "## Data",
         "",

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     # Workers share the cores, and each worker's event loop needs CPU beside its inference thread: each
-    # onnxruntime session gets its slice of what the event loops leave. On 2 cores, 1 worker with 1 thread held 350
-    # streams, with 2 threads 250 or fewer (loadtest/results/streams_w1*.md).
+    # onnxruntime session gets its slice of what the event loops leave. On 2 cores, 1 worker with 1 thread held 325
+    # streams, with 2 threads 275 (loadtest/results/streams_w1*.md).
     cores = os.cpu_count() or 1
     os.environ.setdefault("MSSSM_THREADS", str(max(1, (cores - args.workers) // args.workers)))
     frame_limit = int(os.environ.get("MSSSM_MAX_FRAME_BYTES", 1024 * 1024))
