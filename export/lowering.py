@@ -2,7 +2,7 @@
 
     h_t = exp(dt_t * A) * h_t-1 + (dt_t * x_t) * B_t ;  y_t = sum_N(h_t * C_t)
 
-Why it is laid out this way (measured with onnxruntime 1.23 on the CPU provider, one thread):
+Why it is laid out this way (measured with onnxruntime 1.32 on the CPU provider, one thread):
   * onnxruntime pays about a microsecond per op per Scan iteration, so only what must be sequential runs inside the
     Scan: the body is `h = decay_t * h + drive_t` and the read-out `y_t = sum_N(h * C_t)`. The decay (Mul, Exp) is
     computed for all time steps at once outside, where it is one large vectorised op instead of T small ones.

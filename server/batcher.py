@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 MAX_HOPS_PER_BATCH = 4  # hops a stream may advance per batch: bounds one call's latency for everyone in it
 MAX_OUTBOX = 16  # undelivered batches of predictions a connection may owe before its samples stop being read
-# /classify windows advanced together in one call: rows share a call's fixed costs (19.6 vs 28 us/sample for 4 rows
+# /classify windows advanced together in one call: rows share a call's fixed costs (18 vs 27 us/sample for 4 rows
 # vs 1, benchmarks/runtime.py section 4), and the bound keeps a queue of requests from holding streams back for long.
 MAX_CLASSIFY_WINDOWS_PER_CALL = 8
 
