@@ -167,14 +167,30 @@ class Batcher:
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self.executor, self.model.classify_many, [signal for signal, _ in taken])
-        except Exception as err:  # each request answers with the error; the server goes on
-            for _, future in taken:
-                if not future.done():
-                    future.set_exception(err)
+        except Exception as err:
+            if len(taken) == 1:
+                return self._answer(taken[0][1], error=err)
+            for signal, future in taken:  # one bad request must not fail those batched with it: each alone
+                await self._classify_alone(signal, future)
             return
         for (_, future), result in zip(taken, results):
-            if not future.done():
-                future.set_result(result)
+            self._answer(future, result)
+
+    async def _classify_alone(self, signal: np.ndarray, future: asyncio.Future) -> None:
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, self.model.classify, signal)
+        except Exception as err:  # the request answers with its own error; the server goes on
+            return self._answer(future, error=err)
+        self._answer(future, result)
+
+    @staticmethod
+    def _answer(future: asyncio.Future, result=None, error: Exception | None = None) -> None:
+        if future.done():  # the client went away
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
     async def _advance(self, ready: list[Slot]) -> None:
         flushing = [s for s in ready if self._wants_flush(s)]

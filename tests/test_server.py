@@ -121,6 +121,28 @@ def test_concurrent_classify_requests_are_batched_and_each_gets_its_own_answer(s
             np.testing.assert_allclose(w_got["probabilities"], w_want["probabilities"], atol=TOL)
 
 
+def test_a_failing_classify_request_does_not_fail_those_batched_with_it(model, records):
+    """Batcher level: a request whose signal the model rejects gets its own error; the others their results."""
+    from server.batcher import Batcher
+    from server.metrics import Metrics
+
+    async def scenario():
+        batcher = Batcher(model, Metrics(), batch_wait_ms=0)
+        batcher.start()
+        try:
+            good = [records[0], records[1][:700]]
+            bad = np.zeros((500, model.n_channels + 1), np.float32)  # wrong width: classify raises ValueError
+            return await asyncio.gather(*(batcher.classify(s) for s in [good[0], bad, good[1]]),
+                                        return_exceptions=True), good
+        finally:
+            await batcher.stop()
+
+    (first, error, second), good = asyncio.run(scenario())
+    assert isinstance(error, ValueError)
+    for got, signal_ in ((first, good[0]), (second, good[1])):
+        np.testing.assert_allclose(got["probabilities"], model.classify(signal_)["probabilities"], atol=TOL)
+
+
 def test_classify_reorders_leads_and_resamples(server, model, records):
     x = records[0]
     shuffled = [LEADS[i] for i in np.random.default_rng(0).permutation(12)]
