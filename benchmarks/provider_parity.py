@@ -28,6 +28,7 @@ def main() -> int:
         ort.preload_dlls()
     import torch
 
+    from export.export import parity_schedules
     from msssm_serve.checkpoint import load_checkpoint
     from msssm_serve.runtime import OnnxModel
 
@@ -38,14 +39,8 @@ def main() -> int:
     preferred = OnnxModel(args.model)
     cpu = OnnxModel(args.model, providers=["CPUExecutionProvider"])
     print(f"onnxruntime {ort.__version__}, providers {preferred.providers}, {len(windows)} windows of {windows.shape[1]}")
-    rng = np.random.default_rng(0)
-    length = windows.shape[1]
-    chunks = []
-    while sum(chunks) < length:
-        chunks.append(int(rng.choice([1, 2, 7, 25, 64, 250])))
-    chunks[-1] -= sum(chunks) - length
     worst = 0.0
-    for name, sizes in (("whole window", [length]), ("sample by sample", [1] * length), ("random chunks", chunks)):
+    for name, sizes in parity_schedules(windows.shape[1]).items():
         outputs = []
         for runtime in (preferred, cpu):
             state, pieces, start = runtime.zero_state(len(windows)), [], 0
@@ -58,7 +53,7 @@ def main() -> int:
         (got, seconds), (on_cpu, _) = outputs
         diff = float(np.abs(got - reference).max())
         worst = max(worst, diff)
-        print(f"{preferred.providers[0]} {name:17s}: max |ORT - PyTorch| {diff:.2e}, "
+        print(f"{preferred.providers[0]} {name.replace('_', ' '):17s}: max |ORT - PyTorch| {diff:.2e}, "
               f"|preferred - CPU provider| {np.abs(got - on_cpu).max():.2e} ({seconds:.2f} s)")
     return 0 if worst <= 1e-4 else 1
 

@@ -104,6 +104,11 @@ def _random_chunks(total: int) -> list[int]:
     return chunks
 
 
+def parity_schedules(length: int) -> dict[str, list[int]]:
+    """The chunkings every parity check feeds a window of `length` samples in."""
+    return {"whole_window": [length], "sample_by_sample": [1] * length, "random_chunks": _random_chunks(length)}
+
+
 def _run_torch(model: MSSSMClassifier, windows: torch.Tensor, chunks: list[int]) -> np.ndarray:
     state = model.init_state(windows.shape[0])
     pieces, start = [], 0
@@ -148,10 +153,9 @@ def check_parity(model: MSSSMClassifier, onnx_path: Path, windows: torch.Tensor)
     """Max abs probability difference over every step, ONNX Runtime vs eager `advance` fed the same chunks."""
     session = _session(onnx_path)
     length = windows.shape[1]
-    schedules = {"whole_window": [length], "sample_by_sample": [1] * length, "random_chunks": _random_chunks(length)}
     parity, onnx_runs = {}, {}
     with _one_thread():
-        for kind, chunks in schedules.items():
+        for kind, chunks in parity_schedules(length).items():
             onnx_runs[kind] = _run_onnx(session, model, windows.numpy(), chunks)
             parity[kind] = float(np.abs(onnx_runs[kind] - _run_torch(model, windows, chunks)).max())
     # Streaming in any chunking should be the window classifier: ONNX Runtime against itself, recorded.

@@ -81,6 +81,14 @@ def _lowered_nodes(node: onnx.NodeProto, prefix: str) -> list[onnx.NodeProto]:
     return nodes
 
 
+def _replace_node(graph: onnx.GraphProto, node: onnx.NodeProto, new_nodes: list[onnx.NodeProto]) -> None:
+    """Put `new_nodes` where `node` was, keeping the graph's topological order."""
+    position = list(graph.node).index(node)
+    graph.node.remove(node)
+    for offset, new in enumerate(new_nodes):
+        graph.node.insert(position + offset, new)
+
+
 def lower_selective_scans(model: onnx.ModelProto) -> int:
     """Replace every placeholder in the main graph by its lowered ops, in place; -> how many were lowered."""
     graph = model.graph
@@ -88,10 +96,7 @@ def lower_selective_scans(model: onnx.ModelProto) -> int:
     for node in list(graph.node):
         if (node.domain, node.op_type) != PLACEHOLDER:
             continue
-        position = list(graph.node).index(node)
-        graph.node.remove(node)
-        for offset, new in enumerate(_lowered_nodes(node, f"ssm{lowered}_")):
-            graph.node.insert(position + offset, new)
+        _replace_node(graph, node, _lowered_nodes(node, f"ssm{lowered}_"))
         lowered += 1
     kept = [op for op in model.opset_import if op.domain != PLACEHOLDER[0]]
     del model.opset_import[:]
@@ -112,7 +117,7 @@ def expand_softplus(model: onnx.ModelProto) -> int:
             continue
         (x,), (y,) = node.input, node.output
         n = lambda name: f"softplus{expanded}_{name}"  # noqa: E731
-        new = [
+        _replace_node(graph, node, [
             helper.make_node("Abs", [x], [n("abs")]),
             helper.make_node("Neg", [n("abs")], [n("neg")]),
             helper.make_node("Exp", [n("neg")], [n("exp")]),
@@ -120,11 +125,7 @@ def expand_softplus(model: onnx.ModelProto) -> int:
             helper.make_node("Log", [n("one_plus")], [n("log")]),
             helper.make_node("Relu", [x], [n("relu")]),
             helper.make_node("Add", [n("relu"), n("log")], [y]),
-        ]
-        position = list(graph.node).index(node)
-        graph.node.remove(node)
-        for offset, item in enumerate(new):
-            graph.node.insert(position + offset, item)
+        ])
         expanded += 1
     if expanded:
         graph.initializer.append(helper.make_tensor(one, TensorProto.FLOAT, [], [1.0]))

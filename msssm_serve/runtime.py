@@ -89,6 +89,8 @@ class OnnxModel:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=providers or default_providers())
         except Exception as err:  # onnxruntime raises its own Fail / InvalidProtobuf types
             raise ModelDirError(f"{onnx_path}: cannot be loaded by onnxruntime ({err})") from err
+        # On the CPU, calls are cut to stay in cache (see ROWS_PER_CALL); a GPU wants the largest calls.
+        self._cut_calls = self.session.get_providers()[0] == "CPUExecutionProvider"
         self.state_names = [s["name"] for s in self.meta["state"]]
         self.state_shapes = [tuple(s["shape"]) for s in self.meta["state"]]
         expected_inputs = ["x", *self.state_names]
@@ -126,7 +128,7 @@ class OnnxModel:
         if x.ndim != 3 or x.shape[2] != self.n_channels or x.shape[1] == 0:
             raise ValueError(f"x must be [batch, T>=1, {self.n_channels}], got {list(x.shape)}")
         batch, length = x.shape[:2]
-        if self.providers[0] == "CPUExecutionProvider":
+        if self._cut_calls:
             rows_per_call = min(batch, max(ROWS_PER_CALL, SAMPLES_PER_CALL // length))  # short hops: more rows
             steps = min(self.max_chunk, max(1, SAMPLES_PER_CALL // rows_per_call))
         else:  # a GPU wants the largest calls: 256 streams x 25 samples cost 1.5 us/sample on an H100, 16 x 25 19
