@@ -79,7 +79,6 @@ class MultiScaleDecomposition(nn.Module):
 
     def forward(self, u: torch.Tensor, history: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """u: [B, L, D]; history[s]: [B, (K-1)*2^s, D] -> sequences [B, L, S+2, D], new history."""
-        length = u.shape[1]
         sequences = [u]
         new_history = []
         approx = u
@@ -87,10 +86,13 @@ class MultiScaleDecomposition(nn.Module):
             dilation = 2**s
             past = self.cfg.conv_history(s + 1)
             full = torch.cat([history[s], approx], dim=1)  # [B, past + L, D]
-            new_history.append(full[:, full.shape[1] - past :])
+            # Slices counted from the end (constants), not from the dynamic length: the exported graph then needs no
+            # shape arithmetic, which is most of its ops at small calls.
+            new_history.append(full[:, -past:] if past else full[:, :0])
             low = high = None
             for tap in range(self.cfg.kernel_size):
-                shifted = full[:, past - tap * dilation : past - tap * dilation + length]  # x[t - tap*dilation]
+                lag = tap * dilation
+                shifted = full[:, past - lag : -lag if lag else None]  # x[t - lag]
                 low_tap, high_tap = shifted * self.low[s, :, tap], shifted * self.high[s, :, tap]
                 # Started from the first tap, not from zeros: one op fewer per filter in the exported graph.
                 low = low_tap if low is None else low + low_tap

@@ -134,7 +134,7 @@ def predict(model: MSSSMClassifier, x: np.ndarray, device, batch_size: int) -> n
     model.eval()
     out = []
     for i in range(0, len(x), batch_size):
-        xb = torch.from_numpy(np.asarray(x[i : i + batch_size], dtype=np.float32)).to(device)
+        xb = torch.from_numpy(np.array(x[i : i + batch_size], dtype=np.float32)).to(device)
         out.append(model.probabilities(model(xb)[:, -1]).float().cpu().numpy())
     return np.concatenate(out)
 
