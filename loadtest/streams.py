@@ -417,7 +417,8 @@ def run_streams(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- classify mode
-async def classify_rate(url: str, bodies: list[bytes], rate: float, warmup: float, duration: float) -> dict:
+async def classify_rate(url: str, bodies: list[bytes], rate: float, warmup: float, duration: float,
+                        path: str = "/classify", content_type: str = "application/json") -> dict:
     import httpx
 
     lat, lag, fails = [], [], {}
@@ -427,7 +428,7 @@ async def classify_rate(url: str, bodies: list[bytes], rate: float, warmup: floa
         async def one(body: bytes, measured: bool) -> None:
             t0 = time.perf_counter()
             try:
-                resp = await client.post("/classify", content=body, headers={"content-type": "application/json"})
+                resp = await client.post(path, content=body, headers={"content-type": content_type})
                 ok = resp.status_code == 200
                 what = f"HTTP {resp.status_code}"
             except Exception as e:
@@ -462,7 +463,13 @@ async def classify_rate(url: str, bodies: list[bytes], rate: float, warmup: floa
 
 def run_classify(args) -> None:
     recs = load_records()
-    bodies = [json.dumps({"signal": r.tolist(), "sample_rate": SAMPLE_RATE}).encode() for r in recs]
+    if args.binary:  # what a device would send: float32 little-endian, time-major
+        bodies = [np.ascontiguousarray(r, dtype="<f4").tobytes() for r in recs]
+        post = (f"/classify?channels={recs.shape[2]}&sample_rate={SAMPLE_RATE}", "application/octet-stream")
+    else:
+        post = ("/classify", "application/json")
+        bodies = [json.dumps({"signal": r.tolist(), "sample_rate": SAMPLE_RATE}).encode() for r in recs]
+    body_kind = "binary float32" if args.binary else "JSON"
     rates = [float(x) for x in args.rates.split(",")]
     server = Server(args.model, args.workers, log_name=f"classify-w{args.workers}-server")
     sampler = Sampler(server)
@@ -472,7 +479,7 @@ def run_classify(args) -> None:
 
     def passes(rate: float) -> bool:
         m0 = time.monotonic()
-        r = asyncio.run(classify_rate(server.url, bodies, rate, args.warmup, args.duration))
+        r = asyncio.run(classify_rate(server.url, bodies, rate, args.warmup, args.duration, *post))
         r.update(sampler.window(m0 + args.warmup, time.monotonic()))
         r["pass"] = (r["failures"] == 0 and r["p99_ms"] is not None and r["p99_ms"] < args.classify_p99_ms
                      and r["send_lag_p99_ms"] < args.lag_ms)
@@ -488,12 +495,12 @@ def run_classify(args) -> None:
         sampler.stop()
         server.stop()
     data = {"mode": "classify", "model": str(args.model), "workers": args.workers, "warmup_s": args.warmup,
-            "duration_s": args.duration, "body": "JSON, one 10 s 12-lead window (1000 x 12) per request",
+            "duration_s": args.duration, "body": f"{body_kind}, one 10 s 12-lead window (1000 x 12) per request",
             "criteria": {"p99_ms_below": args.classify_p99_ms, "failures": 0, "send_lag_p99_ms_below": args.lag_ms},
             "capacity_windows_per_s": best, "first_failing_rate": first_fail, "environment": environment(),
             "steps": results}
     md = [f"# POST /classify capacity (workers={args.workers})\n",
-          f"Model `{args.model}`, open-loop arrivals at fixed rates, one 10 s 12-lead window (JSON) per request, "
+          f"Model `{args.model}`, open-loop arrivals at fixed rates, one 10 s 12-lead window ({body_kind}) per request, "
           f"{args.warmup:g} s warm-up + {args.duration:g} s per rate. Pass: p99 < {args.classify_p99_ms:g} ms, "
           "no failures.\n",
           f"**Capacity: {best:g} windows/s** (first failing rate: {first_fail}).\n",
@@ -504,7 +511,8 @@ def run_classify(args) -> None:
                   f"{fmt(r['p99_ms'])} | {r['failures']} | {r.get('server_cpu_pct', '–')} | "
                   f"{r.get('server_rss_mb_max', '–')} | {r.get('loadgen_cpu_pct', '–')} | "
                   f"{r.get('machine_cpu_pct_of_all_cores', '–')} | {'yes' if r['pass'] else 'no'} |")
-    jp, mp = write_results(f"classify_w{args.workers}{args.tag}", data, "\n".join(md) + "\n")
+    kind = "_binary" if args.binary else ""
+    jp, mp = write_results(f"classify_w{args.workers}{kind}{args.tag}", data, "\n".join(md) + "\n")
     print(f"capacity {best:g} windows/s (first fail {first_fail}); wrote {jp} {mp}", flush=True)
 
 
@@ -515,6 +523,7 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, default=30.0, help="measured seconds per step")
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--classify", action="store_true", help="find the largest /classify rate instead")
+    p.add_argument("--binary", action="store_true", help="classify mode: float32 bodies instead of JSON")
     p.add_argument("--steps", default="50,100,200,300,500,700,1000,1400,2000", help="stream counts to try")
     p.add_argument("--rates", default="0.5,1,2,5,10,25,50,100,150", help="/classify windows per second to try")
     p.add_argument("--frame-samples", type=int, default=int(os.environ.get("MSSSM_FRAME_SAMPLES", 25)))
