@@ -140,8 +140,8 @@ class SSMArray(nn.Module):
         if cfg.ssm == "s6":
             params = self.x_proj(u).view(batch, length, cfg.n_ssm, cfg.rank + 2 * cfg.d_state)
             dt_low, B, C = torch.split(params, [cfg.rank, cfg.d_state, cfg.d_state], dim=-1)
-            # One matmul with the block-diagonal [M*R, M*D] form of dt_proj: onnxruntime runs it several times faster than
-            # the per-scale contraction (an Einsum, or a Mul and a sum over R), and the zeros add nothing.
+            # One matmul with the block-diagonal [M*R, M*D] form of dt_proj: onnxruntime runs it several times faster
+            # than the per-scale contraction (an Einsum, or a Mul and a sum over R), and the zeros add nothing.
             m, r, d = self.dt_proj.shape
             eye = torch.eye(m, dtype=self.dt_proj.dtype, device=self.dt_proj.device)
             block_diagonal = (self.dt_proj[:, :, None, :] * eye[:, None, :, None]).reshape(m * r, m * d)
