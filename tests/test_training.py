@@ -162,3 +162,20 @@ def test_evaluate_model_dir_and_checkpoint_agree(tmp_path, model_dir):
     assert onnx_result["records"] == torch_result["records"] > 0
     assert abs(onnx_result["macro_auroc"] - torch_result["macro_auroc"]) < 1e-3
     assert onnx_result["ci_low"] <= onnx_result["macro_auroc"] <= onnx_result["ci_high"]
+
+
+def test_augment_scales_each_record_within_bounds_and_adds_noise():
+    sys.path.insert(0, str(ROOT))
+    from training.fit import augment
+
+    rng = np.random.default_rng(0)
+    x = np.random.default_rng(1).standard_normal((64, 50, 12)).astype(np.float32)
+    assert augment(x, rng, 0.0, 0.0) is x  # off by default: the recipe is unchanged
+    scaled = augment(x, rng, 0.25, 0.0)
+    ratio = scaled / x
+    per_record = ratio[:, :1, :1]
+    assert np.allclose(ratio, per_record, rtol=1e-5)  # one gain per record, the same on every lead and sample
+    assert per_record.min() >= 1 / 1.25 - 1e-6 and per_record.max() <= 1.25 + 1e-6
+    assert per_record.std() > 0.05  # and it does vary between records
+    noisy = augment(x, rng, 0.0, 0.05)
+    assert noisy.dtype == np.float32 and abs(float((noisy - x).std()) - 0.05) < 0.005

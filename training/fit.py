@@ -120,6 +120,17 @@ def fit_normalisation(x: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.n
     return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
 
 
+def augment(xb: np.ndarray, rng: np.random.Generator, amp_jitter: float, noise_std: float) -> np.ndarray:
+    """Per-record amplitude scaling, log-uniform in [1/(1+amp_jitter), 1+amp_jitter] (electrode contact and gain
+    vary between recordings), plus white noise of `noise_std` in the signal's units; both 0: unchanged."""
+    if amp_jitter > 0:
+        bound = np.log1p(amp_jitter)
+        xb = xb * np.exp(rng.uniform(-bound, bound, (len(xb), 1, 1))).astype(np.float32)
+    if noise_std > 0:
+        xb = xb + rng.normal(0.0, noise_std, xb.shape).astype(np.float32)
+    return xb
+
+
 def random_crops(x: np.ndarray, idx: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
     length = x.shape[1]
     if crop <= 0 or crop >= length:
@@ -296,7 +307,8 @@ def train(args) -> dict:
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main, file=sys.stderr)
         for step in bar:
             idx = order[step * args.batch_size : (step + 1) * args.batch_size]
-            xb = torch.from_numpy(random_crops(data.x_train, idx, crop, rng)).to(device)
+            crops = augment(random_crops(data.x_train, idx, crop, rng), rng, args.amp_jitter, args.noise_std)
+            xb = torch.from_numpy(crops).to(device)
             yb = torch.from_numpy(data.y_train[idx].astype(np.float32)).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = net(xb)[:, -1]
@@ -404,6 +416,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.998,
                    help="decay of the moving average of the weights scored beside them (0: off)")
     p.add_argument("--crop", type=int, default=None, help="training crop in samples (default: 250 for ptbxl, whole series for ucr)")
+    p.add_argument("--amp-jitter", type=float, default=0.0, help="training: per-record gain in [1/(1+a), 1+a]")
+    p.add_argument("--noise-std", type=float, default=0.0, help="training: white noise std, in the signal's units")
     p.add_argument("--val-fraction", type=float, default=0.2, help="ucr: share of TRAIN held out for validation")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on optimiser steps per epoch (0: a full pass)")
     p.add_argument("--parity-windows", type=int, default=8, help="validation windows stored for export's parity check")
