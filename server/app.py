@@ -21,7 +21,7 @@ from msssm_serve.runtime import OnnxModel
 from .batcher import Batcher
 from .metrics import Metrics
 from .settings import Settings
-from .signals import (InvalidSignal, JSONError, lead_order, loads, parse_sample_rate, samples_from_bytes,
+from .signals import (InvalidJSON, InvalidSignal, lead_order, parse_json, parse_sample_rate, samples_from_bytes,
                       samples_from_json, to_model_rate)
 from .streaming import GOING_AWAY, StreamHub
 
@@ -178,9 +178,9 @@ def _read_signal(model: OnnxModel, body: bytes, request: Request):
         leads, rate = query.get("leads"), query.get("sample_rate")
     elif content_type == "application/json":
         try:
-            payload = loads(body)
-        except (JSONError, ValueError) as err:
-            raise HTTPException(400, f"body is not valid JSON ({err})") from err
+            payload = parse_json(body, "body")
+        except InvalidJSON as err:
+            raise HTTPException(400, str(err)) from err
         if not isinstance(payload, dict) or "signal" not in payload:
             raise HTTPException(422, "body must be a JSON object with a 'signal' field")
         signal_ = _invalid_to_422(lambda: samples_from_json(payload["signal"], model.n_channels))

@@ -18,7 +18,7 @@ from msssm_serve.runtime import OnnxModel, Prediction, Stream
 from .batcher import Batcher, Slot, StreamGone
 from .metrics import Metrics
 from .settings import Settings
-from .signals import InvalidSignal, JSONError, lead_order, loads, samples_from_bytes, samples_from_json
+from .signals import InvalidJSON, InvalidSignal, lead_order, parse_json, samples_from_bytes, samples_from_json
 
 
 UNSUPPORTED, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1003, 1007, 1008, 1009, 1011, 1013
@@ -145,9 +145,9 @@ class Connection:
         if text is None:
             raise StreamError(UNSUPPORTED, "unsupported frame")
         try:
-            body = loads(text)
-        except (JSONError, ValueError) as err:
-            raise StreamError(INVALID_DATA, f"text frame is not valid JSON ({err})") from err
+            body = parse_json(text, "text frame")
+        except InvalidJSON as err:
+            raise StreamError(INVALID_DATA, str(err)) from err
         if not isinstance(body, dict):
             raise StreamError(INVALID_DATA, "text frames must be JSON objects")
         if "samples" in body:

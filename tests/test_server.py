@@ -161,7 +161,8 @@ BAD_CLASSIFY = {
     "wrong channel count": (dict(json={"signal": [[0.0] * 11] * 50}), 422),
     "unknown lead": (dict(json={"signal": [[0.0] * 12] * 50, "leads": LEADS[:11] + ["V7"]}), 422),
     "missing lead": (dict(json={"signal": [[0.0] * 12] * 50, "leads": LEADS[:11] + ["I"]}), 422),
-    "NaN": (dict(content='{"signal": [[NaN' + ', 0' * 11 + ']]}', headers={"Content-Type": "application/json"}), 422),
+    # NaN is no JSON number (RFC 8259): a malformed body, refused with a hint whichever JSON parser is installed
+    "NaN": (dict(content='{"signal": [[NaN' + ', 0' * 11 + ']]}', headers={"Content-Type": "application/json"}), 400),
     "Infinity": (dict(json={"signal": [[1e39] * 12]}), 422),
     "strings": (dict(json={"signal": [["0.1"] * 12] * 5}), 422),
     "empty signal": (dict(json={"signal": []}), 422),
@@ -382,3 +383,18 @@ def test_serving_path_never_imports_torch():
 
     code = "import sys, server.__main__, server.app; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize("parser", ["orjson", "json"])
+def test_json_is_strict_whichever_parser(monkeypatch, parser):
+    import orjson
+
+    from server import signals
+
+    monkeypatch.setattr(signals, "_loads", orjson.loads if parser == "orjson" else signals.strict_json_loads)
+    assert signals.parse_json(b'{"signal": [[0.5, -1e3]]}', "body") == {"signal": [[0.5, -1e3]]}
+    for bad in (b'{"signal": [[NaN]]}', '{"signal": [[-Infinity]]}'):
+        with pytest.raises(signals.InvalidJSON, match="body is not valid JSON.*NaN and Infinity are not JSON numbers"):
+            signals.parse_json(bad, "body")
+    with pytest.raises(signals.InvalidJSON, match=r"^frame is not valid JSON \((?!.*NaN)"):
+        signals.parse_json(b'{"signal": [[1,', "frame")
