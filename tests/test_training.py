@@ -179,3 +179,20 @@ def test_augment_scales_each_record_within_bounds_and_adds_noise():
     assert per_record.std() > 0.05  # and it does vary between records
     noisy = augment(x, rng, 0.0, 0.05)
     assert noisy.dtype == np.float32 and abs(float((noisy - x).std()) - 0.05) < 0.005
+
+
+def test_supervised_steps_picks_the_last_step_or_every_step_from_n():
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from training.fit import supervised_steps
+
+    logits = torch.arange(2 * 10 * 3, dtype=torch.float32).view(2, 10, 3)
+    assert torch.equal(supervised_steps(logits, 0), logits[:, 9:])
+    assert torch.equal(supervised_steps(logits, 4), logits[:, 3:])  # the 4th sample on: 7 steps
+    assert torch.equal(supervised_steps(logits, 50), logits[:, 9:])  # crop shorter than N: its last step
+
+
+def test_supervise_from_trains(tmp_path):
+    fit(*ptbxl_args(tmp_path / "run", "--epochs", "1", "--steps-per-epoch", "2", "--supervise-from", "16"))
+    assert (tmp_path / "run" / "checkpoint.pt").exists()

@@ -150,6 +150,15 @@ def predict(model: MSSSMClassifier, x: np.ndarray, device, batch_size: int) -> n
     return np.concatenate(out)
 
 
+def supervised_steps(logits: torch.Tensor, supervise_from: int) -> torch.Tensor:
+    """[B, L, C] per-step logits -> the steps the loss sees, [B, L', C]: the last one (supervise_from <= 0), or every
+    step from the `supervise_from`-th sample on. A stream is served a prediction every hop, each one the pooled
+    features so far, so each can be trained as one; a crop shorter than `supervise_from` gives its last step."""
+    if supervise_from <= 0:
+        return logits[:, -1:]
+    return logits[:, min(supervise_from, logits.shape[1]) - 1 :]
+
+
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
     if multi_label:
         return F.binary_cross_entropy_with_logits(logits, targets)
@@ -311,8 +320,9 @@ def train(args) -> dict:
             xb = torch.from_numpy(crops).to(device)
             yb = torch.from_numpy(data.y_train[idx].astype(np.float32)).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = net(xb)[:, -1]
-            loss = loss_fn(logits.float(), yb, data.multi_label)
+                logits = supervised_steps(net(xb), args.supervise_from)
+            targets = yb[:, None].expand_as(logits)
+            loss = loss_fn(logits.float().flatten(0, 1), targets.flatten(0, 1), data.multi_label)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -416,6 +426,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.998,
                    help="decay of the moving average of the weights scored beside them (0: off)")
     p.add_argument("--crop", type=int, default=None, help="training crop in samples (default: 250 for ptbxl, whole series for ucr)")
+    p.add_argument("--supervise-from", type=int, default=0,
+                   help="loss on every step from this many samples on (0: the last step of the crop only)")
     p.add_argument("--amp-jitter", type=float, default=0.0, help="training: per-record gain in [1/(1+a), 1+a]")
     p.add_argument("--noise-std", type=float, default=0.0, help="training: white noise std, in the signal's units")
     p.add_argument("--val-fraction", type=float, default=0.2, help="ucr: share of TRAIN held out for validation")
