@@ -149,11 +149,11 @@ def test_clear_errors_not_tracebacks(tmp_path, case, expect):
 def test_evaluate_model_dir_and_checkpoint_agree(tmp_path, model_dir):
     """evaluate.py on fold 9 of the fixture: the ONNX model directory and its checkpoint give the same AUROC."""
     results = []
-    for model in (model_dir, model_dir.parent / "checkpoint.pt"):
+    for model, extra in ((model_dir, ["--readouts"]), (model_dir.parent / "checkpoint.pt", [])):
         proc = subprocess.run(
             [sys.executable, str(ROOT / "training" / "evaluate.py"), "--model", str(model), "--task", "ptbxl",
              "--data-dir", str(FIXTURE), "--labels", str(FIXTURE / "labels" / "superdiagnostic.csv"), "--fold", "9",
-             "--n-boot", "50"],
+             "--n-boot", "50", *extra],
             capture_output=True, text=True, timeout=600,
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -162,6 +162,10 @@ def test_evaluate_model_dir_and_checkpoint_agree(tmp_path, model_dir):
     assert onnx_result["records"] == torch_result["records"] > 0
     assert abs(onnx_result["macro_auroc"] - torch_result["macro_auroc"]) < 1e-3
     assert onnx_result["ci_low"] <= onnx_result["macro_auroc"] <= onnx_result["ci_high"]
+    readouts = onnx_result["readouts"]
+    assert readouts["last step (served)"] == pytest.approx(onnx_result["macro_auroc"], abs=1e-9)
+    assert len(readouts) == 6 and all(0 <= v <= 1 for v in readouts.values())
+    assert "readouts" not in torch_result
 
 
 def test_augment_scales_each_record_within_bounds_and_adds_noise():

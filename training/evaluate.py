@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a model on one PTB-XL fold: macro AUROC (and per class) with a bootstrap 95 % interval, JSON on stdout.
 
-    python training/evaluate.py --model MODEL_DIR_OR_CHECKPOINT --task ptbxl --data-dir DIR [--labels CSV] --fold 9
+    python training/evaluate.py --model MODEL_DIR_OR_CHECKPOINT --task ptbxl --data-dir DIR [--labels CSV] --fold 9 [--readouts]
 
 The default fold is 9 (validation); the test fold 10 is scored only when asked for with --fold 10.
 A model directory is run through onnxruntime (exactly what the server runs); a checkpoint through PyTorch.
@@ -20,20 +20,42 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from training.metrics import bootstrap_macro_auroc, per_class_auroc  # noqa: E402
+from training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc  # noqa: E402
 from training.ptbxl import DataError, load_labels, load_signals  # noqa: E402
+
+
+def step_probabilities(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Per-step probabilities [N, T, classes] of each row of x, each from the zero state (onnxruntime)."""
+    out = []
+    for i in range(0, len(x), batch):
+        xb = np.asarray(x[i : i + batch], np.float32)
+        probs, _ = model.advance(xb, model.zero_state(len(xb)))
+        out.append(probs)
+    return np.concatenate(out)
 
 
 def scores_from_model_dir(model_dir: Path, x: np.ndarray, batch: int = 64) -> tuple[np.ndarray, list[str]]:
     from msssm_serve.runtime import OnnxModel
 
     model = OnnxModel(model_dir)
-    out = []
-    for i in range(0, len(x), batch):
-        xb = np.asarray(x[i : i + batch], np.float32)
-        probs, _ = model.advance(xb, model.zero_state(len(xb)))
-        out.append(probs[:, -1])
-    return np.concatenate(out), model.labels
+    return step_probabilities(model, x, batch)[:, -1], model.labels
+
+
+def readout_aurocs(model_dir: Path, x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Macro AUROC of other ways to turn the model's outputs into one score per recording, beside the served one
+    (the last step of the window): the mean over steps, and the max / mean over shorter windows, each from zero."""
+    from msssm_serve.runtime import OnnxModel
+
+    model = OnnxModel(model_dir)
+    length = x.shape[1]
+    steps = step_probabilities(model, x)
+    scores = {"last step (served)": steps[:, -1],
+              f"mean of steps {length // 4 + 1}-{length}": steps[:, length // 4 :].mean(1)}
+    for width in (length // 4, length // 2):
+        windows = np.stack([step_probabilities(model, x[:, s : s + width])[:, -1] for s in range(0, length, width)])
+        scores[f"max over {len(windows)} windows of {width}"] = windows.max(0)
+        scores[f"mean over {len(windows)} windows of {width}"] = windows.mean(0)
+    return {name: macro_auroc(labels, score) for name, score in scores.items()}
 
 
 def scores_from_checkpoint(path: Path, x: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -56,6 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--sampling-rate", type=int, default=100)
     p.add_argument("--fold", type=int, default=9, help="9 = validation (default); 10 = the test fold, only on request")
     p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--readouts", action="store_true", help="model directory: also score other read-outs")
     args = p.parse_args(argv)
     try:
         records = load_labels(args.data_dir, args.label_set, args.labels, args.sampling_rate)
@@ -70,6 +93,9 @@ def main(argv=None) -> int:
             scores, labels = scores_from_checkpoint(model_path, x)
         if labels != records.classes:
             raise DataError(f"model classes {labels} differ from the data's {records.classes}")
+        if args.readouts and not model_path.is_dir():
+            raise DataError("--readouts needs a model directory (it runs onnxruntime)")
+        readouts = readout_aurocs(model_path, x, chosen.labels) if args.readouts else None
     except Exception as err:  # every failure is reported as one line, never as a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -80,6 +106,8 @@ def main(argv=None) -> int:
         **bootstrap_macro_auroc(chosen.labels, scores, n_boot=args.n_boot),
         "per_class_auroc": dict(zip(labels, per_class_auroc(chosen.labels, scores).tolist())),
     }
+    if readouts is not None:
+        result["readouts"] = readouts
     print(json.dumps(result, indent=2))
     return 0
 
