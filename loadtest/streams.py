@@ -466,10 +466,11 @@ def run_classify(args) -> None:
     if args.binary:  # what a device would send: float32 little-endian, time-major
         bodies = [np.ascontiguousarray(r, dtype="<f4").tobytes() for r in recs]
         post = (f"/classify?channels={recs.shape[2]}&sample_rate={SAMPLE_RATE}", "application/octet-stream")
+        body_kind = "binary float32"
     else:
-        post = ("/classify", "application/json")
         bodies = [json.dumps({"signal": r.tolist(), "sample_rate": SAMPLE_RATE}).encode() for r in recs]
-    body_kind = "binary float32" if args.binary else "JSON"
+        post = ("/classify", "application/json")
+        body_kind = "JSON"
     rates = [float(x) for x in args.rates.split(",")]
     server = Server(args.model, args.workers, log_name=f"classify-w{args.workers}-server")
     sampler = Sampler(server)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Evaluate a model on one PTB-XL fold: macro AUROC (and per class) with a bootstrap 95 % interval, JSON on stdout.
 
-    python training/evaluate.py --model MODEL_DIR_OR_CHECKPOINT --task ptbxl --data-dir DIR [--labels CSV] --fold 9 [--readouts]
+    python training/evaluate.py --model MODEL_DIR_OR_CHECKPOINT --task ptbxl --data-dir DIR [--labels CSV] --fold 9 \\
+        [--readouts]
 
 The default fold is 9 (validation); the test fold 10 is scored only when asked for with --fold 10.
 A model directory is run through onnxruntime (exactly what the server runs); a checkpoint through PyTorch.
@@ -24,35 +25,27 @@ from training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc
 from training.ptbxl import DataError, load_labels, load_signals  # noqa: E402
 
 
-def step_probabilities(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    """Per-step probabilities [N, T, classes] of each row of x, each from the zero state (onnxruntime)."""
+def step_probabilities(model, x: np.ndarray, batch: int = 64, last_only: bool = False) -> np.ndarray:
+    """Per-step probabilities [N, T, classes] of each row of x, each from the zero state (onnxruntime); with
+    `last_only`, [N, 1, classes]: the last step, without holding every step of every row."""
     out = []
     for i in range(0, len(x), batch):
         xb = np.asarray(x[i : i + batch], np.float32)
         probs, _ = model.advance(xb, model.zero_state(len(xb)))
-        out.append(probs)
+        out.append(probs[:, -1:] if last_only else probs)
     return np.concatenate(out)
 
 
-def scores_from_model_dir(model_dir: Path, x: np.ndarray, batch: int = 64) -> tuple[np.ndarray, list[str]]:
-    from msssm_serve.runtime import OnnxModel
-
-    model = OnnxModel(model_dir)
-    return step_probabilities(model, x, batch)[:, -1], model.labels
-
-
-def readout_aurocs(model_dir: Path, x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def readout_aurocs(model, x: np.ndarray, steps: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Macro AUROC of other ways to turn the model's outputs into one score per recording, beside the served one
-    (the last step of the window): the mean over steps, and the max / mean over shorter windows, each from zero."""
-    from msssm_serve.runtime import OnnxModel
-
-    model = OnnxModel(model_dir)
+    (the last step of the window): the mean over `steps` (x's per-step probabilities), and the max / mean over
+    shorter windows, each from zero."""
     length = x.shape[1]
-    steps = step_probabilities(model, x)
     scores = {"last step (served)": steps[:, -1],
               f"mean of steps {length // 4 + 1}-{length}": steps[:, length // 4 :].mean(1)}
     for width in (length // 4, length // 2):
-        windows = np.stack([step_probabilities(model, x[:, s : s + width])[:, -1] for s in range(0, length, width)])
+        windows = np.stack([step_probabilities(model, x[:, s : s + width], last_only=True)[:, -1]
+                            for s in range(0, length, width)])
         scores[f"max over {len(windows)} windows of {width}"] = windows.max(0)
         scores[f"mean over {len(windows)} windows of {width}"] = windows.mean(0)
     return {name: macro_auroc(labels, score) for name, score in scores.items()}
@@ -87,15 +80,22 @@ def main(argv=None) -> int:
             raise DataError(f"{args.data_dir}: no labelled records in fold {args.fold}")
         x = load_signals(args.data_dir, chosen, sampling_rate=args.sampling_rate)
         model_path = Path(args.model)
+        if args.readouts and not model_path.is_dir():
+            raise DataError("--readouts needs a model directory (it runs onnxruntime)")
+        readouts = None
         if model_path.is_dir():
-            scores, labels = scores_from_model_dir(model_path, x)
+            from msssm_serve.runtime import OnnxModel
+
+            model = OnnxModel(model_path)
+            # One pass serves the score and, with --readouts, every read-out built on the same steps.
+            steps = step_probabilities(model, x, last_only=not args.readouts)
+            scores, labels = steps[:, -1], model.labels
+            if args.readouts:
+                readouts = readout_aurocs(model, x, steps, chosen.labels)
         else:
             scores, labels = scores_from_checkpoint(model_path, x)
         if labels != records.classes:
             raise DataError(f"model classes {labels} differ from the data's {records.classes}")
-        if args.readouts and not model_path.is_dir():
-            raise DataError("--readouts needs a model directory (it runs onnxruntime)")
-        readouts = readout_aurocs(model_path, x, chosen.labels) if args.readouts else None
     except Exception as err:  # every failure is reported as one line, never as a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
