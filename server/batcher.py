@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -62,7 +63,7 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._work = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._classify_queue: list[tuple[np.ndarray, asyncio.Future]] = []
+        self._classify_queue: deque[tuple[np.ndarray, asyncio.Future]] = deque()
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -158,30 +159,28 @@ class Batcher:
             n_windows = -(-len(self._classify_queue[0][0]) // self.model.window)
             if taken and windows + n_windows > MAX_CLASSIFY_WINDOWS_PER_CALL:
                 break
-            taken.append(self._classify_queue.pop(0))
+            taken.append(self._classify_queue.popleft())
             windows += n_windows
         self._work.set()  # the rest, and any streams, on the next turn
         taken = [(signal, future) for signal, future in taken if not future.done()]  # clients gone: skip
         if not taken:
             return
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.model.classify_many, [signal for signal, _ in taken])
+            await self._classify_batch(taken)
         except Exception as err:
             if len(taken) == 1:
                 return self._answer(taken[0][1], error=err)
-            for signal, future in taken:  # one bad request must not fail those batched with it: each alone
-                await self._classify_alone(signal, future)
-            return
-        for (_, future), result in zip(taken, results):
-            self._answer(future, result)
+            for request in taken:  # one bad request must not fail those batched with it: each alone
+                try:
+                    await self._classify_batch([request])
+                except Exception as own_err:  # the request answers with its own error; the server goes on
+                    self._answer(request[1], error=own_err)
 
-    async def _classify_alone(self, signal: np.ndarray, future: asyncio.Future) -> None:
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(self.executor, self.model.classify, signal)
-        except Exception as err:  # the request answers with its own error; the server goes on
-            return self._answer(future, error=err)
-        self._answer(future, result)
+    async def _classify_batch(self, requests: list[tuple[np.ndarray, asyncio.Future]]) -> None:
+        results = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.model.classify_many, [signal for signal, _ in requests])
+        for (_, future), result in zip(requests, results):
+            self._answer(future, result)
 
     @staticmethod
     def _answer(future: asyncio.Future, result=None, error: Exception | None = None) -> None:
