@@ -11,7 +11,6 @@ and at the end (goal: growth < 5 MB). Writes loadtest/results/long_stream.{json,
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from streams import DEFAULT_MODEL, SAMPLE_RATE, Server, environment, fmt, load_records, tree_cpu_rss, write_results  # noqa: E402
+from streams import SAMPLE_RATE, Server, environment, fmt, load_records, server_arguments, tree_cpu_rss, write_results  # noqa: E402
 
 
 def rss_mb(server: Server) -> float:
@@ -84,9 +83,7 @@ async def feed(server: Server, signal: np.ndarray, F: int, in_flight: int, rss_m
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--workers", type=int, default=1)
+    p = server_arguments(__doc__)
     p.add_argument("--samples", type=int, default=360_000, help="default: one hour at 100 Hz")
     p.add_argument("--frame-samples", type=int, default=250)
     p.add_argument("--in-flight", type=int, default=1)

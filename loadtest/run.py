@@ -9,7 +9,6 @@ failures, server CPU% and RSS) next to locust's own CSVs (…_stats.csv, …_fai
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from streams import (DEFAULT_MODEL, REPO_ROOT, RESULTS_DIR, Sampler, Server, environment, write_results)  # noqa: E402
+from streams import REPO_ROOT, RESULTS_DIR, Sampler, Server, environment, server_arguments, write_results  # noqa: E402
 
 
 def parse_duration(text: str) -> float:
@@ -38,12 +37,10 @@ def num(v: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p = server_arguments(__doc__)
     p.add_argument("--users", type=int, default=10)
     p.add_argument("--spawn-rate", type=float, default=5)
     p.add_argument("--duration", default="30s", help="locust -t, e.g. 30s, 2m")
-    p.add_argument("--workers", type=int, default=1)
     p.add_argument("--user-class", default="", help="ClassifyUser or StreamUser (default: both)")
     args = p.parse_args(argv)
 

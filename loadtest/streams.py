@@ -169,6 +169,15 @@ class Sampler:
         self._thread.join(timeout=5)
 
 
+def server_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every load test shares: which model directory the server under test loads, and how many
+    uvicorn worker processes it runs."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--workers", type=int, default=1)
+    return p
+
+
 def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     jp, mp = RESULTS_DIR / f"{name}.json", RESULTS_DIR / f"{name}.md"
@@ -518,9 +527,7 @@ def run_classify(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--workers", type=int, default=1)
+    p = server_arguments(__doc__)
     p.add_argument("--duration", type=float, default=30.0, help="measured seconds per step")
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--classify", action="store_true", help="find the largest /classify rate instead")
