@@ -174,6 +174,19 @@ def test_label_table_missing_columns(tmp_path):
     assert str(path) in str(err.value)
 
 
+def test_label_table_ignores_metadata_flags_and_names_a_class_column_with_blanks(tmp_path):
+    raw = pd.read_csv(LABEL_TABLE)
+    raw.insert(2, "sex", np.arange(len(raw)) % 2)  # PTB-XL's 0/1 metadata is not a class
+    path = tmp_path / "table.csv"
+    raw.to_csv(path, index=False)
+    assert load_labels(FIXTURE, labels_csv=path).classes == ["CD", "HYP", "MI", "NORM", "STTC"]
+    raw["MI"] = raw["MI"].astype(float)
+    raw.loc[3, "MI"] = np.nan
+    raw.to_csv(path, index=False)
+    with pytest.raises(DataError, match="class column MI has blank cells"):
+        load_labels(FIXTURE, labels_csv=path)
+
+
 # --- label errors -------------------------------------------------------------------------------------------------
 
 

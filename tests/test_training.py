@@ -63,6 +63,19 @@ def test_two_step_run_writes_a_loadable_checkpoint_then_resume_continues(tmp_pat
     assert resumed["ema"]["n_averaged"].item() == 4 and first["ema"]["n_averaged"].item() == 2
 
 
+def test_resume_refuses_a_run_it_cannot_continue(tmp_path):
+    out = tmp_path / "run"
+    fit(*ptbxl_args(out, "--epochs", "1", "--steps-per-epoch", "2"))
+    other_batch = fit(*ptbxl_args(out, "--epochs", "2", "--steps-per-epoch", "2", "--resume", "--batch-size", "2"),
+                      check=False)
+    other_model = fit(*ptbxl_args(out, "--epochs", "2", "--steps-per-epoch", "2", "--resume", "--d-model", "12"),
+                      check=False)
+    for proc, expect in ((other_batch, "--batch-size"), (other_model, "architecture")):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert expect in proc.stderr, proc.stderr[-2000:]
+    assert load_checkpoint(out / "last.pt")[2]["epoch"] == 1  # nothing was overwritten
+
+
 def test_init_warm_starts_from_a_checkpoint(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     fit(*ptbxl_args(first, "--epochs", "1", "--steps-per-epoch", "1"))
@@ -111,6 +124,23 @@ def test_ucr_task_writes_test_metrics(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["test_accuracy"] <= 1 and 0 <= metrics["test_macro_auroc"] <= 1
     assert load_checkpoint(out / "checkpoint.pt")[1]["multi_label"] is False
+
+
+def test_ucr_defaults_learn_a_small_set_without_flags(tmp_path):
+    """~100-series UCR sets must train with the defaults alone: small batches, enough steps, a short-run average."""
+    sys.path.insert(0, str(ROOT))
+    from training.fit import parse_args
+
+    defaults = parse_args(["--task", "ucr", "--data-dir", "x"])
+    assert (defaults.batch_size, defaults.epochs) == (16, 150)
+    ptbxl = parse_args(["--task", "ptbxl", "--data-dir", "x"])
+    assert (ptbxl.batch_size, ptbxl.epochs) == (64, 30)
+    data = write_ucr(tmp_path, n_train=40, n_test=40)
+    out = tmp_path / "run"
+    fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--device", "cpu", "--n-boot", "20")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.9, metrics["test_accuracy"]
+    assert metrics["ema_decay"] == pytest.approx(1 - 5 / (2 * 150))  # 32 training series: 2 steps per epoch
 
 
 @pytest.mark.parametrize(
@@ -200,3 +230,22 @@ def test_supervised_steps_picks_the_last_step_or_every_step_from_n():
 def test_supervise_from_trains(tmp_path):
     fit(*ptbxl_args(tmp_path / "run", "--epochs", "1", "--steps-per-epoch", "2", "--supervise-from", "16"))
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_bootstrap_leaves_out_single_valued_classes_and_never_draws_for_ever():
+    sys.path.insert(0, str(ROOT))
+    from training.metrics import bootstrap_macro_auroc, macro_auroc
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((300, 3)) < 0.3).astype(np.float32)
+    scores = labels + rng.normal(0, 0.8, labels.shape)
+    whole = bootstrap_macro_auroc(labels, scores, n_boot=50)
+    labels[:, 2] = 0  # a class absent from the set: no resample could have a positive of it
+    absent = bootstrap_macro_auroc(labels, scores, n_boot=50)
+    assert absent["macro_auroc"] == pytest.approx(macro_auroc(labels[:, :2], scores[:, :2]))
+    assert absent["ci_low"] <= absent["macro_auroc"] <= absent["ci_high"] and whole["ci_low"] is not None
+    # twenty classes with one positive each: a valid resample is a ~1e-4 event -> no interval, with the reason
+    rare = np.zeros((200, 20), np.float32)
+    rare[np.arange(20), np.arange(20)] = 1
+    result = bootstrap_macro_auroc(rare, rng.random(rare.shape), n_boot=20)
+    assert result["ci_low"] is None and "rare class" in result["ci_note"]

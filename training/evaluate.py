@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc  # noqa: E402
+from training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc_by_name  # noqa: E402
 from training.ptbxl import DataError, load_labels, load_signals  # noqa: E402
 
 
@@ -51,16 +51,6 @@ def readout_aurocs(model, x: np.ndarray, steps: np.ndarray, labels: np.ndarray) 
     return {name: macro_auroc(labels, score) for name, score in scores.items()}
 
 
-def scores_from_checkpoint(path: Path, x: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    import torch
-
-    from msssm_serve.checkpoint import load_checkpoint
-    from training.fit import predict
-
-    model, meta, _ = load_checkpoint(path)
-    return predict(model, x, torch.device("cpu"), 64), meta["labels"]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (model.onnx + model.json) or checkpoint.pt")
@@ -78,24 +68,39 @@ def main(argv=None) -> int:
         chosen = records.subset(records.folds == args.fold)
         if len(chosen.ids) == 0:
             raise DataError(f"{args.data_dir}: no labelled records in fold {args.fold}")
-        x = load_signals(args.data_dir, chosen, sampling_rate=args.sampling_rate)
         model_path = Path(args.model)
         if args.readouts and not model_path.is_dir():
             raise DataError("--readouts needs a model directory (it runs onnxruntime)")
-        readouts = None
-        if model_path.is_dir():
+        if model_path.is_dir():  # exactly what the server runs
             from msssm_serve.runtime import OnnxModel
 
             model = OnnxModel(model_path)
+            labels, rate = model.labels, model.sample_rate
+        else:
+            from msssm_serve.checkpoint import load_checkpoint
+
+            model, meta, _ = load_checkpoint(model_path)
+            labels, rate = meta["labels"], int(meta["sample_rate"])
+        # Checked before the fold is read: a mismatch would otherwise score nonsense, not fail.
+        if labels != records.classes:
+            raise DataError(f"model classes {labels} differ from the data's {records.classes}")
+        if rate != args.sampling_rate:
+            raise DataError(f"the model runs at {rate} Hz, the records were asked for at {args.sampling_rate} Hz "
+                            f"(--sampling-rate {rate})")
+        x = load_signals(args.data_dir, chosen, sampling_rate=args.sampling_rate)
+        readouts = None
+        if model_path.is_dir():
             # One pass serves the score and, with --readouts, every read-out built on the same steps.
             steps = step_probabilities(model, x, last_only=not args.readouts)
-            scores, labels = steps[:, -1], model.labels
+            scores = steps[:, -1]
             if args.readouts:
                 readouts = readout_aurocs(model, x, steps, chosen.labels)
         else:
-            scores, labels = scores_from_checkpoint(model_path, x)
-        if labels != records.classes:
-            raise DataError(f"model classes {labels} differ from the data's {records.classes}")
+            import torch
+
+            from training.fit import predict
+
+            scores = predict(model, x, torch.device("cpu"), 16)
     except Exception as err:  # every failure is reported as one line, never as a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
         "fold": args.fold,
         "records": len(chosen.ids),
         **bootstrap_macro_auroc(chosen.labels, scores, n_boot=args.n_boot),
-        "per_class_auroc": dict(zip(labels, per_class_auroc(chosen.labels, scores).tolist())),
+        "per_class_auroc": per_class_auroc_by_name(labels, chosen.labels, scores),
     }
     if readouts is not None:
         result["readouts"] = readouts

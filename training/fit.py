@@ -31,7 +31,7 @@ from tqdm import tqdm  # noqa: E402
 from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from msssm_serve.config import ModelConfig  # noqa: E402
 from msssm_serve.model import MSSSMClassifier  # noqa: E402
-from training.metrics import bootstrap_macro_auroc, macro_auroc, one_hot, per_class_auroc  # noqa: E402
+from training.metrics import bootstrap_macro_auroc, macro_auroc, one_hot, per_class_auroc_by_name  # noqa: E402
 from training.ptbxl import LEADS, DataError, load_labels, load_signals, split_folds  # noqa: E402
 from training.ucr import load_ucr  # noqa: E402
 
@@ -165,6 +165,14 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> t
     return F.cross_entropy(logits, targets.argmax(-1))
 
 
+def validation_loss(probs: np.ndarray, targets: np.ndarray, multi_label: bool) -> float:
+    """The training loss of predicted probabilities (BCE or cross-entropy), from probabilities clamped off 0 and 1."""
+    p = torch.from_numpy(probs)
+    if multi_label:
+        return float(loss_fn(torch.logit(p.clamp(1e-6, 1 - 1e-6)), torch.from_numpy(targets), True))
+    return float(F.nll_loss(torch.log(p.clamp_min(1e-9)), torch.from_numpy(targets.argmax(-1))))
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < warmup:
@@ -227,7 +235,11 @@ def train(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 
+    if world > 1 and not is_main:
+        dist.barrier()  # rank 0 decodes the records into the cache first; the others then map it
     data = load_task(args)
+    if world > 1 and is_main:
+        dist.barrier()
     window = data.x_val.shape[1]
     crop = args.crop if args.crop is not None else (250 if args.task == "ptbxl" else 0)
     cfg = ModelConfig(
@@ -273,19 +285,35 @@ def train(args) -> dict:
     use_amp = device.type == "cuda" and not args.no_amp
     # An exponential moving average of the weights, scored beside the raw weights once the run is a quarter
     # through; the better of the two on validation is the epoch's candidate for the best checkpoint.
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    # Its horizon, 1 / (1 - decay) steps, is capped at a fifth of the run (and at least 2 steps): a short run's
+    # average would otherwise still be mostly its first, untrained weights (0.998 is kept from 2,500 steps on).
+    ema_decay = min(args.ema, max(0.5, 1 - 5 / total_steps)) if args.ema else 0.0
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True) if ema_decay > 0 else None
 
     history: list[dict] = []
-    start_epoch, best = 0, -1.0
+    start_epoch, best, seconds_before = 0, (-math.inf, -math.inf), 0.0  # (AUROC, -loss) of the best epoch
     last_path = out / "last.pt"
+    # What a step means: a resumed run must have the same (a different --epochs only moves the end of the cosine).
+    schedule = {"steps_per_epoch": steps_per_epoch, "batch_size": args.batch_size, "world_size": world}
     if args.resume and last_path.exists():
-        _, _, payload = load_checkpoint(last_path)
+        saved, _, payload = load_checkpoint(last_path)
+        if saved.cfg != cfg:
+            raise DataError(f"--resume: {last_path} holds a model of another architecture ({saved.cfg}); resume "
+                            "with the flags it was started with, or start a new --out")
+        if payload.get("schedule", schedule) != schedule:
+            raise DataError(f"--resume: {last_path} was trained with {payload['schedule']}, this run would use "
+                            f"{schedule}; resume with the same --batch-size, --steps-per-epoch and number of "
+                            "processes (or warm-start a new run with --init)")
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         start_epoch, best, history = payload["epoch"], payload["best"], payload["history"]
+        best = tuple(best) if isinstance(best, (list, tuple)) else (best, -math.inf)  # runs saved before the tie rule
+        seconds_before = payload.get("train_seconds", 0.0)
         if ema is not None and payload.get("ema") is not None:
             ema.load_state_dict(payload["ema"])
+        if payload.get("torch_rng") is not None:  # dropout masks continue as if never interrupted
+            torch.set_rng_state(payload["torch_rng"])
         if is_main:
             print(f"resumed from {last_path} after epoch {start_epoch}", file=sys.stderr)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -312,6 +340,9 @@ def train(args) -> dict:
         epoch_start = time.time()
         rng = np.random.default_rng(args.seed * 1000 + epoch)  # same permutation on every rank
         order = rng.permutation(len(data.x_train))[rank::world]
+        # Crops and augmentation: rank 0 goes on with the epoch's stream (a single process is unchanged by DDP's
+        # existence), every other rank draws from its own.
+        rng = rng if rank == 0 else np.random.default_rng([args.seed, epoch, rank])
         losses, seen = [], 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main, file=sys.stderr)
         for step in bar:
@@ -340,13 +371,12 @@ def train(args) -> dict:
             candidates["ema"] = ema.module
         scored = {name: predict(m, data.x_val, device, args.eval_batch_size) for name, m in candidates.items()}
         aurocs = {name: macro_auroc(y_val, p) for name, p in scored.items()}
-        chosen = max(aurocs, key=aurocs.get)
-        p_val, auroc = scored[chosen], aurocs[chosen]
-        val_loss = float(
-            loss_fn(torch.logit(torch.from_numpy(p_val).clamp(1e-6, 1 - 1e-6)), torch.from_numpy(y_val), True)
-            if data.multi_label
-            else F.nll_loss(torch.log(torch.from_numpy(p_val).clamp_min(1e-9)), torch.from_numpy(y_val.argmax(-1)))
-        )
+        val_losses = {name: validation_loss(p, y_val, data.multi_label) for name, p in scored.items()}
+        # Ties in AUROC (a small set separated perfectly from the first epoch on) go to the lower loss: otherwise an
+        # untrained model that merely ranks right would be kept.
+        rank_of = {name: (float(np.nan_to_num(aurocs[name], nan=-1.0)), -val_losses[name]) for name in scored}
+        chosen = max(rank_of, key=rank_of.get)
+        p_val, auroc, val_loss = scored[chosen], aurocs[chosen], val_losses[chosen]
         record = {
             "epoch": epoch + 1,
             "train_loss": float(np.mean(losses)),
@@ -354,21 +384,22 @@ def train(args) -> dict:
             "val_macro_auroc": auroc,
             "weights": chosen,
             **{f"val_macro_auroc_{name}": value for name, value in aurocs.items()},
-            "val_per_class_auroc": dict(zip(data.classes, per_class_auroc(y_val, p_val).tolist())),
+            "val_per_class_auroc": per_class_auroc_by_name(data.classes, y_val, p_val),
             "lr": scheduler.get_last_lr()[0],
             "seconds": time.time() - epoch_start,
             "train_records_per_s": seen / (time.time() - epoch_start),
         }
         history.append(record)
         print(json.dumps({k: v for k, v in record.items() if k != "val_per_class_auroc"}), file=sys.stderr)
-        if auroc > best:
-            best = auroc
+        if rank_of[chosen] > best:
+            best = rank_of[chosen]
             meta["validation"] = {"macro_auroc": auroc, "epoch": epoch + 1, "weights": chosen,
                                   "per_class_auroc": record["val_per_class_auroc"]}
             save_checkpoint(out / "checkpoint.pt", candidates[chosen], meta)
         save_checkpoint(
             last_path, model, meta, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             epoch=epoch + 1, best=best, history=history, ema=ema.state_dict() if ema is not None else None,
+            schedule=schedule, torch_rng=torch.get_rng_state(), train_seconds=seconds_before + time.time() - t_start,
         )
     if world > 1:
         dist.barrier()
@@ -387,10 +418,11 @@ def train(args) -> dict:
         "command": meta["command"],
         "device": str(device),
         "world_size": world,
+        "ema_decay": ema_decay,
         "epochs": history,
         "best": {**best_meta["validation"], **{f"bootstrap_{k}": v for k, v in
                  bootstrap_macro_auroc(y_val, p_val, n_boot=args.n_boot).items()}},
-        "train_wall_seconds": time.time() - t_start,
+        "train_wall_seconds": seconds_before + time.time() - t_start,
     }
     if data.x_test is not None:  # UCR: TEST is scored once, with the checkpoint chosen on validation
         p_test = predict(best_model, data.x_test, device, args.eval_batch_size)
@@ -416,8 +448,8 @@ def parse_args(argv=None):
     p.add_argument("--a-init", choices=["scale", "mamba"], default="scale")
     p.add_argument("--mixer", choices=["input", "static", "softmax"], default="input")
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=None, help="default: 30 for ptbxl, 150 for ucr")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 64 for ptbxl, 16 for ucr")
     # Small evaluation batches keep a whole 10 s window's activations in cache: on this 2-core CPU, 1,000-sample
     # windows score ~40 % faster in batches of 16 than of 128 (the training step itself works on 2.5 s crops).
     p.add_argument("--eval-batch-size", type=int, default=16)
@@ -426,7 +458,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--ema", type=float, default=0.998,
-                   help="decay of the moving average of the weights scored beside them (0: off)")
+                   help="decay of the moving average of the weights scored beside them (0: off); short runs use "
+                        "less, so that the average spans at most a fifth of the run")
     p.add_argument("--crop", type=int, default=None, help="training crop in samples (default: 250 for ptbxl, whole series for ucr)")
     p.add_argument("--supervise-from", type=int, default=0,
                    help="loss on every step from this many samples on (0: the last step of the crop only)")
@@ -442,7 +475,15 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/latest")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--init", help="start from this checkpoint's weights and config (new optimiser and schedule)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # A UCR ECG set has ~100 short training series: batches of 64 would give one optimiser step per epoch, so small
+    # sets get small batches and more epochs (ECG200: 5 steps per epoch, 750 in all).
+    small = args.task == "ucr"
+    if args.epochs is None:
+        args.epochs = 150 if small else 30
+    if args.batch_size is None:
+        args.batch_size = 16 if small else 64
+    return args
 
 
 def main(argv=None) -> int:
