@@ -4,6 +4,7 @@ Errors are `InvalidSignal` with a message meant for the client."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from fractions import Fraction
 
@@ -103,19 +104,25 @@ def lead_order(leads, model_leads: list[str]) -> np.ndarray | None:
 def parse_sample_rate(value, model_rate: int) -> Fraction:
     if value is None:
         return Fraction(model_rate)
+    # Through float first and range-checked before any exact arithmetic: Fraction("1e999999999") alone would build
+    # a billion-digit integer and hold the event loop for hours.
     try:
-        rate = Fraction(str(value)).limit_denominator(1000)
-    except (ValueError, ZeroDivisionError) as err:
+        if isinstance(value, bool):
+            raise TypeError
+        as_float = float(value)
+    except (TypeError, ValueError, OverflowError) as err:
         raise InvalidSignal(f"'sample_rate' must be a number, got {value!r}") from err
-    if isinstance(value, bool) or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+    if not (math.isfinite(as_float) and MIN_SAMPLE_RATE <= as_float <= MAX_SAMPLE_RATE):
         raise InvalidSignal(f"'sample_rate' must be within {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz, got {value!r}")
-    return rate
+    return Fraction(as_float).limit_denominator(1000)
 
 
 def to_model_rate(signal: np.ndarray, rate: Fraction, model_rate: int) -> np.ndarray:
     if rate == model_rate:
         return signal
-    ratio = Fraction(model_rate) / rate
+    # The polyphase filter is ~20 * max(up, down) taps: a ratio like 100 / 1999.999 taken exactly would be 100000 /
+    # 1999999 (a 40 M-tap filter); within 1/1000 in the denominator it is 1/20, off by less than 1e-6.
+    ratio = (Fraction(model_rate) / rate).limit_denominator(1000)
     resampled = resample_poly(signal, ratio.numerator, ratio.denominator, axis=0).astype(np.float32)
     if len(resampled) == 0:
         raise InvalidSignal("signal too short to resample to the model's rate")

@@ -177,6 +177,10 @@ BAD_CLASSIFY = {
                         headers={"Content-Type": "application/octet-stream"}), 422),
     "sample rate too low": (dict(json={"signal": [[0.0] * 12] * 50, "sample_rate": 10}), 422),
     "sample rate not a number": (dict(json={"signal": [[0.0] * 12] * 50, "sample_rate": "fast"}), 422),
+    # taken exactly, these would hold the event loop for hours (a billion-digit integer) / build a huge int
+    "sample rate huge exponent": (dict(content=b"\0" * 48, params={"channels": 12, "sample_rate": "1e999999999"},
+                                       headers={"Content-Type": "application/octet-stream"}), 422),
+    "sample rate huge integer": (dict(json={"signal": [[0.0] * 12] * 50, "sample_rate": "9" * 4000}), 422),
     "too long": (dict(json={"signal": [[0.0] * 12] * 400000}), 413),
 }
 
@@ -188,6 +192,18 @@ def test_classify_rejects_bad_input(server, case):
     assert response.status_code == status, response.text
     assert isinstance(response.json()["detail"], str) and response.json()["detail"]
     assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_an_odd_sample_rate_resamples_with_a_small_filter(monkeypatch):
+    """1999.999 Hz taken exactly is 100/1999.999 = 100000/1999999: a 40 M-tap polyphase filter. It must not be."""
+    import server.signals as signals
+
+    calls = []
+    real = signals.resample_poly
+    monkeypatch.setattr(signals, "resample_poly", lambda x, up, down, **kw: calls.append((up, down)) or
+                        real(x, up, down, **kw))
+    out = signals.to_model_rate(np.zeros((20000, 12), np.float32), signals.parse_sample_rate("1999.999", 100), 100)
+    assert calls == [(1, 20)] and len(out) == 1000
 
 
 # --- /stream -----------------------------------------------------------------------------------------------------
