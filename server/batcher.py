@@ -52,6 +52,14 @@ class Slot:
     def wake(self) -> None:
         self.room.set()
 
+    def settle_flush(self, error: Exception | None = None) -> None:
+        """Release a connection waiting on its flush: done, or failed with `error` (it then stops reading)."""
+        if self.flush_waiter is not None and not self.flush_waiter.done():
+            if error is None:
+                self.flush_waiter.set_result(None)
+            else:
+                self.flush_waiter.set_exception(error)
+
 
 class Batcher:
     def __init__(self, model: OnnxModel, metrics: Metrics, batch_wait_ms: float):
@@ -90,8 +98,7 @@ class Batcher:
         self.slots.discard(slot)
         slot.gone = True
         slot.wake()
-        if slot.flush_waiter is not None and not slot.flush_waiter.done():
-            slot.flush_waiter.cancel()
+        slot.settle_flush(StreamGone())  # an exception the receive loop handles, where a cancel would escape it
 
     async def feed(self, slot: Slot, samples: np.ndarray) -> None:
         """Queue samples [T, C] for the stream, waiting for room as the batcher works the buffer down."""
@@ -129,7 +136,7 @@ class Batcher:
         return slot.flush_waiter is not None and not slot.flush_waiter.done() and not slot.in_flight
 
     def _ready(self) -> list[Slot]:
-        return [s for s in self.slots if not s.in_flight and (
+        return [s for s in self.slots if not s.in_flight and not s.gone and (
             self._wants_flush(s) or s.stream.next_segment_length(max_hops=MAX_HOPS_PER_BATCH) > 0)]
 
     async def _run(self) -> None:
@@ -206,17 +213,22 @@ class Batcher:
         except Exception as err:
             for s in ready:
                 s.in_flight = False
-                s.outbox.put_nowait(err)
+                s.outbox.put_nowait(err)  # its connection closes with 1011
+                s.settle_flush(StreamGone())
             raise
-        for slot, (probs, new_state) in zip(stepping, results):
-            slot.in_flight = False
-            if not slot.gone:
-                self._deliver(slot, slot.stream.apply(probs, new_state))
-        for slot, predictions in zip(flushing, flushed):
-            slot.in_flight = False
-            if not slot.gone:
-                self._deliver(slot, predictions)
-                slot.flush_waiter.set_result(None)
+        try:
+            for slot, (probs, new_state) in zip(stepping, results):
+                slot.in_flight = False
+                if not slot.gone:
+                    self._deliver(slot, slot.stream.apply(probs, new_state))
+            for slot, predictions in zip(flushing, flushed):
+                slot.in_flight = False
+                if not slot.gone:
+                    self._deliver(slot, predictions)
+                    slot.settle_flush()
+        finally:  # whatever failed above, no stream of this batch may stay marked in flight (it would stall)
+            for s in ready:
+                s.in_flight = False
 
     def _compute(self, segments, states, flushing: list[Stream]):
         """On the inference thread. Flushes are rare and partial, so each runs its own (small) calls."""

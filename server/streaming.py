@@ -101,14 +101,15 @@ class Connection:
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_loop())
+        close = None
         try:
             close = await self._receive_loop()
         finally:
             if self.slot is not None:
                 self.hub.batcher.unregister(self.slot)  # state freed now, whatever the sender still does
-        if close is None:  # the client went away
-            sender.cancel()
-        else:
+            if close is None:  # the client went away, or receiving failed: nothing more to send
+                sender.cancel()
+        if close is not None:
             self.send(close)
         await asyncio.wait([sender], timeout=SENDER_DRAIN_S)
         sender.cancel()
@@ -211,13 +212,13 @@ class Connection:
                 else:
                     for prediction in item:
                         await self.ws.send_json(prediction_message(prediction))
-        except Exception:  # the socket is gone: stop, and let a receive loop waiting for room go
+        except Exception:  # the socket is gone: stop
+            pass
+        finally:
+            # Whatever ended the sender (socket gone, 1011 after a failed batch), the stream is over: unregistering
+            # frees its state and releases a receive loop waiting for room or on a flush.
             if self.slot is not None:
                 self.hub.batcher.unregister(self.slot)
-        finally:
-            if self.slot is not None:
-                self.slot.gone = True
-                self.slot.wake()
 
     async def _close(self, close: Close) -> None:
         self.hub.metrics.stream_closes.labels(str(close.code)).inc()

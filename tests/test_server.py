@@ -143,6 +143,51 @@ def test_a_failing_classify_request_does_not_fail_those_batched_with_it(model, r
         np.testing.assert_allclose(got["probabilities"], model.classify(signal_)["probabilities"], atol=TOL)
 
 
+def test_a_flush_in_a_failing_batch_is_released_and_the_batcher_goes_on(model, records):
+    """Batcher level: when the call a flushing stream is in fails, the flush ends (StreamGone, the connection then
+    closes with 1011) instead of waiting for ever, and the stream is not retried in a loop; other streams go on."""
+    from msssm_serve.runtime import Stream
+    from server.batcher import Batcher, StreamGone
+    from server.metrics import Metrics
+
+    class FailingOnce:
+        """The model, except that the first stream call fails (as a GPU out-of-memory would)."""
+        def __init__(self, inner):
+            self.inner, self.failed = inner, False
+
+        def advance_streams(self, segments, states):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("simulated inference failure")
+            return self.inner.advance_streams(segments, states)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    async def scenario():
+        batcher = Batcher(FailingOnce(model), Metrics(), batch_wait_ms=0)
+        batcher.start()
+        try:
+            doomed = batcher.register(Stream(model, hop=25), asyncio.Queue())
+            await batcher.feed(doomed, records[0][:60])
+            with pytest.raises(StreamGone):
+                await asyncio.wait_for(batcher.flush(doomed), 10)
+            assert isinstance(doomed.outbox.get_nowait(), RuntimeError)
+            batcher.unregister(doomed)  # what its connection's sender does on the error
+            survivor = batcher.register(Stream(model, hop=25), asyncio.Queue())
+            await batcher.feed(survivor, records[1][:50])
+            await asyncio.wait_for(batcher.flush(survivor), 10)
+            delivered = []
+            while not survivor.outbox.empty():
+                delivered.extend(survivor.outbox.get_nowait())
+            return delivered
+        finally:
+            await batcher.stop()
+
+    predictions = asyncio.run(scenario())
+    assert [p.t for p in predictions] == [25, 50]
+
+
 def test_classify_reorders_leads_and_resamples(server, model, records):
     x = records[0]
     shuffled = [LEADS[i] for i in np.random.default_rng(0).permutation(12)]
