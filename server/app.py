@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import signal
 import threading
 import time
@@ -24,6 +25,8 @@ from .settings import Settings
 from .signals import (InvalidJSON, InvalidSignal, lead_order, parse_json, parse_sample_rate, samples_from_bytes,
                       samples_from_json, to_model_rate)
 from .streaming import GOING_AWAY, StreamHub
+
+log = logging.getLogger(__name__)
 
 
 OPEN_ROUTES = ("/healthz", "/readyz")  # reachable without the API key: probes carry no secrets
@@ -110,9 +113,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if seconds > settings.max_signal_seconds:
             raise HTTPException(413, f"signal of {float(seconds):.0f} s exceeds the {settings.max_signal_seconds:g} s "
                                      "limit")
-        signal_ = _invalid_to_422(lambda: to_model_rate(signal_, rate, model.sample_rate))
+        # Off the event loop: resampling an hour at 500 Hz takes ~0.1 s that streams would otherwise wait out.
+        signal_ = await asyncio.to_thread(_invalid_to_422, lambda: to_model_rate(signal_, rate, model.sample_rate))
         started = time.perf_counter()
-        result = await request.app.state.batcher.classify(signal_)
+        try:
+            result = await request.app.state.batcher.classify(signal_)
+        except Exception as err:  # the model failed, not the request (the signal was checked): JSON, not a bare 500
+            log.exception("classify failed")
+            raise HTTPException(503, f"inference failed ({type(err).__name__}); please retry") from None
         metrics.inference_seconds.labels("classify").observe(time.perf_counter() - started)
         metrics.samples.labels("classify").inc(len(signal_))
         probabilities = result["probabilities"]

@@ -125,11 +125,18 @@ class Batcher:
             slot.flush_waiter = None
 
     async def classify(self, signal: np.ndarray) -> dict:
-        """`OnnxModel.classify(signal)`, batched by the consumer with other requests waiting at the same time."""
-        future = asyncio.get_running_loop().create_future()
-        self._classify_queue.append((signal, future))
+        """`OnnxModel.classify(signal)`, batched by the consumer with other requests waiting at the same time. A long
+        signal is queued as pieces of at most MAX_CLASSIFY_WINDOWS_PER_CALL windows, so that streams advance between
+        its calls (an hour-long recording is ~360 windows: seconds of compute that would stall every stream)."""
+        piece = MAX_CLASSIFY_WINDOWS_PER_CALL * self.model.window
+        loop = asyncio.get_running_loop()
+        starts = range(0, max(len(signal), 1), piece)  # an empty signal still goes in, to get the model's error
+        futures = [loop.create_future() for _ in starts]
+        self._classify_queue.extend((signal[start : start + piece], f) for start, f in zip(starts, futures))
         self._work.set()
-        return await future
+        parts = await asyncio.gather(*futures)  # cancelled with the request: the batcher then skips what is left
+        windows = [{**w, "start": start + w["start"]} for start, part in zip(starts, parts) for w in part["windows"]]
+        return {"windows": windows, "probabilities": np.max([w["probabilities"] for w in windows], axis=0)}
 
     # --- the consumer -------------------------------------------------------------------------------------------
     def _wants_flush(self, slot: Slot) -> bool:

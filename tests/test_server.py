@@ -143,6 +143,43 @@ def test_a_failing_classify_request_does_not_fail_those_batched_with_it(model, r
         np.testing.assert_allclose(got["probabilities"], model.classify(signal_)["probabilities"], atol=TOL)
 
 
+def test_a_long_classify_request_is_computed_in_pieces_that_streams_can_come_between(model, records):
+    """Batcher level: 20 windows go through calls of at most MAX_CLASSIFY_WINDOWS_PER_CALL windows, and the answer
+    is the one of a single call."""
+    from server.batcher import MAX_CLASSIFY_WINDOWS_PER_CALL, Batcher
+    from server.metrics import Metrics
+
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def classify_many(self, signals):
+            calls.append(sum(-(-len(s) // model.window) for s in signals))
+            return self.inner.classify_many(signals)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    signal_ = np.concatenate([records[i % len(records)] for i in range(20)])[: 19 * model.window + 300]
+
+    async def scenario():
+        batcher = Batcher(Counting(model), Metrics(), batch_wait_ms=0)
+        batcher.start()
+        try:
+            return await batcher.classify(signal_)
+        finally:
+            await batcher.stop()
+
+    got, want = asyncio.run(scenario()), model.classify(signal_)
+    assert calls == [8, 8, 4] and max(calls) <= MAX_CLASSIFY_WINDOWS_PER_CALL
+    assert [w["start"] for w in got["windows"]] == [w["start"] for w in want["windows"]]
+    np.testing.assert_allclose(got["probabilities"], want["probabilities"], atol=1e-6)
+    for g, w in zip(got["windows"], want["windows"]):
+        np.testing.assert_allclose(g["probabilities"], w["probabilities"], atol=1e-6)
+
+
 def test_a_flush_in_a_failing_batch_is_released_and_the_batcher_goes_on(model, records):
     """Batcher level: when the call a flushing stream is in fails, the flush ends (StreamGone, the connection then
     closes with 1011) instead of waiting for ever, and the stream is not retried in a loop; other streams go on."""
@@ -459,3 +496,23 @@ def test_json_is_strict_whichever_parser(monkeypatch, parser):
             signals.parse_json(bad, "body")
     with pytest.raises(signals.InvalidJSON, match=r"^frame is not valid JSON \((?!.*NaN)"):
         signals.parse_json(b'{"signal": [[1,', "frame")
+
+
+def test_a_model_failure_in_classify_is_a_json_503_and_the_server_goes_on(model_dir, records):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    app = create_app(Settings.from_env({"MSSSM_MODEL_DIR": str(model_dir)}))
+    with TestClient(app) as client:
+        healthy = app.state.batcher.classify
+
+        async def failing(signal_):
+            raise RuntimeError("simulated inference failure")
+
+        app.state.batcher.classify = failing
+        response = client.post("/classify", json={"signal": records[0].tolist()})
+        assert response.status_code == 503 and "inference failed" in response.json()["detail"]
+        app.state.batcher.classify = healthy
+        assert client.post("/classify", json={"signal": records[0].tolist()}).status_code == 200
