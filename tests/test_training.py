@@ -249,3 +249,16 @@ def test_bootstrap_leaves_out_single_valued_classes_and_never_draws_for_ever():
     rare[np.arange(20), np.arange(20)] = 1
     result = bootstrap_macro_auroc(rare, rng.random(rare.shape), n_boot=20)
     assert result["ci_low"] is None and "rare class" in result["ci_note"]
+
+
+def test_ablation_trains_both_variants_at_equal_state_and_prints_the_table(tmp_path):
+    cmd = [sys.executable, str(ROOT / "training" / "ablation.py"), "--out", str(tmp_path), "--data-dir", str(FIXTURE),
+           "--labels", str(FIXTURE / "labels" / "superdiagnostic.csv"), *TINY, "--epochs", "1",
+           "--steps-per-epoch", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "model" not in line]
+    assert len(rows) == 2 and "MS-SSM (S=3, N=2)" in rows[0] and "single-scale (S=0, N=10)" in rows[1]
+    assert rows[0].split("|")[2].strip() == rows[1].split("|")[2].strip() == "10"  # equal state per channel
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert [r["model"] for r in saved] == ["MS-SSM (S=3, N=2)", "single-scale (S=0, N=10)"]

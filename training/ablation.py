@@ -38,19 +38,25 @@ def main(argv=None) -> int:
         vars(args).update(overrides)
         try:
             metrics = fit.train(args)
-        except fit.DataError as err:
+        except (fit.DataError, fit.CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        if not metrics:  # a torchrun rank other than 0: rank 0 reports
+            continue
         best = metrics["best"]
         rows.append({"model": name, "val_macro_auroc": best["macro_auroc"], "ci95": [best["bootstrap_ci_low"],
                      best["bootstrap_ci_high"]], "best_epoch": best["epoch"],
                      "train_minutes": metrics["train_wall_seconds"] / 60})
+    if not rows:
+        return 0
     print(f"| model | state per channel | validation macro AUROC (95% CI) | best epoch | train min |")
     print("|---|---|---|---|---|")
     for row, overrides in zip(rows, variants.values()):
         states = (overrides["n_scales"] + 2 if overrides["n_scales"] else 1) * overrides["d_state"]
-        print(f"| {row['model']} | {states} | {row['val_macro_auroc']:.4f} ({row['ci95'][0]:.4f}-{row['ci95'][1]:.4f}) "
-              f"| {row['best_epoch']} | {row['train_minutes']:.1f} |")
+        low, high = row["ci95"]
+        ci = f"{low:.4f}-{high:.4f}" if low is not None else "no interval"
+        print(f"| {row['model']} | {states} | {row['val_macro_auroc']:.4f} ({ci}) | {row['best_epoch']} "
+              f"| {row['train_minutes']:.1f} |")
     (Path(known.out) / "ablation.json").write_text(json.dumps(rows, indent=2))
     return 0
 
