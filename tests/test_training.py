@@ -188,6 +188,13 @@ def test_evaluate_model_dir_and_checkpoint_agree(tmp_path, model_dir):
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         results.append(json.loads(proc.stdout))
+    ensemble = subprocess.run(
+        [sys.executable, str(ROOT / "training" / "evaluate.py"), "--model", str(model_dir),
+         str(model_dir.parent / "checkpoint.pt"), "--data-dir", str(FIXTURE), "--labels",
+         str(FIXTURE / "labels" / "superdiagnostic.csv"), "--n-boot", "50"], capture_output=True, text=True, timeout=600)
+    assert ensemble.returncode == 0, ensemble.stderr[-2000:]
+    # the same model twice: its average is itself
+    assert json.loads(ensemble.stdout)["macro_auroc"] == pytest.approx(results[0]["macro_auroc"], abs=1e-3)
     onnx_result, torch_result = results
     assert onnx_result["records"] == torch_result["records"] > 0
     assert abs(onnx_result["macro_auroc"] - torch_result["macro_auroc"]) < 1e-3
@@ -262,3 +269,12 @@ def test_ablation_trains_both_variants_at_equal_state_and_prints_the_table(tmp_p
     assert rows[0].split("|")[2].strip() == rows[1].split("|")[2].strip() == "10"  # equal state per channel
     saved = json.loads((tmp_path / "ablation.json").read_text())
     assert [r["model"] for r in saved] == ["MS-SSM (S=3, N=2)", "single-scale (S=0, N=10)"]
+
+
+def test_evaluate_refuses_a_model_of_another_sample_rate(model_dir):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "training" / "evaluate.py"), "--model", str(model_dir), "--data-dir", str(FIXTURE),
+         "--labels", str(FIXTURE / "labels" / "superdiagnostic.csv"), "--sampling-rate", "500"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "runs at 100 Hz" in proc.stderr, proc.stderr[-2000:]

@@ -6,6 +6,7 @@
 
 The default fold is 9 (validation); the test fold 10 is scored only when asked for with --fold 10.
 A model directory is run through onnxruntime (exactly what the server runs); a checkpoint through PyTorch.
+Several --model paths score the average of their probabilities: what an ensemble of them would reach.
 """
 
 from __future__ import annotations
@@ -51,9 +52,38 @@ def readout_aurocs(model, x: np.ndarray, steps: np.ndarray, labels: np.ndarray) 
     return {name: macro_auroc(labels, score) for name, score in scores.items()}
 
 
+def load_model(path: Path):
+    """-> (model, labels, sample rate): a model directory through onnxruntime (exactly what the server runs), a
+    checkpoint through PyTorch."""
+    if path.is_dir():
+        from msssm_serve.runtime import OnnxModel
+
+        model = OnnxModel(path)
+        return model, model.labels, model.sample_rate
+    from msssm_serve.checkpoint import load_checkpoint
+
+    model, meta, _ = load_checkpoint(path)
+    return model, meta["labels"], int(meta["sample_rate"])
+
+
+def last_step_probabilities(model, x: np.ndarray) -> np.ndarray:
+    """[N, classes]: each row's probabilities after its whole window, from the zero state."""
+    from msssm_serve.runtime import OnnxModel
+
+    if isinstance(model, OnnxModel):
+        return step_probabilities(model, x, last_only=True)[:, -1]
+    import torch
+
+    from training.fit import predict
+
+    return predict(model, x, torch.device("cpu"), 16)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model directory (model.onnx + model.json) or checkpoint.pt")
+    p.add_argument("--model", required=True, nargs="+",
+                   help="model directory (model.onnx + model.json) or checkpoint.pt; several: their probabilities "
+                        "are averaged (an ensemble, to see what it would add)")
     p.add_argument("--task", choices=["ptbxl"], default="ptbxl")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--labels", help="label table CSV (see fit.py)")
@@ -68,44 +98,31 @@ def main(argv=None) -> int:
         chosen = records.subset(records.folds == args.fold)
         if len(chosen.ids) == 0:
             raise DataError(f"{args.data_dir}: no labelled records in fold {args.fold}")
-        model_path = Path(args.model)
-        if args.readouts and not model_path.is_dir():
-            raise DataError("--readouts needs a model directory (it runs onnxruntime)")
-        if model_path.is_dir():  # exactly what the server runs
-            from msssm_serve.runtime import OnnxModel
-
-            model = OnnxModel(model_path)
-            labels, rate = model.labels, model.sample_rate
-        else:
-            from msssm_serve.checkpoint import load_checkpoint
-
-            model, meta, _ = load_checkpoint(model_path)
-            labels, rate = meta["labels"], int(meta["sample_rate"])
+        if args.readouts and (len(args.model) > 1 or not Path(args.model[0]).is_dir()):
+            raise DataError("--readouts needs one model directory (it runs onnxruntime)")
+        models = [load_model(Path(path)) for path in args.model]
         # Checked before the fold is read: a mismatch would otherwise score nonsense, not fail.
-        if labels != records.classes:
-            raise DataError(f"model classes {labels} differ from the data's {records.classes}")
-        if rate != args.sampling_rate:
-            raise DataError(f"the model runs at {rate} Hz, the records were asked for at {args.sampling_rate} Hz "
-                            f"(--sampling-rate {rate})")
+        for path, (model, labels, rate) in zip(args.model, models):
+            if labels != records.classes:
+                raise DataError(f"{path}: model classes {labels} differ from the data's {records.classes}")
+            if rate != args.sampling_rate:
+                raise DataError(f"{path}: the model runs at {rate} Hz, the records were asked for at "
+                                f"{args.sampling_rate} Hz (--sampling-rate {rate})")
         x = load_signals(args.data_dir, chosen, sampling_rate=args.sampling_rate)
         readouts = None
-        if model_path.is_dir():
-            # One pass serves the score and, with --readouts, every read-out built on the same steps.
-            steps = step_probabilities(model, x, last_only=not args.readouts)
-            scores = steps[:, -1]
-            if args.readouts:
-                readouts = readout_aurocs(model, x, steps, chosen.labels)
+        if args.readouts:
+            # One pass serves the score and every read-out built on the same steps.
+            model = models[0][0]
+            steps = step_probabilities(model, x)
+            scores, readouts = steps[:, -1], readout_aurocs(model, x, steps, chosen.labels)
         else:
-            import torch
-
-            from training.fit import predict
-
-            scores = predict(model, x, torch.device("cpu"), 16)
+            scores = np.mean([last_step_probabilities(model, x) for model, _, _ in models], axis=0)
+        labels = models[0][1]
     except Exception as err:  # every failure is reported as one line, never as a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     result = {
-        "model": str(args.model),
+        "model": args.model[0] if len(args.model) == 1 else args.model,
         "fold": args.fold,
         "records": len(chosen.ids),
         **bootstrap_macro_auroc(chosen.labels, scores, n_boot=args.n_boot),
