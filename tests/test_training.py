@@ -271,10 +271,13 @@ def test_ablation_trains_both_variants_at_equal_state_and_prints_the_table(tmp_p
     assert [r["model"] for r in saved] == ["MS-SSM (S=3, N=2)", "single-scale (S=0, N=10)"]
 
 
-def test_evaluate_refuses_a_model_of_another_sample_rate(model_dir):
+def test_evaluate_refuses_a_model_of_another_sample_rate(model_dir, tmp_path):
+    data = tmp_path / "ptbxl"
+    shutil.copytree(FIXTURE, data)
+    (data / "records500").mkdir()  # the check must come before any 500 Hz record is read
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "training" / "evaluate.py"), "--model", str(model_dir), "--data-dir", str(FIXTURE),
-         "--labels", str(FIXTURE / "labels" / "superdiagnostic.csv"), "--sampling-rate", "500"],
+        [sys.executable, str(ROOT / "training" / "evaluate.py"), "--model", str(model_dir), "--data-dir", str(data),
+         "--labels", str(data / "labels" / "superdiagnostic.csv"), "--sampling-rate", "500"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "runs at 100 Hz" in proc.stderr, proc.stderr[-2000:]
