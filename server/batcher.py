@@ -225,11 +225,9 @@ class Batcher:
             raise
         try:
             for slot, (probs, new_state) in zip(stepping, results):
-                slot.in_flight = False
                 if not slot.gone:
                     self._deliver(slot, slot.stream.apply(probs, new_state))
             for slot, predictions in zip(flushing, flushed):
-                slot.in_flight = False
                 if not slot.gone:
                     self._deliver(slot, predictions)
                     slot.settle_flush()
