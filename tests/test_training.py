@@ -281,3 +281,62 @@ def test_evaluate_refuses_a_model_of_another_sample_rate(model_dir, tmp_path):
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "runs at 100 Hz" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_auxiliary_targets_join_other_label_tables_on_ecg_id():
+    sys.path.insert(0, str(ROOT))
+    import pandas as pd
+
+    from training.ptbxl import auxiliary_targets, load_labels
+
+    records = load_labels(FIXTURE, labels_csv=FIXTURE / "labels" / "superdiagnostic.csv")
+    sources = [str(FIXTURE / "labels" / f"{name}.csv") for name in ("subdiagnostic", "form")]
+    classes, targets = auxiliary_targets(FIXTURE, sources, records.ids)
+    assert targets.shape == (len(records.ids), len(classes))
+    form = pd.read_csv(sources[1]).set_index("ecg_id")
+    form_classes = [c for c in classes if c.startswith("form:")]
+    assert form_classes and all(c.startswith("subdiagnostic:") for c in classes[: -len(form_classes)])
+    for row, ecg_id in enumerate(records.ids):
+        got = targets[row, -len(form_classes):]
+        if ecg_id in form.index:  # the table's own 0/1 cells, in the prefixed class order
+            assert np.array_equal(got, form.loc[ecg_id, [c[5:] for c in form_classes]].to_numpy(np.float32))
+        else:  # not listed: none of the set's statements
+            assert not got.any()
+    sub = pd.read_csv(sources[0]).set_index("ecg_id")
+    first = records.ids[0]
+    assert {c for c, v in zip(classes, targets[0]) if v and c.startswith("subdiagnostic:")} == {
+        f"subdiagnostic:{c}" for c in sub.columns[sub.columns.get_loc("sub_class") + 1:] if sub.loc[first, c] == 1}
+
+
+def test_resize_head_keeps_the_main_outputs():
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from msssm_serve.config import ModelConfig
+    from msssm_serve.model import MSSSMClassifier
+    from training.fit import resize_head
+
+    torch.manual_seed(0)
+    wide = MSSSMClassifier(ModelConfig(n_channels=3, n_classes=9, d_model=8, n_layers=1, d_state=2)).eval()
+    x = torch.randn(2, 40, 3)
+    narrow = resize_head(wide, 4)
+    assert narrow.cfg.n_classes == 4 and wide.cfg.n_classes == 9  # a copy; the trained model is untouched
+    assert torch.allclose(narrow(x), wide(x)[..., :4])
+    assert torch.allclose(resize_head(narrow, 6).eval()(x)[..., :4], narrow(x))
+
+
+def test_auxiliary_labels_train_and_are_cut_from_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    aux = ["--aux-labels", *(str(FIXTURE / "labels" / f"{n}.csv") for n in ("subdiagnostic", "form", "rhythm"))]
+    fit(*ptbxl_args(out, "--epochs", "1", "--steps-per-epoch", "2", *aux))
+    model, meta, _ = load_checkpoint(out / "checkpoint.pt")
+    assert model.cfg.n_classes == 5 and meta["labels"] == ["CD", "HYP", "MI", "NORM", "STTC"]
+    assert meta["data"]["auxiliary_targets"]["classes"] > 20
+    trained, _, _ = load_checkpoint(out / "last.pt")  # the run itself keeps every output, to resume with
+    assert trained.cfg.n_classes == 5 + meta["data"]["auxiliary_targets"]["classes"]
+    fit(*ptbxl_args(out, "--epochs", "2", "--steps-per-epoch", "2", "--resume", *aux))
+    assert load_checkpoint(out / "last.pt")[2]["epoch"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["n_classes"] == 5
+    ucr = fit("--task", "ucr", "--data-dir", str(tmp_path / "X"), "--out", str(tmp_path / "u"), *aux, check=False)
+    assert ucr.returncode == 2 and "--aux-labels needs --task ptbxl" in ucr.stderr and "Traceback" not in ucr.stderr

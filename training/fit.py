@@ -8,6 +8,7 @@ RUN_DIR/metrics.json and PNG plots. Multi-GPU / multi-process: `torchrun --nproc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkp
 from msssm_serve.config import ModelConfig  # noqa: E402
 from msssm_serve.model import MSSSMClassifier  # noqa: E402
 from training.metrics import bootstrap_macro_auroc, macro_auroc, one_hot, per_class_auroc_by_name  # noqa: E402
-from training.ptbxl import LEADS, DataError, load_labels, load_signals, split_folds  # noqa: E402
+from training.ptbxl import LEADS, DataError, auxiliary_targets, load_labels, load_signals, split_folds  # noqa: E402
 from training.ucr import load_ucr  # noqa: E402
 
 PTBXL_DATA = {"name": "PTB-XL", "licence": "CC BY 4.0", "citation": "Wagner et al., Scientific Data 7, 154 (2020)"}
@@ -51,6 +52,10 @@ class TaskData:
     info: dict = field(default_factory=dict)
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
+    # Multi-task training: extra targets of the training records, trained as more outputs of the head and cut off
+    # before a checkpoint is written (the served model has `classes` only).
+    aux_classes: list[str] = field(default_factory=list)
+    y_train_aux: np.ndarray | None = None
 
 
 def load_task(args) -> TaskData:
@@ -69,6 +74,10 @@ def load_task(args) -> TaskData:
             "val_records": len(val.ids),
             "folds": {"train": "1-8", "validation": 9, "test": "10 (never used by training)"},
         }
+        aux_classes, y_train_aux = auxiliary_targets(args.data_dir, args.aux_labels, train.ids, args.sampling_rate)
+        if aux_classes:
+            info["auxiliary_targets"] = {"sources": [str(a) for a in args.aux_labels], "classes": len(aux_classes),
+                                         "weight": args.aux_weight}
         return TaskData(
             x_train=load_signals(args.data_dir, train, sampling_rate=args.sampling_rate),
             y_train=train.labels,
@@ -79,7 +88,11 @@ def load_task(args) -> TaskData:
             sample_rate=args.sampling_rate,
             leads=list(LEADS),
             info=info,
+            aux_classes=aux_classes,
+            y_train_aux=y_train_aux,
         )
+    if args.aux_labels:
+        raise DataError("--aux-labels needs --task ptbxl (the extra label tables are joined on ecg_id)")
     data = load_ucr(args.data_dir)
     k = len(data.classes)
     # Validation carved from TRAIN, stratified, so model selection never sees TEST.
@@ -148,6 +161,22 @@ def predict(model: MSSSMClassifier, x: np.ndarray, device, batch_size: int) -> n
         xb = torch.from_numpy(np.array(x[i : i + batch_size], dtype=np.float32)).to(device)
         out.append(model.probabilities(model(xb)[:, -1]).float().cpu().numpy())
     return np.concatenate(out)
+
+
+def resize_head(model: MSSSMClassifier, n_classes: int) -> MSSSMClassifier:
+    """A copy of `model` whose head has `n_classes` outputs: the first ones keep their weights (new ones start as a
+    fresh layer's). Cuts the auxiliary outputs of multi-task training off before a checkpoint is written, and widens
+    a warm-start checkpoint's head for them; the same model otherwise, so its main outputs are unchanged."""
+    if n_classes == model.cfg.n_classes:
+        return model
+    resized = MSSSMClassifier(dataclasses.replace(model.cfg, n_classes=n_classes)).to(model.input_mean.device)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    keep = min(n_classes, model.cfg.n_classes)
+    with torch.no_grad():
+        resized.head.weight[:keep] = model.head.weight[:keep]
+        resized.head.bias[:keep] = model.head.bias[:keep]
+    resized.load_state_dict({**resized.state_dict(), **state})
+    return resized.train(model.training)
 
 
 def supervised_steps(logits: torch.Tensor, supervise_from: int) -> torch.Tensor:
@@ -242,9 +271,10 @@ def train(args) -> dict:
         dist.barrier()
     window = data.x_val.shape[1]
     crop = args.crop if args.crop is not None else (250 if args.task == "ptbxl" else 0)
+    n_main = len(data.classes)
     cfg = ModelConfig(
         n_channels=data.x_train.shape[-1],
-        n_classes=len(data.classes),
+        n_classes=n_main + len(data.aux_classes),
         multi_label=data.multi_label,
         d_model=args.d_model,
         n_layers=args.n_layers,
@@ -261,6 +291,7 @@ def train(args) -> dict:
         model, init_meta, _ = load_checkpoint(args.init)
         if init_meta["labels"] != data.classes:
             raise DataError(f"--init checkpoint classes {init_meta['labels']} differ from the data's {data.classes}")
+        model = resize_head(model, n_main + len(data.aux_classes))
         cfg = model.cfg
         model.train()
     else:
@@ -351,9 +382,13 @@ def train(args) -> dict:
             xb = torch.from_numpy(crops).to(device)
             yb = torch.from_numpy(data.y_train[idx].astype(np.float32)).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = supervised_steps(net(xb), args.supervise_from)
-            targets = yb[:, None].expand_as(logits)
-            loss = loss_fn(logits.float().flatten(0, 1), targets.flatten(0, 1), data.multi_label)
+                logits = supervised_steps(net(xb), args.supervise_from).float()
+            targets = yb[:, None].expand(-1, logits.shape[1], -1)
+            loss = loss_fn(logits[..., :n_main].flatten(0, 1), targets.flatten(0, 1), data.multi_label)
+            if data.aux_classes:
+                # Each task's BCE is a mean over its own classes, so many auxiliary classes do not drown the main ones.
+                aux = torch.from_numpy(data.y_train_aux[idx]).to(device)[:, None].expand(-1, logits.shape[1], -1)
+                loss = loss + args.aux_weight * F.binary_cross_entropy_with_logits(logits[..., n_main:], aux)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -366,9 +401,10 @@ def train(args) -> dict:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", rec_s=f"{seen / (time.time() - epoch_start):.0f}")
         if not is_main:
             continue
-        candidates = {"raw": model}
+        # What would be served: the main outputs only.
+        candidates = {"raw": resize_head(model, n_main)}
         if ema is not None and epoch + 1 > args.epochs // 4:
-            candidates["ema"] = ema.module
+            candidates["ema"] = resize_head(ema.module, n_main)
         scored = {name: predict(m, data.x_val, device, args.eval_batch_size) for name, m in candidates.items()}
         aurocs = {name: macro_auroc(y_val, p) for name, p in scored.items()}
         val_losses = {name: validation_loss(p, y_val, data.multi_label) for name, p in scored.items()}
@@ -413,7 +449,7 @@ def train(args) -> dict:
     metrics = {
         "task": args.task,
         "classes": data.classes,
-        "config": cfg.to_dict(),
+        "config": best_model.cfg.to_dict(),
         "data": data.info,
         "command": meta["command"],
         "device": str(device),
@@ -465,6 +501,11 @@ def parse_args(argv=None):
                    help="loss on every step from this many samples on (0: the last step of the crop only)")
     p.add_argument("--amp-jitter", type=float, default=0.0, help="training: per-record gain in [1/(1+a), 1+a]")
     p.add_argument("--noise-std", type=float, default=0.0, help="training: white noise std, in the signal's units")
+    p.add_argument("--aux-labels", nargs="+", default=[], metavar="SOURCE",
+                   help="ptbxl: multi-task training on more label sets of the same records (label table CSVs, e.g. "
+                        "labels/subdiagnostic.csv, or set names for the official metadata); their outputs are cut "
+                        "off the head before a checkpoint is written")
+    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary targets' loss")
     p.add_argument("--val-fraction", type=float, default=0.2, help="ucr: share of TRAIN held out for validation")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on optimiser steps per epoch (0: a full pass)")
     p.add_argument("--parity-windows", type=int, default=8, help="validation windows stored for export's parity check")
