@@ -340,3 +340,46 @@ def test_auxiliary_labels_train_and_are_cut_from_the_checkpoint(tmp_path):
     assert metrics["config"]["n_classes"] == 5
     ucr = fit("--task", "ucr", "--data-dir", str(tmp_path / "X"), "--out", str(tmp_path / "u"), *aux, check=False)
     assert ucr.returncode == 2 and "--aux-labels needs --task ptbxl" in ucr.stderr and "Traceback" not in ucr.stderr
+
+
+def test_distillation_from_teachers_and_clear_errors_for_unfit_ones(tmp_path):
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    fit(*ptbxl_args(teacher, "--epochs", "1", "--steps-per-epoch", "2"))
+    fit(*ptbxl_args(student, "--epochs", "1", "--steps-per-epoch", "2", "--teacher", str(teacher / "checkpoint.pt"),
+                    str(teacher / "checkpoint.pt"), "--distill-weight", "0.3"))
+    meta = load_checkpoint(student / "checkpoint.pt")[1]
+    assert meta["data"]["distillation"] == {"teachers": [str(teacher / "checkpoint.pt")] * 2, "weight": 0.3}
+
+    other_classes = tmp_path / "sub"
+    fit("--task", "ptbxl", "--data-dir", str(FIXTURE), "--labels", str(FIXTURE / "labels" / "subdiagnostic.csv"),
+        "--out", str(other_classes), *TINY, "--epochs", "1", "--steps-per-epoch", "1")
+    for bad, expect in ((other_classes / "checkpoint.pt", "cannot teach"), (tmp_path / "none.pt", "not found")):
+        proc = fit(*ptbxl_args(tmp_path / "x", "--epochs", "1", "--teacher", str(bad)), check=False)
+        assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc = fit(*ptbxl_args(tmp_path / "x", "--teacher", str(bad), "--distill-weight", "1.5"), check=False)
+    assert proc.returncode == 2 and "--distill-weight must be in 0..1" in proc.stderr
+
+
+def test_teacher_targets_are_the_teachers_average_and_soft_cross_entropy_matches_hard(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from msssm_serve.config import ModelConfig
+    from msssm_serve.model import MSSSMClassifier
+    from msssm_serve.checkpoint import save_checkpoint
+    from training.fit import loss_fn, predict, teacher_targets
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((3, 50, 12)).astype(np.float32)
+    # through the saved files, as the trainer reads them
+    paths = []
+    for i in range(2):
+        model = MSSSMClassifier(ModelConfig(n_channels=12, n_classes=3, d_model=8, n_layers=1, d_state=2))
+        paths.append(tmp_path / f"teacher{i}.pt")
+        save_checkpoint(paths[-1], model, {"labels": ["a", "b", "c"], "multi_label": True, "sample_rate": 100,
+                                           "leads": ["x"] * 12, "window": 50})
+    expected = np.mean([predict(load_checkpoint(p)[0], x, "cpu", 2) for p in paths], axis=0)
+    assert not np.allclose(expected, predict(load_checkpoint(paths[0])[0], x, "cpu", 2))  # two different teachers
+    assert np.allclose(teacher_targets([str(p) for p in paths], x, ["a", "b", "c"], 100), expected, atol=1e-6)
+    logits, hard = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+    assert torch.allclose(loss_fn(logits, torch.eye(3)[hard], multi_label=False), torch.nn.functional.cross_entropy(logits, hard))

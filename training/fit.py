@@ -189,9 +189,28 @@ def supervised_steps(logits: torch.Tensor, supervise_from: int) -> torch.Tensor:
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """BCE or cross-entropy against 0/1 targets, or soft ones (a mix with a teacher's probabilities)."""
     if multi_label:
         return F.binary_cross_entropy_with_logits(logits, targets)
-    return F.cross_entropy(logits, targets.argmax(-1))
+    return F.cross_entropy(logits, targets)
+
+
+def teacher_targets(paths: list[str], x: np.ndarray, classes: list[str], sample_rate: int) -> np.ndarray:
+    """[n, K]: the average probabilities of the teacher models (checkpoints or exported model directories) after
+    each whole training window, for distillation."""
+    from training.evaluate import last_step_probabilities, load_model
+
+    probs = []
+    for path in paths:
+        try:
+            model, labels, rate = load_model(Path(path))
+        except CheckpointError as err:
+            raise DataError(f"--teacher: {err}") from err
+        if labels != classes or rate != sample_rate:
+            raise DataError(f"--teacher {path}: a model of classes {labels} at {rate} Hz cannot teach one of "
+                            f"{classes} at {sample_rate} Hz")
+        probs.append(last_step_probabilities(model, x))
+    return np.mean(probs, axis=0).astype(np.float32)
 
 
 def validation_loss(probs: np.ndarray, targets: np.ndarray, multi_label: bool) -> float:
@@ -296,6 +315,11 @@ def train(args) -> dict:
         model.train()
     else:
         model = MSSSMClassifier(cfg)
+    # Distillation: the loss's targets are (1 - w) * labels + w * the teachers' probabilities (for BCE and
+    # cross-entropy alike this is the same as mixing the two losses with these weights).
+    soft = teacher_targets(args.teacher, data.x_train, data.classes, data.sample_rate) if args.teacher else None
+    if soft is not None:
+        data.info["distillation"] = {"teachers": [str(t) for t in args.teacher], "weight": args.distill_weight}
     mean, std = fit_normalisation(data.x_train)
     model.input_mean.copy_(torch.from_numpy(mean))
     model.input_std.copy_(torch.from_numpy(std))
@@ -381,6 +405,8 @@ def train(args) -> dict:
             crops = augment(random_crops(data.x_train, idx, crop, rng), rng, args.amp_jitter, args.noise_std)
             xb = torch.from_numpy(crops).to(device)
             yb = torch.from_numpy(data.y_train[idx].astype(np.float32)).to(device)
+            if soft is not None:
+                yb = (1 - args.distill_weight) * yb + args.distill_weight * torch.from_numpy(soft[idx]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = supervised_steps(net(xb), args.supervise_from).float()
             targets = yb[:, None].expand(-1, logits.shape[1], -1)
@@ -506,6 +532,10 @@ def parse_args(argv=None):
                         "labels/subdiagnostic.csv, or set names for the official metadata); their outputs are cut "
                         "off the head before a checkpoint is written")
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary targets' loss")
+    p.add_argument("--teacher", nargs="+", default=[], metavar="MODEL",
+                   help="distil from these models (checkpoints or model directories, same classes and rate): their "
+                        "averaged probabilities after each training window are mixed into the targets")
+    p.add_argument("--distill-weight", type=float, default=0.5, help="share of the teachers in the targets (0-1)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="ucr: share of TRAIN held out for validation")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on optimiser steps per epoch (0: a full pass)")
     p.add_argument("--parity-windows", type=int, default=8, help="validation windows stored for export's parity check")
@@ -517,6 +547,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--init", help="start from this checkpoint's weights and config (new optimiser and schedule)")
     args = p.parse_args(argv)
+    if not 0.0 <= args.distill_weight <= 1.0:
+        p.error(f"--distill-weight must be in 0..1, got {args.distill_weight}")
     # A UCR ECG set has ~100 short training series: batches of 64 would give one optimiser step per epoch, so small
     # sets get small batches and more epochs (ECG200: 5 steps per epoch, 750 in all).
     small = args.task == "ucr"
