@@ -317,7 +317,12 @@ def train(args) -> dict:
         model = MSSSMClassifier(cfg)
     # Distillation: the loss's targets are (1 - w) * labels + w * the teachers' probabilities (for BCE and
     # cross-entropy alike this is the same as mixing the two losses with these weights).
-    soft = teacher_targets(args.teacher, data.x_train, data.classes, data.sample_rate) if args.teacher else None
+    soft = None
+    if args.teacher:
+        if is_main:
+            print(f"distillation: scoring {len(data.x_train)} training windows with {len(args.teacher)} teacher(s)",
+                  file=sys.stderr)
+        soft = teacher_targets(args.teacher, data.x_train, data.classes, data.sample_rate)
     if soft is not None:
         data.info["distillation"] = {"teachers": [str(t) for t in args.teacher], "weight": args.distill_weight}
     mean, std = fit_normalisation(data.x_train)
