@@ -323,7 +323,6 @@ def train(args) -> dict:
             print(f"distillation: scoring {len(data.x_train)} training windows with {len(args.teacher)} teacher(s)",
                   file=sys.stderr)
         soft = teacher_targets(args.teacher, data.x_train, data.classes, data.sample_rate)
-    if soft is not None:
         data.info["distillation"] = {"teachers": [str(t) for t in args.teacher], "weight": args.distill_weight}
     mean, std = fit_normalisation(data.x_train)
     model.input_mean.copy_(torch.from_numpy(mean))
