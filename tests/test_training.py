@@ -95,13 +95,26 @@ def test_official_metadata_path_trains(tmp_path):
 
 
 def test_ddp_with_two_cpu_processes(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           str(ROOT / "training" / "fit.py"), *ptbxl_args(tmp_path, "--epochs", "1", "--steps-per-epoch", "2")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    def torchrun(*args, timeout=600):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+               str(ROOT / "training" / "fit.py"), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    proc = torchrun(*ptbxl_args(tmp_path, "--epochs", "1", "--steps-per-epoch", "2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     load_checkpoint(tmp_path / "checkpoint.pt")
+    # Distillation under torchrun: rank 0 scores the teachers and hands the targets (or its error) to rank 1.
+    student = tmp_path / "student"
+    proc = torchrun(*ptbxl_args(student, "--epochs", "1", "--steps-per-epoch", "2",
+                                "--teacher", str(tmp_path / "checkpoint.pt")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("distillation: scoring") == 1
+    assert load_checkpoint(student / "checkpoint.pt")[1]["data"]["distillation"]["weight"] == 0.5
+    proc = torchrun(*ptbxl_args(tmp_path / "bad", "--epochs", "1", "--teacher", str(tmp_path / "none.pt")), timeout=300)
+    assert proc.returncode != 0 and "not found" in proc.stderr, proc.stderr[-3000:]
 
 
 def write_ucr(root: Path, name="TinyECG", n_train=24, n_test=12, length=40):
@@ -353,7 +366,7 @@ def test_distillation_from_teachers_and_clear_errors_for_unfit_ones(tmp_path):
     other_classes = tmp_path / "sub"
     fit("--task", "ptbxl", "--data-dir", str(FIXTURE), "--labels", str(FIXTURE / "labels" / "subdiagnostic.csv"),
         "--out", str(other_classes), *TINY, "--epochs", "1", "--steps-per-epoch", "1")
-    for bad, expect in ((other_classes / "checkpoint.pt", "cannot teach"), (tmp_path / "none.pt", "not found")):
+    for bad, expect in ((other_classes / "checkpoint.pt", "differ from the data's"), (tmp_path / "none.pt", "not found")):
         proc = fit(*ptbxl_args(tmp_path / "x", "--epochs", "1", "--teacher", str(bad)), check=False)
         assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     proc = fit(*ptbxl_args(tmp_path / "x", "--teacher", str(bad), "--distill-weight", "1.5"), check=False)

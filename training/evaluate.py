@@ -52,18 +52,26 @@ def readout_aurocs(model, x: np.ndarray, steps: np.ndarray, labels: np.ndarray) 
     return {name: macro_auroc(labels, score) for name, score in scores.items()}
 
 
-def load_model(path: Path):
-    """-> (model, labels, sample rate): a model directory through onnxruntime (exactly what the server runs), a
-    checkpoint through PyTorch."""
+def load_model(path: Path, classes: list[str], sample_rate: int):
+    """-> the model at `path`: a model directory through onnxruntime (exactly what the server runs), a checkpoint
+    through PyTorch. DataError unless it predicts `classes` at `sample_rate`: checked before any record is scored,
+    as a mismatch would otherwise score nonsense rather than fail."""
     if path.is_dir():
         from msssm_serve.runtime import OnnxModel
 
         model = OnnxModel(path)
-        return model, model.labels, model.sample_rate
-    from msssm_serve.checkpoint import load_checkpoint
+        labels, rate = model.labels, model.sample_rate
+    else:
+        from msssm_serve.checkpoint import load_checkpoint
 
-    model, meta, _ = load_checkpoint(path)
-    return model, meta["labels"], int(meta["sample_rate"])
+        model, meta, _ = load_checkpoint(path)
+        labels, rate = meta["labels"], int(meta["sample_rate"])
+    if labels != classes:
+        raise DataError(f"{path}: model classes {labels} differ from the data's {classes}")
+    if rate != sample_rate:
+        raise DataError(f"{path}: the model runs at {rate} Hz, the records were asked for at {sample_rate} Hz "
+                        f"(--sampling-rate {rate})")
+    return model
 
 
 def last_step_probabilities(model, x: np.ndarray) -> np.ndarray:
@@ -100,24 +108,16 @@ def main(argv=None) -> int:
             raise DataError(f"{args.data_dir}: no labelled records in fold {args.fold}")
         if args.readouts and (len(args.model) > 1 or not Path(args.model[0]).is_dir()):
             raise DataError("--readouts needs one model directory (it runs onnxruntime)")
-        models = [load_model(Path(path)) for path in args.model]
-        # Checked before the fold is read: a mismatch would otherwise score nonsense, not fail.
-        for path, (model, labels, rate) in zip(args.model, models):
-            if labels != records.classes:
-                raise DataError(f"{path}: model classes {labels} differ from the data's {records.classes}")
-            if rate != args.sampling_rate:
-                raise DataError(f"{path}: the model runs at {rate} Hz, the records were asked for at "
-                                f"{args.sampling_rate} Hz (--sampling-rate {rate})")
+        models = [load_model(Path(path), records.classes, args.sampling_rate) for path in args.model]
         x = load_signals(args.data_dir, chosen, sampling_rate=args.sampling_rate)
         readouts = None
         if args.readouts:
             # One pass serves the score and every read-out built on the same steps.
-            model = models[0][0]
+            model = models[0]
             steps = step_probabilities(model, x)
             scores, readouts = steps[:, -1], readout_aurocs(model, x, steps, chosen.labels)
         else:
-            scores = np.mean([last_step_probabilities(model, x) for model, _, _ in models], axis=0)
-        labels = models[0][1]
+            scores = np.mean([last_step_probabilities(model, x) for model in models], axis=0)
     except Exception as err:  # every failure is reported as one line, never as a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         "fold": args.fold,
         "records": len(chosen.ids),
         **bootstrap_macro_auroc(chosen.labels, scores, n_boot=args.n_boot),
-        "per_class_auroc": per_class_auroc_by_name(labels, chosen.labels, scores),
+        "per_class_auroc": per_class_auroc_by_name(records.classes, chosen.labels, scores),
     }
     if readouts is not None:
         result["readouts"] = readouts

@@ -203,14 +203,29 @@ def teacher_targets(paths: list[str], x: np.ndarray, classes: list[str], sample_
     probs = []
     for path in paths:
         try:
-            model, labels, rate = load_model(Path(path))
-        except CheckpointError as err:
+            model = load_model(Path(path), classes, sample_rate)
+        except (CheckpointError, DataError) as err:
             raise DataError(f"--teacher: {err}") from err
-        if labels != classes or rate != sample_rate:
-            raise DataError(f"--teacher {path}: a model of classes {labels} at {rate} Hz cannot teach one of "
-                            f"{classes} at {sample_rate} Hz")
         probs.append(last_step_probabilities(model, x))
     return np.mean(probs, axis=0).astype(np.float32)
+
+
+def computed_on_rank0(compute, world: int, is_main: bool):
+    """compute() on rank 0 only, its result handed to every rank (under torchrun, work such as scoring the teachers
+    is done once, not once per process). Rank 0's DataError is handed on too, so that no rank waits forever."""
+    if world == 1:
+        return compute()
+    box = [None]
+    if is_main:
+        try:
+            box[0] = (True, compute())
+        except (DataError, CheckpointError) as err:
+            box[0] = (False, str(err))
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise DataError(value)
+    return value
 
 
 def validation_loss(probs: np.ndarray, targets: np.ndarray, multi_label: bool) -> float:
@@ -322,7 +337,8 @@ def train(args) -> dict:
         if is_main:
             print(f"distillation: scoring {len(data.x_train)} training windows with {len(args.teacher)} teacher(s)",
                   file=sys.stderr)
-        soft = teacher_targets(args.teacher, data.x_train, data.classes, data.sample_rate)
+        soft = computed_on_rank0(lambda: teacher_targets(args.teacher, data.x_train, data.classes, data.sample_rate),
+                                 world, is_main)
         data.info["distillation"] = {"teachers": [str(t) for t in args.teacher], "weight": args.distill_weight}
     mean, std = fit_normalisation(data.x_train)
     model.input_mean.copy_(torch.from_numpy(mean))
