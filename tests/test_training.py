@@ -87,6 +87,15 @@ def test_init_warm_starts_from_a_checkpoint(tmp_path):
     assert warm.cfg == start.cfg
     assert payload["epoch"] == 1 and payload["scheduler"]["last_epoch"] == 1
 
+    other_classes = tmp_path / "sub"
+    fit("--task", "ptbxl", "--data-dir", str(FIXTURE), "--labels", str(FIXTURE / "labels" / "subdiagnostic.csv"),
+        "--out", str(other_classes), *TINY, "--epochs", "1", "--steps-per-epoch", "1")
+    for bad, expect in ((other_classes / "checkpoint.pt", "differ from the data's"), (tmp_path / "none.pt", "not found"),
+                        (first, "holds no trainable weights")):
+        proc = fit(*ptbxl_args(tmp_path / "x", "--epochs", "1", "--init", str(bad)), check=False)
+        assert proc.returncode == 2 and expect in proc.stderr and "--init" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
 
 def test_official_metadata_path_trains(tmp_path):
     fit("--task", "ptbxl", "--data-dir", str(FIXTURE), "--label-set", "superdiagnostic", "--out", str(tmp_path),

@@ -321,10 +321,16 @@ def train(args) -> dict:
     )
     if args.init:
         # Warm start (e.g. a second cosine cycle): weights and architecture from a checkpoint, a fresh optimiser and
-        # schedule. The model flags are ignored; the data must have the checkpoint's classes.
-        model, init_meta, _ = load_checkpoint(args.init)
-        if init_meta["labels"] != data.classes:
-            raise DataError(f"--init checkpoint classes {init_meta['labels']} differ from the data's {data.classes}")
+        # schedule. The model flags are ignored; the data must have the checkpoint's classes and sample rate.
+        from training.evaluate import load_model
+
+        if Path(args.init).is_dir():
+            raise DataError(f"--init {args.init}: an exported model directory holds no trainable weights; give the "
+                            "checkpoint.pt it was exported from")
+        try:
+            model = load_model(Path(args.init), data.classes, data.sample_rate)
+        except (CheckpointError, DataError) as err:
+            raise DataError(f"--init: {err}") from err
         model = resize_head(model, n_main + len(data.aux_classes))
         cfg = model.cfg
         model.train()
