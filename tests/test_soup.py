@@ -79,7 +79,7 @@ def test_greedy_soup_is_never_worse_than_its_best_ingredient(fine_tunes, tmp_pat
 
 @pytest.mark.parametrize("case, expect", [
     ("one", "at least two checkpoints"),
-    ("directory", "holds no weights to average"),
+    ("directory", "holds no trainable weights"),
     ("architecture", "architecture"),
     ("missing", "not found"),
 ])

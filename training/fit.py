@@ -324,11 +324,8 @@ def train(args) -> dict:
         # schedule. The model flags are ignored; the data must have the checkpoint's classes and sample rate.
         from training.evaluate import load_model
 
-        if Path(args.init).is_dir():
-            raise DataError(f"--init {args.init}: an exported model directory holds no trainable weights; give the "
-                            "checkpoint.pt it was exported from")
         try:
-            model = load_model(Path(args.init), data.classes, data.sample_rate)
+            model = load_model(Path(args.init), data.classes, data.sample_rate, weights=True)
         except (CheckpointError, DataError) as err:
             raise DataError(f"--init: {err}") from err
         model = resize_head(model, n_main + len(data.aux_classes))

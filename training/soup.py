@@ -59,10 +59,8 @@ def soup_of(models: list):
 def load_ingredients(paths: list[str], classes: list[str], sample_rate: int) -> list:
     models = []
     for path in map(Path, paths):
-        if path.is_dir():
-            raise DataError(f"{path}: a model directory holds no weights to average; give the checkpoint.pt")
         try:
-            models.append(load_model(path, classes, sample_rate))
+            models.append(load_model(path, classes, sample_rate, weights=True))
         except CheckpointError as err:
             raise DataError(str(err)) from err
     for path, model in zip(paths[1:], models[1:]):
