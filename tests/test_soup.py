@@ -10,11 +10,7 @@ import torch
 
 from msssm_serve.checkpoint import load_checkpoint
 from tests.test_training import FIXTURE, ROOT, fit, ptbxl_args
-
-
-@pytest.fixture(autouse=True)
-def signal_cache_outside_the_fixture(tmp_path, monkeypatch):
-    monkeypatch.setenv("MSSSM_CACHE_DIR", str(tmp_path / "cache"))
+from tests.test_training import signal_cache_outside_the_fixture  # noqa: F401  (autouse: used by being imported)
 
 
 def soup(*args):

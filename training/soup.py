@@ -57,12 +57,7 @@ def soup_of(models: list):
 
 
 def load_ingredients(paths: list[str], classes: list[str], sample_rate: int) -> list:
-    models = []
-    for path in map(Path, paths):
-        try:
-            models.append(load_model(path, classes, sample_rate, weights=True))
-        except CheckpointError as err:
-            raise DataError(str(err)) from err
+    models = [load_model(Path(path), classes, sample_rate, weights=True) for path in paths]
     for path, model in zip(paths[1:], models[1:]):
         if model.cfg != models[0].cfg:
             raise DataError(f"{path}: architecture {model.cfg} differs from {paths[0]}'s {models[0].cfg}")
@@ -75,14 +70,15 @@ def load_ingredients(paths: list[str], classes: list[str], sample_rate: int) -> 
 def cook(models: list, names: list[str], x: np.ndarray, y: np.ndarray, greedy: bool):
     """-> (soup model, names kept, each ingredient's validation AUROC, the soup's validation probabilities)."""
     score = lambda m: predict(m, x, torch.device("cpu"), 16)  # noqa: E731
-    alone = {name: macro_auroc(y, score(m)) for name, m in zip(names, models)}
+    probs = [score(m) for m in models]  # scored once: greedy starts from the best ingredient's own probabilities
+    alone = {name: macro_auroc(y, p) for name, p in zip(names, probs)}
     print(json.dumps({"ingredients_val_macro_auroc": alone}), file=sys.stderr)
     if not greedy:
         soup = soup_of(models)
         return soup, list(names), alone, score(soup)
     order = sorted(range(len(models)), key=lambda i: alone[names[i]], reverse=True)
     kept = [order[0]]
-    best_p = score(models[order[0]])
+    best_p = probs[order[0]]
     best = macro_auroc(y, best_p)
     for i in order[1:]:
         trial_p = score(soup_of([models[j] for j in kept + [i]]))
@@ -117,12 +113,13 @@ def main(argv=None) -> int:
     except (DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _, meta, _ = load_checkpoint(kept[0])
+    metas = {k: load_checkpoint(k)[1] for k in kept}
+    meta = metas[kept[0]]
     auroc = macro_auroc(val.labels, p_val)
     per_class = per_class_auroc_by_name(records.classes, val.labels, p_val)
     meta = {**meta, "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
             "soup": {"ingredients": list(args.models), "kept": kept, "ingredients_val_macro_auroc": alone,
-                     "ingredient_commands": {k: load_checkpoint(k)[1].get("command") for k in kept}},
+                     "ingredient_commands": {k: m.get("command") for k, m in metas.items()}},
             "validation": {"macro_auroc": auroc, "weights": f"mean of {len(kept)} checkpoints",
                            "per_class_auroc": per_class}}
     out = Path(args.out)
