@@ -405,3 +405,26 @@ def test_teacher_targets_are_the_teachers_average_and_soft_cross_entropy_matches
     assert np.allclose(teacher_targets([str(p) for p in paths], x, ["a", "b", "c"], 100), expected, atol=1e-6)
     logits, hard = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
     assert torch.allclose(loss_fn(logits, torch.eye(3)[hard], multi_label=False), torch.nn.functional.cross_entropy(logits, hard))
+
+
+def test_crop_distillation_asks_each_step_what_the_teacher_says_on_the_same_crop(tmp_path):
+    # A student started from its teacher and taught by it alone (w = 1) on every step of each crop is already at
+    # its targets: the gradient is zero up to float rounding (the loss's backward recomputes the sigmoid), far
+    # below Adam's eps, so the weights barely move. Whole-window targets move them by about the learning rate, and
+    # so would any misalignment of the crop's steps (Adam's step does not shrink with the gradient).
+    teacher = tmp_path / "teacher"
+    fit(*ptbxl_args(teacher, "--epochs", "1", "--steps-per-epoch", "1", "--dropout", "0"))
+    ckpt = str(teacher / "checkpoint.pt")
+    same = ("--epochs", "1", "--steps-per-epoch", "2", "--init", ckpt, "--teacher", ckpt, "--distill-weight", "1",
+            "--ema", "0", "--weight-decay", "0", "--supervise-from", "10")
+    fit(*ptbxl_args(tmp_path / "crop", *same, "--distill-on", "crop"))
+    fit(*ptbxl_args(tmp_path / "window", *same))
+    start = load_checkpoint(teacher / "checkpoint.pt")[0].state_dict()
+    moved = {}
+    for mode in ("crop", "window"):
+        payload = load_checkpoint(tmp_path / mode / "last.pt")[2]
+        assert payload["scheduler"]["last_epoch"] == 2
+        moved[mode] = max(float((payload["model"][k] - v).abs().max()) for k, v in start.items())
+    assert moved["crop"] < 1e-4 and moved["window"] > 100 * moved["crop"], moved
+    meta = load_checkpoint(tmp_path / "crop" / "checkpoint.pt")[1]
+    assert meta["data"]["distillation"] == {"teachers": [ckpt], "weight": 1.0, "on": "crop"}

@@ -195,19 +195,43 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> t
     return F.cross_entropy(logits, targets)
 
 
-def teacher_targets(paths: list[str], x: np.ndarray, classes: list[str], sample_rate: int) -> np.ndarray:
-    """[n, K]: the average probabilities of the teacher models (checkpoints or exported model directories) after
-    each whole training window, for distillation."""
-    from training.evaluate import last_step_probabilities, load_model
+def load_teachers(paths: list[str], classes: list[str], sample_rate: int) -> list:
+    """The teacher models (checkpoints or exported model directories), each checked for the data's classes and rate."""
+    from training.evaluate import load_model
 
-    probs = []
+    teachers = []
     for path in paths:
         try:
-            model = load_model(Path(path), classes, sample_rate)
+            teachers.append(load_model(Path(path), classes, sample_rate))
         except (CheckpointError, DataError) as err:
             raise DataError(f"--teacher: {err}") from err
-        probs.append(last_step_probabilities(model, x))
+    return teachers
+
+
+def teacher_targets(paths: list[str], x: np.ndarray, classes: list[str], sample_rate: int) -> np.ndarray:
+    """[n, K]: the average probabilities of the teacher models after each whole training window, for distillation."""
+    from training.evaluate import last_step_probabilities
+
+    probs = [last_step_probabilities(model, x) for model in load_teachers(paths, classes, sample_rate)]
     return np.mean(probs, axis=0).astype(np.float32)
+
+
+@torch.no_grad()
+def crop_teacher_probabilities(teachers: list, crops: np.ndarray, device) -> torch.Tensor:
+    """[B, L, K]: the teachers' average probabilities at every step of exactly the crops the student sees, each
+    from the zero state. A causal student is asked at step t what the teachers say from the same t samples, not
+    what they say after a whole window the crop may hold only a quarter of."""
+    from msssm_serve.runtime import OnnxModel
+
+    total = None
+    for teacher in teachers:
+        if isinstance(teacher, OnnxModel):
+            probs = torch.from_numpy(teacher.advance(crops, teacher.zero_state(len(crops)))[0]).to(device)
+        else:
+            teacher.to(device).eval()
+            probs = teacher.probabilities(teacher(torch.from_numpy(crops).to(device))).float()
+        total = probs if total is None else total + probs
+    return total / len(teachers)
 
 
 def computed_on_rank0(compute, world: int, is_main: bool):
@@ -335,8 +359,12 @@ def train(args) -> dict:
         model = MSSSMClassifier(cfg)
     # Distillation: the loss's targets are (1 - w) * labels + w * the teachers' probabilities (for BCE and
     # cross-entropy alike this is the same as mixing the two losses with these weights).
-    soft = None
-    if args.teacher:
+    soft, crop_teachers = None, []
+    if args.teacher and args.distill_on == "crop":
+        crop_teachers = load_teachers(args.teacher, data.classes, data.sample_rate)
+        data.info["distillation"] = {"teachers": [str(t) for t in args.teacher], "weight": args.distill_weight,
+                                     "on": "crop"}
+    elif args.teacher:
         if is_main:
             print(f"distillation: scoring {len(data.x_train)} training windows with {len(args.teacher)} teacher(s)",
                   file=sys.stderr)
@@ -433,6 +461,9 @@ def train(args) -> dict:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = supervised_steps(net(xb), args.supervise_from).float()
             targets = yb[:, None].expand(-1, logits.shape[1], -1)
+            if crop_teachers:
+                taught = supervised_steps(crop_teacher_probabilities(crop_teachers, crops, device), args.supervise_from)
+                targets = (1 - args.distill_weight) * targets + args.distill_weight * taught
             loss = loss_fn(logits[..., :n_main].flatten(0, 1), targets.flatten(0, 1), data.multi_label)
             if data.aux_classes:
                 # Each task's BCE is a mean over its own classes, so many auxiliary classes do not drown the main ones.
@@ -558,6 +589,9 @@ def parse_args(argv=None):
     p.add_argument("--teacher", nargs="+", default=[], metavar="MODEL",
                    help="distil from these models (checkpoints or model directories, same classes and rate): their "
                         "averaged probabilities after each training window are mixed into the targets")
+    p.add_argument("--distill-on", choices=["window", "crop"], default="window",
+                   help="window: the teachers' probabilities after each whole training window, scored once before "
+                        "training; crop: their probabilities at every step of each training crop, scored every step")
     p.add_argument("--distill-weight", type=float, default=0.5, help="share of the teachers in the targets (0-1)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="ucr: share of TRAIN held out for validation")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on optimiser steps per epoch (0: a full pass)")
