@@ -428,3 +428,30 @@ def test_crop_distillation_asks_each_step_what_the_teacher_says_on_the_same_crop
     assert moved["crop"] < 1e-4 and moved["window"] > 100 * moved["crop"], moved
     meta = load_checkpoint(tmp_path / "crop" / "checkpoint.pt")[1]
     assert meta["data"]["distillation"] == {"teachers": [ckpt], "weight": 1.0, "on": "crop"}
+
+
+def test_crop_teachers_agree_as_checkpoints_and_exported_models_and_average(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from training.fit import crop_teacher_probabilities, load_teachers
+
+    fit(*ptbxl_args(tmp_path / "a", "--epochs", "1", "--steps-per-epoch", "1"))
+    fit(*ptbxl_args(tmp_path / "b", "--epochs", "1", "--steps-per-epoch", "1", "--seed", "1"))
+    exported = subprocess.run([sys.executable, str(ROOT / "export" / "export.py"), "--checkpoint",
+                               str(tmp_path / "a" / "checkpoint.pt"), "--out", str(tmp_path / "a_onnx")],
+                              capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    classes = ["CD", "HYP", "MI", "NORM", "STTC"]
+    crops = np.random.default_rng(0).standard_normal((3, 40, 12)).astype(np.float32)
+    cpu = torch.device("cpu")
+    a, b = load_teachers([str(tmp_path / "a" / "checkpoint.pt"), str(tmp_path / "b" / "checkpoint.pt")], classes, 100)
+    (a_onnx,) = load_teachers([str(tmp_path / "a_onnx")], classes, 100)
+    # the exported teacher runs on the trainer's threads, not on every core
+    assert a_onnx.session.get_session_options().intra_op_num_threads == torch.get_num_threads()
+    from_a = crop_teacher_probabilities([a], crops, cpu)
+    assert from_a.shape == (3, 40, 5)
+    assert torch.allclose(crop_teacher_probabilities([a_onnx], crops, cpu), from_a, atol=1e-4)
+    from_b = crop_teacher_probabilities([b], crops, cpu)
+    assert not torch.allclose(from_a, from_b, atol=1e-3)
+    assert torch.allclose(crop_teacher_probabilities([a, b], crops, cpu), (from_a + from_b) / 2, atol=1e-6)

@@ -52,18 +52,19 @@ def readout_aurocs(model, x: np.ndarray, steps: np.ndarray, labels: np.ndarray) 
     return {name: macro_auroc(labels, score) for name, score in scores.items()}
 
 
-def load_model(path: Path, classes: list[str], sample_rate: int, weights: bool = False):
+def load_model(path: Path, classes: list[str], sample_rate: int, weights: bool = False, threads: int | None = None):
     """-> the model at `path`: a model directory through onnxruntime (exactly what the server runs), a checkpoint
     through PyTorch. DataError unless it predicts `classes` at `sample_rate`: checked before any record is scored,
     as a mismatch would otherwise score nonsense rather than fail. `weights`: the caller needs the torch weights
-    (to train or average them), so a model directory is refused."""
+    (to train or average them), so a model directory is refused. `threads`: onnxruntime's, for a model directory
+    (default: the runtime's, all cores)."""
     if path.is_dir() and weights:
         raise DataError(f"{path}: an exported model directory holds no trainable weights; give the checkpoint.pt "
                         "it was exported from")
     if path.is_dir():
         from msssm_serve.runtime import OnnxModel
 
-        model = OnnxModel(path)
+        model = OnnxModel(path, threads=threads)
         labels, rate = model.labels, model.sample_rate
     else:
         from msssm_serve.checkpoint import load_checkpoint

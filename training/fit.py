@@ -202,7 +202,8 @@ def load_teachers(paths: list[str], classes: list[str], sample_rate: int) -> lis
     teachers = []
     for path in paths:
         try:
-            teachers.append(load_model(Path(path), classes, sample_rate))
+            # An exported teacher runs on as many threads as the trainer, not on every core beside it.
+            teachers.append(load_model(Path(path), classes, sample_rate, threads=torch.get_num_threads()))
         except (CheckpointError, DataError) as err:
             raise DataError(f"--teacher: {err}") from err
     return teachers
