@@ -370,7 +370,8 @@ def test_distillation_from_teachers_and_clear_errors_for_unfit_ones(tmp_path):
     fit(*ptbxl_args(student, "--epochs", "1", "--steps-per-epoch", "2", "--teacher", str(teacher / "checkpoint.pt"),
                     str(teacher / "checkpoint.pt"), "--distill-weight", "0.3"))
     meta = load_checkpoint(student / "checkpoint.pt")[1]
-    assert meta["data"]["distillation"] == {"teachers": [str(teacher / "checkpoint.pt")] * 2, "weight": 0.3}
+    assert meta["data"]["distillation"] == {"teachers": [str(teacher / "checkpoint.pt")] * 2, "weight": 0.3,
+                                            "on": "window"}
 
     other_classes = tmp_path / "sub"
     fit("--task", "ptbxl", "--data-dir", str(FIXTURE), "--labels", str(FIXTURE / "labels" / "subdiagnostic.csv"),

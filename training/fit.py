@@ -363,15 +363,15 @@ def train(args) -> dict:
     soft, crop_teachers = None, []
     if args.teacher and args.distill_on == "crop":
         crop_teachers = load_teachers(args.teacher, data.classes, data.sample_rate)
-        data.info["distillation"] = {"teachers": [str(t) for t in args.teacher], "weight": args.distill_weight,
-                                     "on": "crop"}
     elif args.teacher:
         if is_main:
             print(f"distillation: scoring {len(data.x_train)} training windows with {len(args.teacher)} teacher(s)",
                   file=sys.stderr)
         soft = computed_on_rank0(lambda: teacher_targets(args.teacher, data.x_train, data.classes, data.sample_rate),
                                  world, is_main)
-        data.info["distillation"] = {"teachers": [str(t) for t in args.teacher], "weight": args.distill_weight}
+    if args.teacher:
+        data.info["distillation"] = {"teachers": [str(t) for t in args.teacher], "weight": args.distill_weight,
+                                     "on": args.distill_on}
     mean, std = fit_normalisation(data.x_train)
     model.input_mean.copy_(torch.from_numpy(mean))
     model.input_std.copy_(torch.from_numpy(std))
