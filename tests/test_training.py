@@ -124,6 +124,14 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     assert load_checkpoint(student / "checkpoint.pt")[1]["data"]["distillation"]["weight"] == 0.5
     proc = torchrun(*ptbxl_args(tmp_path / "bad", "--epochs", "1", "--teacher", str(tmp_path / "none.pt")), timeout=300)
     assert proc.returncode != 0 and "not found" in proc.stderr, proc.stderr[-3000:]
+    # Per-crop distillation: every rank scores its own crops; a missing teacher stops every rank, none waits.
+    proc = torchrun(*ptbxl_args(tmp_path / "crop", "--epochs", "1", "--steps-per-epoch", "2", "--distill-on", "crop",
+                                "--teacher", str(tmp_path / "checkpoint.pt")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "crop" / "checkpoint.pt")[1]["data"]["distillation"]["on"] == "crop"
+    proc = torchrun(*ptbxl_args(tmp_path / "bad", "--epochs", "1", "--distill-on", "crop",
+                                "--teacher", str(tmp_path / "none.pt")), timeout=300)
+    assert proc.returncode != 0 and "not found" in proc.stderr, proc.stderr[-3000:]
 
 
 def write_ucr(root: Path, name="TinyECG", n_train=24, n_test=12, length=40):
