@@ -221,16 +221,16 @@ def teacher_targets(paths: list[str], x: np.ndarray, classes: list[str], sample_
 def crop_teacher_probabilities(teachers: list, crops: np.ndarray, device) -> torch.Tensor:
     """[B, L, K]: the teachers' average probabilities at every step of exactly the crops the student sees, each
     from the zero state. A causal student is asked at step t what the teachers say from the same t samples, not
-    what they say after a whole window the crop may hold only a quarter of."""
-    from msssm_serve.runtime import OnnxModel
+    what they say after a whole window the crop may hold only a quarter of. Checkpoint teachers must already be on
+    `device` (and in eval mode, as loaded)."""
+    from training.evaluate import step_probabilities
 
     total = None
     for teacher in teachers:
-        if isinstance(teacher, OnnxModel):
-            probs = torch.from_numpy(teacher.advance(crops, teacher.zero_state(len(crops)))[0]).to(device)
-        else:
-            teacher.to(device).eval()
+        if isinstance(teacher, torch.nn.Module):
             probs = teacher.probabilities(teacher(torch.from_numpy(crops).to(device))).float()
+        else:  # an exported model through onnxruntime
+            probs = torch.from_numpy(step_probabilities(teacher, crops)).to(device)
         total = probs if total is None else total + probs
     return total / len(teachers)
 
@@ -362,7 +362,9 @@ def train(args) -> dict:
     # cross-entropy alike this is the same as mixing the two losses with these weights).
     soft, crop_teachers = None, []
     if args.teacher and args.distill_on == "crop":
-        crop_teachers = load_teachers(args.teacher, data.classes, data.sample_rate)
+        # Moved to the training device once here, not on every step.
+        crop_teachers = [t.to(device) if isinstance(t, torch.nn.Module) else t
+                         for t in load_teachers(args.teacher, data.classes, data.sample_rate)]
     elif args.teacher:
         if is_main:
             print(f"distillation: scoring {len(data.x_train)} training windows with {len(args.teacher)} teacher(s)",
