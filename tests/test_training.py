@@ -464,3 +464,97 @@ def test_crop_teachers_agree_as_checkpoints_and_exported_models_and_average(tmp_
     from_b = crop_teacher_probabilities([b], crops, cpu)
     assert not torch.allclose(from_a, from_b, atol=1e-3)
     assert torch.allclose(crop_teacher_probabilities([a, b], crops, cpu), (from_a + from_b) / 2, atol=1e-6)
+
+
+def lam_and_perm(mixed_names):
+    """From mixup's mix of np.eye(n) (row i names record i): each row's own share lam and the record mixed into it."""
+    n = len(mixed_names)
+    others = np.where(np.eye(n, dtype=bool), 0, mixed_names)
+    perm = np.where(others.max(1) > 0, others.argmax(1), np.arange(n))  # a row left unmixed has itself
+    lam = float(np.diagonal(mixed_names)[perm != np.arange(n)].min()) if (perm != np.arange(n)).any() else 1.0
+    return lam, perm
+
+
+def test_mixup_mixes_inputs_and_targets_with_one_lam_and_permutation():
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from training.fit import loss_fn, mixup
+
+    x = np.random.default_rng(1).standard_normal((8, 50, 12)).astype(np.float32)
+    labels = (np.random.default_rng(2).random((8, 5)) < 0.4).astype(np.float32)  # multi-label 0/1 rows
+    names = np.eye(8, dtype=np.float32)  # its mix tells lam and perm
+    kept = [a.copy() for a in (x, labels, names)]
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    off_x, off_targets = mixup(x, [labels], rng, 0.0)
+    assert off_x is x and off_targets[0] is labels  # off: the batch unchanged ...
+    assert rng.bit_generator.state == state  # ... and nothing drawn, so the run's random stream is as before
+    lams, perms = [], []
+    for _ in range(20):
+        mixed_x, (mixed_labels, mixed_names) = mixup(x, [labels, names], rng, 0.2)
+        lam, perm = lam_and_perm(mixed_names)
+        assert sorted(perm) == list(range(8)) and 0.5 <= lam <= 1.0  # the row's own record dominates
+        assert np.allclose(mixed_names, lam * names + (1 - lam) * names[perm], atol=1e-6)
+        assert mixed_x.dtype == np.float32 and mixed_labels.dtype == np.float32
+        assert np.allclose(mixed_x, lam * x + (1 - lam) * x[perm], atol=1e-6)  # inputs: the same lam and perm
+        assert np.allclose(mixed_labels, lam * labels + (1 - lam) * labels[perm], atol=1e-6)
+        lams.append(lam)
+        perms.append(perm)
+    assert all(np.array_equal(a, b) for a, b in zip((x, labels, names), kept))  # never changed in place
+    assert len(set(lams)) == 20 and min(lams) < 0.9  # lam is drawn per batch, not fixed at 1
+    assert sum((p != np.arange(8)).any() for p in perms) >= 19  # and records are mixed with others
+
+    # The trainer's targets are torch tensors: the same mix, and BCE / cross-entropy of a mixed target is the same
+    # mix of the two records' losses (cross-entropy takes the soft one-hot rows as class probabilities).
+    logits = torch.randn(8, 5)
+    for multi_label, target in ((True, torch.from_numpy(labels)), (False, torch.eye(5)[torch.arange(8) % 5])):
+        _, (mixed, mixed_names) = mixup(x, [target, torch.eye(8)], rng, 0.4)
+        lam, perm = lam_and_perm(mixed_names.numpy())
+        assert 0.5 <= lam < 1.0 and torch.allclose(mixed, lam * target + (1 - lam) * target[perm], atol=1e-6)
+        expected = lam * loss_fn(logits, target, multi_label) + (1 - lam) * loss_fn(logits, target[perm], multi_label)
+        assert torch.allclose(loss_fn(logits, mixed, multi_label), expected, atol=1e-6)
+
+
+def test_mixup_trains_records_itself_and_refuses_a_negative_alpha(tmp_path):
+    out = tmp_path / "run"
+    aux = ["--aux-labels", str(FIXTURE / "labels" / "subdiagnostic.csv")]  # auxiliary targets are mixed alike
+    fit(*ptbxl_args(out, "--epochs", "1", "--steps-per-epoch", "2", "--mixup", "0.2", *aux))
+    model, meta, _ = load_checkpoint(out / "checkpoint.pt")
+    assert model.cfg.n_classes == 5 and meta["data"]["mixup"] == {"alpha": 0.2}
+    assert json.loads((out / "metrics.json").read_text())["data"]["mixup"] == {"alpha": 0.2}
+    plain = tmp_path / "plain"
+    fit(*ptbxl_args(plain, "--epochs", "1", "--steps-per-epoch", "2", *aux))
+    assert "mixup" not in load_checkpoint(plain / "checkpoint.pt")[1]["data"]  # off: not recorded
+    trained = [load_checkpoint(run / "last.pt")[2]["model"] for run in (out, plain)]
+    assert any(not np.allclose(trained[0][k], trained[1][k]) for k in trained[0])  # the mix changed the training
+
+    ucr = tmp_path / "ucr"  # single-label: cross-entropy against soft one-hot mixes
+    fit("--task", "ucr", "--data-dir", str(write_ucr(tmp_path)), "--out", str(ucr), "--d-model", "8", "--n-layers",
+        "1", "--epochs", "2", "--batch-size", "8", "--n-boot", "20", "--device", "cpu", "--mixup", "0.4")
+    meta = load_checkpoint(ucr / "checkpoint.pt")[1]
+    assert meta["multi_label"] is False and meta["data"]["mixup"] == {"alpha": 0.4}
+
+    for bad in ("-0.2", "nan"):
+        proc = fit(*ptbxl_args(tmp_path / "bad", "--epochs", "1", "--mixup", bad), check=False)
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert errors == [f"fit.py: error: --mixup must be a finite number >= 0 (0: off), got {float(bad)}"], errors
+    assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+def test_crop_teachers_score_the_mixed_crops_the_student_sees(tmp_path):
+    # As in the crop distillation test above: a student started from its teacher and taught by it alone on every
+    # step is at its targets, and barely moves, only if the teacher scores exactly what the student sees; with mixup
+    # that is the mixed crops (a mix of the teacher's scores of the two unmixed crops would move it).
+    teacher = tmp_path / "teacher"
+    fit(*ptbxl_args(teacher, "--epochs", "1", "--steps-per-epoch", "1", "--dropout", "0"))
+    ckpt = str(teacher / "checkpoint.pt")
+    fit(*ptbxl_args(tmp_path / "student", "--epochs", "1", "--steps-per-epoch", "2", "--init", ckpt, "--teacher", ckpt,
+                    "--distill-weight", "1", "--distill-on", "crop", "--ema", "0", "--weight-decay", "0",
+                    "--supervise-from", "10", "--mixup", "0.4"))
+    start = load_checkpoint(teacher / "checkpoint.pt")[0].state_dict()
+    payload = load_checkpoint(tmp_path / "student" / "last.pt")[2]
+    assert payload["scheduler"]["last_epoch"] == 2
+    assert max(float((payload["model"][k] - v).abs().max()) for k, v in start.items()) < 1e-4
+    assert load_checkpoint(tmp_path / "student" / "checkpoint.pt")[1]["data"]["mixup"] == {"alpha": 0.4}

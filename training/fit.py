@@ -144,6 +144,21 @@ def augment(xb: np.ndarray, rng: np.random.Generator, amp_jitter: float, noise_s
     return xb
 
 
+def mixup(x, targets, rng: np.random.Generator, alpha: float):
+    """Mixup (Zhang et al., 2018) of one training batch: with lam ~ Beta(alpha, alpha), folded to max(lam, 1 - lam)
+    so that each row's own record dominates, and one permutation `perm` of the batch, returns
+    (lam * x + (1 - lam) * x[perm], [lam * t + (1 - lam) * t[perm] for t in targets]) as new arrays; the inputs are
+    not changed. x and each target are numpy arrays or torch tensors with the batch on the first axis (0/1 labels
+    become soft ones: BCE and cross-entropy both take them). alpha <= 0: x and targets unchanged, and no random
+    numbers drawn, so a run without mixup keeps its random stream."""
+    if alpha <= 0:
+        return x, list(targets)
+    lam = float(rng.beta(alpha, alpha))
+    lam = max(lam, 1.0 - lam)
+    perm = rng.permutation(len(x))
+    return lam * x + (1.0 - lam) * x[perm], [lam * t + (1.0 - lam) * t[perm] for t in targets]
+
+
 def random_crops(x: np.ndarray, idx: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
     length = x.shape[1]
     if crop <= 0 or crop >= length:
@@ -189,7 +204,9 @@ def supervised_steps(logits: torch.Tensor, supervise_from: int) -> torch.Tensor:
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """BCE or cross-entropy against 0/1 targets, or soft ones (a mix with a teacher's probabilities)."""
+    """BCE or cross-entropy against 0/1 targets, or soft ones (a mix with a teacher's probabilities, or of two
+    records' labels by mixup). Cross-entropy is given the targets as class probabilities, so a soft row t gives
+    -sum_k t_k log softmax(logits)_k: the same mix of the two records' losses."""
     if multi_label:
         return F.binary_cross_entropy_with_logits(logits, targets)
     return F.cross_entropy(logits, targets)
@@ -374,6 +391,8 @@ def train(args) -> dict:
     if args.teacher:
         data.info["distillation"] = {"teachers": [str(t) for t in args.teacher], "weight": args.distill_weight,
                                      "on": args.distill_on}
+    if args.mixup > 0:
+        data.info["mixup"] = {"alpha": args.mixup}
     mean, std = fit_normalisation(data.x_train)
     model.input_mean.copy_(torch.from_numpy(mean))
     model.input_std.copy_(torch.from_numpy(std))
@@ -457,10 +476,17 @@ def train(args) -> dict:
         for step in bar:
             idx = order[step * args.batch_size : (step + 1) * args.batch_size]
             crops = augment(random_crops(data.x_train, idx, crop, rng), rng, args.amp_jitter, args.noise_std)
-            xb = torch.from_numpy(crops).to(device)
             yb = torch.from_numpy(data.y_train[idx].astype(np.float32)).to(device)
             if soft is not None:
                 yb = (1 - args.distill_weight) * yb + args.distill_weight * torch.from_numpy(soft[idx]).to(device)
+            per_record = [yb]
+            if data.aux_classes:
+                per_record.append(torch.from_numpy(data.y_train_aux[idx]).to(device))
+            # Mixup (--mixup 0: unchanged, nothing drawn): the crops, then the per-record targets with the same mix;
+            # per-step crop teachers below score the mixed crops, as the student sees them.
+            crops, per_record = mixup(crops, per_record, rng, args.mixup)
+            yb = per_record[0]
+            xb = torch.from_numpy(crops).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = supervised_steps(net(xb), args.supervise_from).float()
             targets = yb[:, None].expand(-1, logits.shape[1], -1)
@@ -470,7 +496,7 @@ def train(args) -> dict:
             loss = loss_fn(logits[..., :n_main].flatten(0, 1), targets.flatten(0, 1), data.multi_label)
             if data.aux_classes:
                 # Each task's BCE is a mean over its own classes, so many auxiliary classes do not drown the main ones.
-                aux = torch.from_numpy(data.y_train_aux[idx]).to(device)[:, None].expand(-1, logits.shape[1], -1)
+                aux = per_record[1][:, None].expand(-1, logits.shape[1], -1)
                 loss = loss + args.aux_weight * F.binary_cross_entropy_with_logits(logits[..., n_main:], aux)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -584,6 +610,9 @@ def parse_args(argv=None):
                    help="loss on every step from this many samples on (0: the last step of the crop only)")
     p.add_argument("--amp-jitter", type=float, default=0.0, help="training: per-record gain in [1/(1+a), 1+a]")
     p.add_argument("--noise-std", type=float, default=0.0, help="training: white noise std, in the signal's units")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="training: mixup of each batch, lam * x + (1 - lam) * x[perm] and the same for the targets, "
+                        "lam = max(l, 1 - l), l ~ Beta(ALPHA, ALPHA) (0: off)")
     p.add_argument("--aux-labels", nargs="+", default=[], metavar="SOURCE",
                    help="ptbxl: multi-task training on more label sets of the same records (label table CSVs, e.g. "
                         "labels/subdiagnostic.csv, or set names for the official metadata); their outputs are cut "
@@ -609,6 +638,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0.0 <= args.distill_weight <= 1.0:
         p.error(f"--distill-weight must be in 0..1, got {args.distill_weight}")
+    if not 0.0 <= args.mixup < math.inf:  # also refuses nan
+        p.error(f"--mixup must be a finite number >= 0 (0: off), got {args.mixup}")
     # A UCR ECG set has ~100 short training series: batches of 64 would give one optimiser step per epoch, so small
     # sets get small batches and more epochs (ECG200: 5 steps per epoch, 750 in all).
     small = args.task == "ucr"
