@@ -6,8 +6,8 @@
 PTB-XL's 100 Hz records are int16 at gain 1000 and baseline 0, so the float32 signals round-trip exactly through
 int16 (checked on packing). Differences along time compress best (lzma: 0.39 of the int16 bytes, 56 MiB for folds
 1-9). Unpacking writes the label table and the float32 signal caches that training.ptbxl would build from WFDB,
-named by training.ptbxl itself, for the whole set and for the train (folds 1-8) and validation (fold 9) subsets
-that fit.py asks for, so fit.py then runs there unchanged.
+named by training.ptbxl itself, for the train (folds 1-8) and validation (fold 9) subsets: the ones fit.py,
+evaluate.py and soup.py load, so they then run there unchanged.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def unpack(pack_dir: Path, data_dir: Path) -> None:
 
     ptbxl._build_cache = from_pack  # the caches' names and row order stay training.ptbxl's own
     folds = ptbxl.split_folds(records)
-    for part in (records, records.subset(folds["train"]), records.subset(folds["val"])):
+    for part in (records.subset(folds["train"]), records.subset(folds["val"])):
         print("cache", ptbxl.load_signals(data_dir, part).shape)
     print(f"labels: {labels}")
 
