@@ -112,23 +112,24 @@ def main() -> None:
     for k in args.train_folds:
         for seed in args.seeds:
             m = json.loads((out / f"folds1-{k}_s{seed}" / "metrics.json").read_text())
-            points.setdefault(k, []).append((f"s{seed}", m["data"]["train_records"], m["best"]["macro_auroc"]))
+            points.setdefault(k, []).append((f"folds1-{k}_s{seed}", m["data"]["train_records"], m["best"]["macro_auroc"]))
     for k, pattern in args.include:
         files = sorted(glob.glob(pattern))
         if not files:
             sys.exit(f"error: --include {k} {pattern}: no file matches")
         for f in files:
             m = json.loads(Path(f).read_text())
-            points.setdefault(int(k), []).append((Path(f).stem, m["data"]["train_records"], m["best"]["macro_auroc"]))
+            name = Path(f).parent.name if Path(f).name == "metrics.json" else Path(f).stem
+            points.setdefault(int(k), []).append((name, m["data"]["train_records"], m["best"]["macro_auroc"]))
 
     print(f"\nvalidation (fold 9) macro AUROC by training folds; recipe: fit.py {' '.join(fit_args)}")
     print(f"{'folds':>6} {'records':>8} {'runs':>5} {'mean':>8} {'sd':>7}  each")
     for k in sorted(points):
         ys = [y for _, _, y in points[k]]
         mean = sum(ys) / len(ys)
-        sd = math.sqrt(sum((y - mean) ** 2 for y in ys) / (len(ys) - 1)) if len(ys) > 1 else float("nan")
+        sd = f"{math.sqrt(sum((y - mean) ** 2 for y in ys) / (len(ys) - 1)):.4f}" if len(ys) > 1 else "-"
         each = " ".join(f"{name}={y:.4f}" for name, _, y in points[k])
-        print(f"{'1-' + str(k):>6} {points[k][0][1]:>8} {len(ys):>5} {mean:>8.4f} {sd:>7.4f}  {each}")
+        print(f"{'1-' + str(k):>6} {points[k][0][1]:>8} {len(ys):>5} {mean:>8.4f} {sd:>7}  {each}")
     flat = [(n, y) for k in points for _, n, y in points[k]]
     if len({n for n, _ in flat}) < 2:
         return
@@ -136,7 +137,18 @@ def main() -> None:
     needed = 2 ** ((args.target - a) / b) if b > 0 else float("inf")
     top = max(n for n, _ in flat)
     print(f"fit over {len(flat)} runs: AUROC = {a:.4f} + {b:.4f} * log2(records): {b:+.4f} per doubling")
-    print(f"the fit reaches {args.target} at about {needed:,.0f} training records ({needed / top:.1f}x the {top:,} of folds 1-8)")
+    print(f"the fit reaches {args.target} at about {needed:,.0f} training records ({needed / top:.1f}x the {top:,} "
+          "trained on here)")
+    # Gains per doubling usually shrink as data grows, so the steps between the means say whether the line is hopeful.
+    ks = sorted(points)
+    means = {k: sum(y for *_, y in points[k]) / len(points[k]) for k in ks}
+    for lo, hi in zip(ks, ks[1:]):
+        gain = (means[hi] - means[lo]) / math.log2(points[hi][0][1] / points[lo][0][1])
+        print(f"folds 1-{lo} -> 1-{hi}: {gain:+.4f} per doubling of the mean")
+    if gain > 0 and means[ks[-1]] < args.target:
+        at = points[ks[-1]][0][1] * 2 ** ((args.target - means[ks[-1]]) / gain)
+        print(f"at the last step's gain, {args.target} needs about {at:,.0f} training records; "
+              "more if the gain per doubling keeps shrinking")
 
 
 if __name__ == "__main__":
