@@ -36,6 +36,8 @@ def write_subset(labels_csv: Path, k: int, out: Path) -> int:
     """Label table with training folds 1..k and all other rows; returns the number of training rows kept."""
     with open(labels_csv, newline="") as f:
         reader = csv.DictReader(f)
+        if "strat_fold" not in (reader.fieldnames or []):
+            sys.exit(f"error: {labels_csv} has no strat_fold column (the label-table format of fit.py --labels)")
         rows = [r for r in reader if int(r["strat_fold"]) not in TRAIN_FOLDS or int(r["strat_fold"]) <= k]
         fields = reader.fieldnames
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +76,11 @@ def main() -> None:
     for k in args.train_folds:
         if not 1 <= k <= 8:
             p.error(f"--train-folds: {k} is not in 1..8")
+    for k, _ in args.include:
+        if not k.isdigit() or not 1 <= int(k) <= 8:
+            p.error(f"--include: {k!r} is not a number of training folds in 1..8")
+    if not Path(args.labels).is_file():
+        p.error(f"--labels: {args.labels} is not a file")
 
     out = Path(args.out)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
