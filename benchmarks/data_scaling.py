@@ -23,17 +23,20 @@ import glob
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_FOLDS = range(1, 9)
+sys.path.insert(0, str(ROOT))
+
+from training.ptbxl import TRAIN_FOLDS  # noqa: E402
 
 
-def write_subset(labels_csv: Path, k: int, out: Path) -> int:
-    """Label table with training folds 1..k and all other rows; returns the number of training rows kept."""
+def write_subset(labels_csv: Path, k: int, out: Path) -> None:
+    """Label table with training folds 1..k and all other rows, written as read (columns and values unchanged)."""
     with open(labels_csv, newline="") as f:
         reader = csv.DictReader(f)
         if "strat_fold" not in (reader.fieldnames or []):
@@ -45,16 +48,6 @@ def write_subset(labels_csv: Path, k: int, out: Path) -> int:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    return sum(int(r["strat_fold"]) in TRAIN_FOLDS for r in rows)
-
-
-def fit_log2(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least squares AUROC = a + b * log2(records) over all runs (each seed one point)."""
-    xs = [math.log2(n) for n, _ in points]
-    ys = [y for _, y in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - b * mx, b
 
 
 def main() -> None:
@@ -73,12 +66,13 @@ def main() -> None:
     p.add_argument("--target", type=float, default=0.92)
     p.add_argument("--out", default="runs/data_scaling")
     args = p.parse_args(argv)
+    folds = f"{TRAIN_FOLDS[0]}..{TRAIN_FOLDS[-1]}"
     for k in args.train_folds:
-        if not 1 <= k <= 8:
-            p.error(f"--train-folds: {k} is not in 1..8")
+        if k not in TRAIN_FOLDS:
+            p.error(f"--train-folds: {k} is not in {folds}")
     for k, _ in args.include:
-        if not k.isdigit() or not 1 <= int(k) <= 8:
-            p.error(f"--include: {k!r} is not a number of training folds in 1..8")
+        if not k.isdigit() or int(k) not in TRAIN_FOLDS:
+            p.error(f"--include: {k!r} is not a number of training folds in {folds}")
     if not Path(args.labels).is_file():
         p.error(f"--labels: {args.labels} is not a file")
 
@@ -129,26 +123,26 @@ def main() -> None:
             name = Path(f).parent.name if Path(f).name == "metrics.json" else Path(f).stem
             points.setdefault(int(k), []).append((name, m["data"]["train_records"], m["best"]["macro_auroc"]))
 
+    ks = sorted(points)
+    means = {k: statistics.mean(y for *_, y in points[k]) for k in ks}
     print(f"\nvalidation (fold 9) macro AUROC by training folds; recipe: fit.py {' '.join(fit_args)}")
     print(f"{'folds':>6} {'records':>8} {'runs':>5} {'mean':>8} {'sd':>7}  each")
-    for k in sorted(points):
-        ys = [y for _, _, y in points[k]]
-        mean = sum(ys) / len(ys)
-        sd = f"{math.sqrt(sum((y - mean) ** 2 for y in ys) / (len(ys) - 1)):.4f}" if len(ys) > 1 else "-"
+    for k in ks:
+        ys = [y for *_, y in points[k]]
+        sd = f"{statistics.stdev(ys):.4f}" if len(ys) > 1 else "-"
         each = " ".join(f"{name}={y:.4f}" for name, _, y in points[k])
-        print(f"{'1-' + str(k):>6} {points[k][0][1]:>8} {len(ys):>5} {mean:>8.4f} {sd:>7}  {each}")
-    flat = [(n, y) for k in points for _, n, y in points[k]]
+        print(f"{'1-' + str(k):>6} {points[k][0][1]:>8} {len(ys):>5} {means[k]:>8.4f} {sd:>7}  {each}")
+    flat = [(n, y) for k in ks for _, n, y in points[k]]
     if len({n for n, _ in flat}) < 2:
         return
-    a, b = fit_log2(flat)
+    # Least squares over all runs (each seed one point): AUROC = a + b * log2(records).
+    b, a = statistics.linear_regression([math.log2(n) for n, _ in flat], [y for _, y in flat])
     needed = 2 ** ((args.target - a) / b) if b > 0 else float("inf")
     top = max(n for n, _ in flat)
     print(f"fit over {len(flat)} runs: AUROC = {a:.4f} + {b:.4f} * log2(records): {b:+.4f} per doubling")
     print(f"the fit reaches {args.target} at about {needed:,.0f} training records ({needed / top:.1f}x the {top:,} "
           "trained on here)")
     # Gains per doubling usually shrink as data grows, so the steps between the means say whether the line is hopeful.
-    ks = sorted(points)
-    means = {k: sum(y for *_, y in points[k]) / len(points[k]) for k in ks}
     for lo, hi in zip(ks, ks[1:]):
         gain = (means[hi] - means[lo]) / math.log2(points[hi][0][1] / points[lo][0][1])
         print(f"folds 1-{lo} -> 1-{hi}: {gain:+.4f} per doubling of the mean")
