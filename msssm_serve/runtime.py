@@ -101,6 +101,29 @@ class OnnxModel:
         self.n_channels = int(self.session.get_inputs()[0].shape[-1])
         if self.n_channels != len(self.leads):
             raise ModelDirError(f"{self.dir}: graph takes {self.n_channels} channels, model.json lists {self.leads}")
+        self._check_state_shapes(onnx_path)
+
+    def _check_state_shapes(self, onnx_path: Path) -> None:
+        """model.json's state shapes against the graph's inputs, then one real step from the zero state: a model
+        directory that would fail every request is refused at start-up instead of reported ready."""
+        for spec, name, shape in zip(self.session.get_inputs()[1:], self.state_names, self.state_shapes):
+            graph_shape = spec.shape[1:]  # after the dynamic batch dimension
+            if len(graph_shape) != len(shape) or any(isinstance(g, int) and g != m for g, m in zip(graph_shape, shape)):
+                raise ModelDirError(f"{onnx_path}: state {name!r} is {list(graph_shape)} in the graph but "
+                                    f"{list(shape)} in model.json")
+        try:
+            probs, *state = self.session.run(
+                self.output_names, {"x": np.zeros((1, 1, self.n_channels), np.float32),
+                                    **dict(zip(self.state_names, self.zero_state(1)))})
+        except Exception as err:  # onnxruntime's own error types
+            raise ModelDirError(f"{onnx_path}: a first step from the zero state fails ({err})") from err
+        if probs.shape != (1, 1, len(self.labels)):
+            raise ModelDirError(f"{onnx_path}: the graph gives {probs.shape[-1]} probabilities, model.json lists "
+                                f"{len(self.labels)} labels")
+        for name, shape, got in zip(self.state_names, self.state_shapes, state):
+            if got.shape[1:] != shape:
+                raise ModelDirError(f"{onnx_path}: state {name!r} comes out as {list(got.shape[1:])}, model.json "
+                                    f"says {list(shape)}")
 
     # --- description --------------------------------------------------------------------------------------------
     name = property(lambda self: self.meta["name"])
@@ -207,6 +230,8 @@ class Stream:
         self._pending = np.empty((self.max_pending, model.n_channels), np.float32)
         self.pending = 0
         self._last: np.ndarray | None = None  # probabilities at the current t
+        # (window, t) of the last prediction made: a flush on a hop boundary must not repeat it
+        self._last_made: tuple[int, int] | None = None
 
     @property
     def free(self) -> int:
@@ -254,6 +279,8 @@ class Stream:
             self._last = None
         else:
             self.state = new_state
+        if out:
+            self._last_made = (out[-1].window, out[-1].t)
         return out
 
     def _advance(self, n: int) -> list[Prediction]:
@@ -270,12 +297,18 @@ class Stream:
                 out += self._advance(n)
         return out
 
+    def flush_prediction(self) -> Prediction | None:
+        """The prediction of the current partial window at its current t (call once nothing is pending), unless
+        there is none (t == 0) or it was the last one made (a flush on a hop boundary repeats nothing)."""
+        if self.t == 0 or self._last_made == (self.window_index, self.t):
+            return None
+        self._last_made = (self.window_index, self.t)
+        return Prediction(self.window_index, self.t, self._last, False)
+
     def flush(self) -> list[Prediction]:
-        """Advance whatever is pending and predict the current partial window now: the predictions that advancing
-        completes, then one for the current t unless one was just made there (nothing more at t == 0)."""
+        """Advance whatever is pending, then `flush_prediction` (single-stream use; the server batches both)."""
         out = []
         while n := self.next_segment_length(max_hops=self.model.window, partial=True):
             out += self._advance(n)
-        if self.t > 0 and not (out and out[-1].window == self.window_index and out[-1].t == self.t):
-            out.append(Prediction(self.window_index, self.t, self._last, False))
-        return out
+        final = self.flush_prediction()
+        return out + ([final] if final else [])

@@ -1,4 +1,4 @@
-"""python -m server [--model DIR] [--host 127.0.0.1] [--port 8000] [--workers N] [...]
+"""python -m server: serve a model directory over HTTP and WebSocket (see the README's API section).
 
 Flags are written into the MSSSM_* environment variables, which is how each uvicorn worker process (multi-process
 mode builds the app from `server.app:create_app` in every worker) gets the same settings.
@@ -12,7 +12,9 @@ import sys
 
 import uvicorn
 
-from msssm_serve.runtime import DEFAULT_MODEL_DIR
+from msssm_serve.runtime import DEFAULT_MODEL_DIR, ModelDirError, OnnxModel
+
+from .settings import Settings
 
 # flag -> environment variable; flags left out keep the environment's (or the default) value
 ENV_FLAGS = {
@@ -24,33 +26,60 @@ ENV_FLAGS = {
     "max_signal_seconds": "MSSSM_MAX_SIGNAL_SECONDS",
     "batch_wait_ms": "MSSSM_BATCH_WAIT_MS",
     "cors_origins": "MSSSM_CORS_ORIGINS",
+    "header_timeout_s": "MSSSM_HEADER_TIMEOUT_S",
+    "body_timeout_s": "MSSSM_BODY_TIMEOUT_S",
 }
 
 
+class ShowDefaults(argparse.HelpFormatter):
+    """Shows each flag's default; flags that fill an environment variable default to None (the environment's value
+    or the setting's default then applies), and show the setting's default instead."""
+
+    def _get_help_string(self, action):
+        shown = getattr(action, "shown_default", action.default)
+        if action.option_strings and shown not in (None, argparse.SUPPRESS) and action.dest != "help":
+            return f"{action.help} (default: {shown})"
+        return action.help
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help=f"model directory (default: $MSSSM_MODEL_DIR or {DEFAULT_MODEL_DIR})")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--workers", type=int, default=1, help="processes, each with its own model")
-    parser.add_argument("--max-streams", type=int)
-    parser.add_argument("--idle-timeout-s", type=float)
-    parser.add_argument("--max-body-bytes", type=int)
-    parser.add_argument("--max-frame-bytes", type=int)
-    parser.add_argument("--max-signal-seconds", type=float)
-    parser.add_argument("--batch-wait-ms", type=float)
-    parser.add_argument("--cors-origins", help="comma-separated; CORS is off when empty")
-    parser.add_argument("--log-level", default="info")
+    defaults = Settings()
+    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__.splitlines()[0],
+                                     formatter_class=ShowDefaults)
+
+    def env_flag(*names, shown, **kw):  # a flag that fills an MSSSM_* variable: None unless given
+        parser.add_argument(*names, **kw).shown_default = shown
+
+    env_flag("--model", help="model directory ($MSSSM_MODEL_DIR)", shown=DEFAULT_MODEL_DIR)
+    parser.add_argument("--host", default="127.0.0.1", help="bind address")
+    parser.add_argument("--port", type=int, default=8000, help="port")
+    parser.add_argument("--workers", type=int, default=1, help="processes, each with its own model and batcher")
+    env_flag("--max-streams", type=int, shown=defaults.max_streams, help="open streams per worker")
+    env_flag("--idle-timeout-s", type=float, shown=defaults.idle_timeout_s,
+             help="a stream silent (or not reading) this long is closed")
+    env_flag("--max-body-bytes", type=int, shown=defaults.max_body_bytes, help="/classify body (413)")
+    env_flag("--max-frame-bytes", type=int, shown=defaults.max_frame_bytes, help="WebSocket frame (1009)")
+    env_flag("--max-signal-seconds", type=float, shown=defaults.max_signal_seconds,
+             help="longest /classify signal (413)")
+    env_flag("--batch-wait-ms", type=float, shown=defaults.batch_wait_ms,
+             help="how long the batcher waits to fill a batch")
+    env_flag("--cors-origins", shown="", help="comma-separated allowed origins; empty: CORS off")
+    env_flag("--header-timeout-s", type=float, shown=defaults.header_timeout_s,
+             help="a request's headers must arrive within this")
+    env_flag("--body-timeout-s", type=float, shown=defaults.body_timeout_s,
+             help="a request's body must arrive within this (408)")
+    parser.add_argument("--log-level", default="info", help="uvicorn log level")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-    for flag, var in ENV_FLAGS.items():
+    for flag, var in ENV_FLAGS.items():  # a flag given wins over the environment, which wins over the default
         if getattr(args, flag) is not None:
             os.environ[var] = str(getattr(args, flag))
     model_dir = os.environ.get("MSSSM_MODEL_DIR") or str(DEFAULT_MODEL_DIR)
-    if not os.path.isfile(os.path.join(model_dir, "model.json")):
-        print(f"error: {model_dir} is not a model directory (no model.json); export one with export/export.py",
-              file=sys.stderr)
+    try:  # checked here, so a bad model directory is one line and exit 2, not a worker's traceback
+        OnnxModel(model_dir, threads=1)
+    except ModelDirError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     # Workers share the cores, and each worker's event loop needs CPU beside its inference thread: each
     # onnxruntime session gets its slice of what the event loops leave. On 2 cores, 1 worker with 1 thread held 325
@@ -59,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MSSSM_THREADS", str(max(1, (cores - args.workers) // args.workers)))
     frame_limit = int(os.environ.get("MSSSM_MAX_FRAME_BYTES", 1024 * 1024))
     uvicorn.run("server.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level,
+                log_level=args.log_level, http="server.protocol:HeaderTimeoutProtocol",
                 # Above our own limit, so an oversized frame reaches the app and gets an error message with its
                 # 1009 instead of a bare close from the protocol layer.
                 ws_max_size=2 * frame_limit + 64 * 1024)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 import threading
@@ -16,9 +15,11 @@ from fastapi import FastAPI, HTTPException, Request, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import ClientDisconnect
 
 from msssm_serve.runtime import OnnxModel
 
+from .auth import OPEN_ROUTES, key_matches, missing_key_detail, offered_key, redact_keys_in_logs
 from .batcher import Batcher
 from .metrics import Metrics
 from .settings import Settings
@@ -29,13 +30,15 @@ from .streaming import GOING_AWAY, StreamHub
 log = logging.getLogger(__name__)
 
 
-OPEN_ROUTES = ("/healthz", "/readyz")  # reachable without the API key: probes carry no secrets
 MONITOR_PAGE = Path(__file__).with_name("monitor.html")
+KNOWN_PATHS = ("/classify", "/model", "/metrics", "/healthz", "/readyz", "/")  # metric labels for refused requests
+DRAIN_FACTOR = 4
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     metrics = Metrics()
+    redact_keys_in_logs()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -55,26 +58,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="msssm-serve", lifespan=lifespan)
     app.state.settings, app.state.metrics = settings, metrics
 
+    if settings.api_key:  # registered before the counter, so inside it: refusals are counted too
+        @app.middleware("http")
+        async def require_api_key(request: Request, call_next):
+            path = request.url.path
+            if path in OPEN_ROUTES or key_matches(offered_key(request.headers, request.query_params, path),
+                                                  settings.api_key):
+                return await call_next(request)
+            return JSONResponse({"detail": missing_key_detail(path)}, 401, headers={"WWW-Authenticate": "Bearer"})
+
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         started = time.perf_counter()
         response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
+        route = getattr(request.scope.get("route"), "path", None) or (
+            request.url.path if request.url.path in KNOWN_PATHS else "unmatched")
         metrics.requests.labels(route, request.method, str(response.status_code)).inc()
         metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
         return response
 
-    if settings.api_key:
-        @app.middleware("http")
-        async def require_api_key(request: Request, call_next):
-            if request.url.path in OPEN_ROUTES or _offered_key_matches(request, settings.api_key):
-                return await call_next(request)
-            return JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer KEY)"}, 401,
-                                headers={"WWW-Authenticate": "Bearer"})
-
     if settings.cors_origins:  # added last, so outermost: preflights are answered before the key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request": counted, sent to nobody, not an error
 
     @app.get("/healthz")
     async def healthz():
@@ -108,7 +117,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/classify")
     async def classify(request: Request):
         model: OnnxModel = request.app.state.model
-        signal_, rate = _read_signal(model, await _read_body(request, settings.max_body_bytes), request)
+        body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        signal_, rate = _read_signal(model, body, request)
         seconds = len(signal_) / rate
         if seconds > settings.max_signal_seconds:
             raise HTTPException(413, f"signal of {float(seconds):.0f} s exceeds the {settings.max_signal_seconds:g} s "
@@ -124,6 +134,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.inference_seconds.labels("classify").observe(time.perf_counter() - started)
         metrics.samples.labels("classify").inc(len(signal_))
         probabilities = result["probabilities"]
+        if not all(np.isfinite(w["probabilities"]).all() for w in result["windows"]):
+            raise HTTPException(422, "the model's output is not finite for this signal: values out of the range the "
+                                     "model was trained on")
         if model.multi_label:
             predicted = [label for label, p in zip(model.labels, probabilities) if p >= 0.5]
         else:
@@ -140,23 +153,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _offered_key_matches(request: Request, key: str) -> bool:
-    header = request.headers.get("authorization", "")
-    offered = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("api_key", "")
-    return hmac.compare_digest(offered.encode(), key.encode())
+class ClientGone(Exception):
+    """The client disconnected before its request was read: nobody to answer."""
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit` (declared length or bytes read)."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body within `timeout_s` (408 after), refused with 413 once it is known to exceed `limit`. A body over
+    the limit is still read and discarded up to DRAIN_FACTOR times the limit: a client that writes its whole body
+    before reading (urllib) would otherwise get a connection reset instead of the 413."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"body of {declared} bytes exceeds the {limit}-byte limit")
+    declared = int(declared) if declared is not None and declared.isdigit() else None
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size <= limit and (declared is None or declared <= limit):
+                    chunks.append(chunk)
+                elif size > DRAIN_FACTOR * limit:
+                    break
+    except TimeoutError:
+        raise HTTPException(408, f"request body not received within {timeout_s:g} s") from None
+    except ClientDisconnect:
+        raise ClientGone() from None
+    if size > limit or (declared is not None and declared > limit):
+        raise HTTPException(413, f"body of {declared or size} bytes exceeds the {limit}-byte limit",
+                            headers={"Connection": "close"})
     return b"".join(chunks)
 
 

@@ -2,10 +2,10 @@
 distinct segment length, on a single inference thread, so the event loop never blocks on the model and a stream's
 state is never advanced by two calls at once.
 
-A `Slot` is one registered stream: its runtime `Stream` (state + bounded pending buffer), the outbox its connection
-drains, and the `room` event the connection's receive loop waits on when the buffer or the outbox is full. Nothing
-is buffered without bound and nothing is dropped: a client that sends faster than the model runs is simply not read
-until there is room.
+The batcher schedules and nothing else. Streams that have work notify it and wait in an ordered set (never scanned
+whole); each turn asks every waiting `StreamSession` for its next segment (at most MAX_HOPS_PER_BATCH hops: a burst
+is worked off in bounded slices, so other streams keep their latency), computes them together and hands each its
+result. Every protocol rule lives in the session (`server/session.py`). `/classify` requests queue here too.
 """
 
 from __future__ import annotations
@@ -18,47 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from msssm_serve.runtime import OnnxModel, Prediction, Stream
+from msssm_serve.runtime import OnnxModel
 
 from .metrics import Metrics
+from .session import StreamSession
 
 log = logging.getLogger(__name__)
 
 MAX_HOPS_PER_BATCH = 4  # hops a stream may advance per batch: bounds one call's latency for everyone in it
-MAX_OUTBOX = 16  # undelivered batches of predictions a connection may owe before its samples stop being read
 # /classify windows advanced together in one call: rows share a call's fixed costs (18 vs 27 us/sample for 4 rows
 # vs 1, benchmarks/runtime.py section 4), and the bound keeps a queue of requests from holding streams back for long.
 MAX_CLASSIFY_WINDOWS_PER_CALL = 8
-
-
-class StreamGone(Exception):
-    """The connection behind a slot went away while its receive loop was waiting for room."""
-
-
-class Slot:
-    def __init__(self, stream: Stream, outbox: asyncio.Queue):
-        self.stream = stream
-        # Items for the connection's sender: lists of Predictions here, plus whatever else the connection queues.
-        self.outbox = outbox
-        self.room = asyncio.Event()
-        self.in_flight = False  # part of the batch being computed: not to be taken from or flushed again
-        self.flush_waiter: asyncio.Future | None = None
-        self.gone = False
-        self.last_sent: tuple[int, int] | None = None  # (window, t) of the last prediction queued
-
-    def has_room(self, n: int) -> bool:
-        return self.stream.free >= n and self.outbox.qsize() < MAX_OUTBOX
-
-    def wake(self) -> None:
-        self.room.set()
-
-    def settle_flush(self, error: Exception | None = None) -> None:
-        """Release a connection waiting on its flush: done, or failed with `error` (it then stops reading)."""
-        if self.flush_waiter is not None and not self.flush_waiter.done():
-            if error is None:
-                self.flush_waiter.set_result(None)
-            else:
-                self.flush_waiter.set_exception(error)
 
 
 class Batcher:
@@ -66,7 +36,8 @@ class Batcher:
         self.model = model
         self.metrics = metrics
         self.batch_wait_s = batch_wait_ms / 1000
-        self.slots: set[Slot] = set()
+        self.sessions: set[StreamSession] = set()
+        self._ready: dict[StreamSession, None] = {}  # insertion-ordered set: oldest first
         # One thread: one inference at a time per process, all its intra-op threads on that call.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._work = asyncio.Event()
@@ -87,42 +58,23 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    # --- what connections call ----------------------------------------------------------------------------------
-    def register(self, stream: Stream, outbox: asyncio.Queue) -> Slot:
-        slot = Slot(stream, outbox)
-        self.slots.add(slot)
-        return slot
+    # --- what sessions and requests call ------------------------------------------------------------------------
+    def open(self, stream, outbox: asyncio.Queue) -> StreamSession:
+        session = StreamSession(stream, self, outbox)
+        self.sessions.add(session)
+        return session
 
-    def unregister(self, slot: Slot) -> None:
+    def close(self, session: StreamSession) -> None:
         """Forget the stream at once; a batch it is in still completes, and its result is dropped."""
-        self.slots.discard(slot)
-        slot.gone = True
-        slot.wake()
-        slot.settle_flush(StreamGone())  # an exception the receive loop handles, where a cancel would escape it
+        self.sessions.discard(session)
+        self._ready.pop(session, None)
+        session.stop()
 
-    async def feed(self, slot: Slot, samples: np.ndarray) -> None:
-        """Queue samples [T, C] for the stream, waiting for room as the batcher works the buffer down."""
-        chunk = slot.stream.max_pending
-        for start in range(0, len(samples), chunk):
-            part = samples[start : start + chunk]
-            while not slot.has_room(len(part)):
-                if slot.gone:
-                    raise StreamGone()
-                # No await between the check and the clear, so a wake() cannot slip in between.
-                slot.room.clear()
-                await slot.room.wait()
-            slot.stream.feed(part)
+    def notify(self, session: StreamSession) -> None:
+        """The session may have work. One in flight is looked at again when its result comes back."""
+        if not session.in_flight and not session.gone:
+            self._ready[session] = None
             self._work.set()
-
-    async def flush(self, slot: Slot) -> None:
-        """Advance whatever the stream has pending and queue the prediction of its partial window; returns once
-        the predictions are in the outbox, so later samples cannot slip into the flushed window."""
-        slot.flush_waiter = asyncio.get_running_loop().create_future()
-        self._work.set()
-        try:
-            await slot.flush_waiter
-        finally:
-            slot.flush_waiter = None
 
     async def classify(self, signal: np.ndarray) -> dict:
         """`OnnxModel.classify(signal)`, batched by the consumer with other requests waiting at the same time. A long
@@ -139,32 +91,23 @@ class Batcher:
         return {"windows": windows, "probabilities": np.max([w["probabilities"] for w in windows], axis=0)}
 
     # --- the consumer -------------------------------------------------------------------------------------------
-    def _wants_flush(self, slot: Slot) -> bool:
-        return slot.flush_waiter is not None and not slot.flush_waiter.done() and not slot.in_flight
-
-    def _ready(self) -> list[Slot]:
-        return [s for s in self.slots if not s.in_flight and not s.gone and (
-            self._wants_flush(s) or s.stream.next_segment_length(max_hops=MAX_HOPS_PER_BATCH) > 0)]
-
     async def _run(self) -> None:
         while True:
             await self._work.wait()
             self._work.clear()
             if self._classify_queue:
                 await self._classify_some()
-            ready = self._ready()
-            if not ready:
+            if not self._ready:
                 continue
-            if len(ready) < len(self.slots) and self.batch_wait_s > 0:
+            if len(self._ready) < len(self.sessions) and self.batch_wait_s > 0:
                 # Other streams may be a frame away from work: a short wait lets them share this call.
                 await asyncio.sleep(self.batch_wait_s)
-                ready = self._ready()
-            try:
-                await self._advance(ready)
-            except Exception:  # keep serving the other streams; the failed ones are told and closed
-                log.exception("batched inference failed")
-            # Streams may have more than MAX_HOPS_PER_BATCH hops pending: look again.
-            self._work.set()
+            ready, self._ready = list(self._ready), {}
+            jobs = [(s, seg) for s in ready if (seg := s.next_segment(MAX_HOPS_PER_BATCH)) is not None]
+            if jobs:
+                await self._advance(jobs)
+            if self._ready or self._classify_queue:
+                self._work.set()
 
     async def _classify_some(self) -> None:
         """Classify waiting requests, oldest first, up to MAX_CLASSIFY_WINDOWS_PER_CALL windows in one call."""
@@ -205,50 +148,34 @@ class Batcher:
         else:
             future.set_result(result)
 
-    async def _advance(self, ready: list[Slot]) -> None:
-        flushing = [s for s in ready if self._wants_flush(s)]
-        stepping = [s for s in ready if s not in flushing]
-        segments = [s.stream.take(s.stream.next_segment_length(max_hops=MAX_HOPS_PER_BATCH)) for s in stepping]
-        states = [s.stream.state for s in stepping]
-        for s in ready:
+    async def _advance(self, jobs: list[tuple[StreamSession, np.ndarray]]) -> None:
+        sessions, segments = [s for s, _ in jobs], [seg for _, seg in jobs]
+        for s in sessions:
             s.in_flight = True
-        self.metrics.batch_size.observe(len(ready))
-        self.metrics.samples.labels("stream").inc(sum(map(len, segments)) + sum(s.stream.pending for s in flushing))
+        self.metrics.batch_size.observe(len(jobs))
+        self.metrics.samples.labels("stream").inc(sum(map(len, segments)))
         try:
-            results, flushed = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._compute, segments, states, [s.stream for s in flushing])
-        except Exception as err:
-            for s in ready:
-                s.in_flight = False
-                s.outbox.put_nowait(err)  # its connection closes with 1011
-                s.settle_flush(StreamGone())
-            raise
-        try:
-            for slot, (probs, new_state) in zip(stepping, results):
-                if not slot.gone:
-                    self._deliver(slot, slot.stream.apply(probs, new_state))
-            for slot, predictions in zip(flushing, flushed):
-                if not slot.gone:
-                    self._deliver(slot, predictions)
-                    slot.settle_flush()
-        finally:  # whatever failed above, no stream of this batch may stay marked in flight (it would stall)
-            for s in ready:
-                s.in_flight = False
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._compute, segments, [s.stream.state for s in sessions])
+        except Exception:  # keep serving the other streams; these are told and closed (1011)
+            log.exception("batched inference failed")
+            results = None
+        for i, s in enumerate(sessions):
+            s.in_flight = False
+            if s.gone:
+                continue
+            if results is None:
+                s.failed()
+                continue
+            try:
+                s.advanced(*results[i])
+            except Exception:  # a bug in one stream's bookkeeping must not stall the others
+                log.exception("stream result could not be applied")
+                s.failed()
 
-    def _compute(self, segments, states, flushing: list[Stream]):
-        """On the inference thread. Flushes are rare and partial, so each runs its own (small) calls."""
+    def _compute(self, segments, states):
+        """On the inference thread."""
         started = time.perf_counter()
-        results = self.model.advance_streams(segments, states) if segments else []
-        flushed = [stream.flush() for stream in flushing]
+        results = self.model.advance_streams(segments, states)
         self.metrics.inference_seconds.labels("stream").observe(time.perf_counter() - started)
-        return results, flushed
-
-    @staticmethod
-    def _deliver(slot: Slot, predictions: list[Prediction]) -> None:
-        # A flush that lands on a hop boundary would repeat the prediction just made there, or not, depending on
-        # whether that hop was advanced before the flush or by it; never repeating keeps the messages deterministic.
-        predictions = [p for p in predictions if (p.window, p.t) != slot.last_sent]
-        if predictions:
-            slot.last_sent = (predictions[-1].window, predictions[-1].t)
-            slot.outbox.put_nowait(predictions)
-        slot.wake()
+        return results

@@ -21,6 +21,8 @@ class Settings:
     max_signal_seconds: float = 3600.0
     batch_wait_ms: float = 2.0
     cors_origins: tuple[str, ...] = ()
+    header_timeout_s: float = 10.0  # a connection must send a request's headers within this (slowloris)
+    body_timeout_s: float = 30.0  # and its body within this (408)
 
     @classmethod
     def from_env(cls, env: os._Environ | dict | None = None) -> "Settings":
@@ -36,4 +38,6 @@ class Settings:
             max_signal_seconds=float(env.get("MSSSM_MAX_SIGNAL_SECONDS", cls.max_signal_seconds)),
             batch_wait_ms=float(env.get("MSSSM_BATCH_WAIT_MS", cls.batch_wait_ms)),
             cors_origins=tuple(o.strip() for o in origins.split(",") if o.strip()),
+            header_timeout_s=float(env.get("MSSSM_HEADER_TIMEOUT_S", cls.header_timeout_s)),
+            body_timeout_s=float(env.get("MSSSM_BODY_TIMEOUT_S", cls.body_timeout_s)),
         )

@@ -25,11 +25,20 @@ try:  # a dependency: ~5x faster on 10 s windows; the standard module remains th
     import orjson
 
     _loads = orjson.loads
+
+    def encode_json(message: dict) -> str:
+        return orjson.dumps(message).decode()
 except ImportError:  # pragma: no cover - depends on the environment
     _loads = strict_json_loads
 
+    def encode_json(message: dict) -> str:
+        return json.dumps(message, allow_nan=False, separators=(",", ":"))
+
 MIN_SAMPLE_RATE = 50
 MAX_SAMPLE_RATE = 2000
+# Samples beyond this magnitude are refused: an ECG is a few mV, and squares of values near float32's limit (3.4e38)
+# overflow inside the model's normalisation, which would turn every probability into NaN.
+MAX_ABS_VALUE = 1e6
 
 
 class InvalidSignal(ValueError):
@@ -79,6 +88,9 @@ def checked(array: np.ndarray, n_channels: int, what: str) -> np.ndarray:
                             f"sample), got shape {list(array.shape)}")
     if not np.isfinite(array).all():
         raise InvalidSignal(f"'{what}' holds NaN or infinite values")
+    if array.size and np.abs(array).max() > MAX_ABS_VALUE:
+        raise InvalidSignal(f"'{what}' holds values beyond +-{MAX_ABS_VALUE:g} (signals are in mV); "
+                            f"largest magnitude {float(np.abs(array).max()):.3g}")
     return array
 
 

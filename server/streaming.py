@@ -1,35 +1,31 @@
 """WS /stream: one connection = one `Stream` registered with the batcher.
 
-Two tasks per connection: the receive loop (parses frames, feeds the batcher, waits for room when the stream's
-buffer is full) and the sender (the only writer on the socket: config, predictions, errors and the close, in order).
+Two tasks per connection: the receive loop (parses frames, feeds its `StreamSession`, which waits for room when the
+stream's buffer is full) and the sender (the only writer on the socket: config, predictions, errors and the close,
+in order, from the session's outbox).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-from dataclasses import dataclass
 
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from msssm_serve.runtime import OnnxModel, Prediction, Stream
+from msssm_serve.runtime import OnnxModel, Stream
 
-from .batcher import Batcher, Slot, StreamGone
+from .auth import key_matches, missing_key_detail, offered_key
+from .batcher import Batcher
 from .metrics import Metrics
+from .session import Close, Stalled, StreamGone, StreamSession
 from .settings import Settings
-from .signals import InvalidJSON, InvalidSignal, lead_order, parse_json, samples_from_bytes, samples_from_json
+from .signals import (InvalidJSON, InvalidSignal, encode_json, lead_order, parse_json, samples_from_bytes,
+                      samples_from_json)
 
 
 UNSUPPORTED, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1003, 1007, 1008, 1009, 1011, 1013
 NORMAL, GOING_AWAY = 1000, 1001
 SENDER_DRAIN_S = 5.0  # how long a closing connection may take to deliver what it still owes
-
-
-@dataclass(frozen=True)
-class Close:
-    code: int
-    detail: str
 
 
 class StreamError(Exception):
@@ -38,9 +34,9 @@ class StreamError(Exception):
         self.close = Close(code, detail)
 
 
-def prediction_message(p: Prediction) -> dict:
-    return {"type": "prediction", "window": p.window, "t": p.t,
-            "probabilities": p.probabilities.tolist(), "final": p.final}
+def close_reason(detail: str) -> str:
+    """A close frame's reason is at most 123 bytes of UTF-8: cut there, never inside a character."""
+    return detail.encode()[:123].decode(errors="ignore")
 
 
 class StreamHub:
@@ -52,17 +48,13 @@ class StreamHub:
 
     def authorized(self, ws: WebSocket) -> bool:
         key = self.settings.api_key
-        if key is None:
-            return True
-        header = ws.headers.get("authorization", "")
-        offered = header[7:] if header.lower().startswith("bearer ") else ws.query_params.get("api_key", "")
-        return hmac.compare_digest(offered.encode(), key.encode())
+        return key is None or key_matches(offered_key(ws.headers, ws.query_params, "/stream"), key)
 
     async def serve(self, ws: WebSocket) -> None:
         await ws.accept()  # a close code and an error message can only be sent on an accepted socket
         conn = Connection(self, ws)
         if not self.authorized(ws):
-            return await conn.refuse(Close(POLICY, "missing or wrong API key (Authorization: Bearer KEY or ?api_key=)"))
+            return await conn.refuse(Close(POLICY, missing_key_detail("/stream")))
         if len(self.connections) >= self.settings.max_streams:
             return await conn.refuse(Close(TRY_LATER, "server full, try later"))
         self.connections.add(conn)
@@ -86,18 +78,18 @@ class Connection:
     def __init__(self, hub: StreamHub, ws: WebSocket):
         self.hub, self.ws = hub, ws
         self.model = hub.model
-        self.slot: Slot | None = None
+        self.session: StreamSession | None = None
         self.order: np.ndarray | None = None  # column permutation from the client's lead order to the model's
-        # What the sender is to write, in order; the batcher adds predictions to it once the stream exists.
+        # What the sender is to write, in order; once the stream exists its session adds predictions to it.
         self.outbox: asyncio.Queue = asyncio.Queue()
 
-    def send(self, item) -> None:
+    def send(self, item: dict | Close) -> None:
         self.outbox.put_nowait(item)
 
     async def refuse(self, close: Close) -> None:
         self.hub.metrics.stream_closes.labels(str(close.code)).inc()
         await self.ws.send_json({"type": "error", "detail": close.detail})
-        await self.ws.close(close.code, close.detail[:120])
+        await self.ws.close(close.code, close_reason(close.detail))
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_loop())
@@ -105,8 +97,7 @@ class Connection:
         try:
             close = await self._receive_loop()
         finally:
-            if self.slot is not None:
-                self.hub.batcher.unregister(self.slot)  # state freed now, whatever the sender still does
+            self._end_stream()  # state freed now, whatever the sender still does
             if close is None:  # the client went away, or receiving failed: nothing more to send
                 sender.cancel()
         if close is not None:
@@ -114,23 +105,30 @@ class Connection:
         await asyncio.wait([sender], timeout=SENDER_DRAIN_S)
         sender.cancel()
 
+    def _end_stream(self) -> None:
+        if self.session is not None:
+            self.hub.batcher.close(self.session)
+
     # --- receiving ----------------------------------------------------------------------------------------------
     async def _receive_loop(self) -> Close | None:
         first = True
+        idle_s = self.hub.settings.idle_timeout_s
         try:
             while True:
                 try:
                     # asyncio.timeout, not wait_for: no extra task per frame (wait_for made one in Python 3.11)
-                    async with asyncio.timeout(self.hub.settings.idle_timeout_s):
+                    async with asyncio.timeout(idle_s):
                         message = await self.ws.receive()
                 except TimeoutError:
-                    return Close(NORMAL, f"idle for {self.hub.settings.idle_timeout_s:g} s, closing")
+                    return Close(NORMAL, f"idle for {idle_s:g} s, closing")
                 if message["type"] == "websocket.disconnect":
                     return None
                 await self._handle(message, first)
                 first = False
         except StreamError as err:
             return err.close
+        except Stalled:
+            return Close(POLICY, f"predictions unread for {idle_s:g} s: the client must read what it is sent")
         except (StreamGone, WebSocketDisconnect):
             return None
 
@@ -159,11 +157,11 @@ class Connection:
         if kind == "config" and first:
             self._ensure_stream(body)
             return self.send({"type": "config", "labels": self.model.labels, "window": self.model.window,
-                              "hop": self.slot.stream.hop, "sample_rate": self.model.sample_rate,
+                              "hop": self.session.stream.hop, "sample_rate": self.model.sample_rate,
                               "leads": body.get("leads") or self.model.leads})
         if kind == "flush":
             self._ensure_stream({})
-            return await self.hub.batcher.flush(self.slot)
+            return await self.session.flush()
         if kind == "config":
             raise StreamError(UNSUPPORTED, "the config message must be the first message of a stream")
         raise StreamError(UNSUPPORTED, f"unknown message type {kind!r} (expected samples, flush or a first config)")
@@ -175,7 +173,7 @@ class Connection:
             raise StreamError(INVALID_DATA, str(err)) from err
 
     def _ensure_stream(self, config: dict) -> None:
-        if self.slot is not None:
+        if self.session is not None:
             return
         model = self.model
         rate = config.get("sample_rate", model.sample_rate)
@@ -189,38 +187,31 @@ class Connection:
             self.order = lead_order(config.get("leads"), model.leads)
         except InvalidSignal as err:
             raise StreamError(INVALID_DATA, str(err)) from err
-        self.slot = self.hub.batcher.register(Stream(model, hop=hop), self.outbox)
+        self.session = self.hub.batcher.open(Stream(model, hop=hop), self.outbox)
 
     async def _feed(self, samples: np.ndarray) -> None:
         if self.order is not None:
             samples = samples[:, self.order]
-        await self.hub.batcher.feed(self.slot, samples)
+        await self.session.feed(samples, stall_timeout_s=self.hub.settings.idle_timeout_s)
 
     # --- sending ------------------------------------------------------------------------------------------------
     async def _send_loop(self) -> None:
         try:
             while True:
                 item = await self.outbox.get()
-                if self.slot is not None:
-                    self.slot.wake()  # the outbox shrank: a receive loop waiting for room may go on
+                if self.session is not None:
+                    self.session.message_sent()
                 if isinstance(item, Close):
                     return await self._close(item)
-                if isinstance(item, Exception):
-                    return await self._close(Close(INTERNAL, "inference failed; please reconnect"))
-                if isinstance(item, dict):
-                    await self.ws.send_json(item)
-                else:
-                    for prediction in item:
-                        await self.ws.send_json(prediction_message(prediction))
+                await self.ws.send_text(encode_json(item))
         except Exception:  # the socket is gone: stop
             pass
         finally:
-            # Whatever ended the sender (socket gone, 1011 after a failed batch), the stream is over: unregistering
-            # frees its state and releases a receive loop waiting for room or on a flush.
-            if self.slot is not None:
-                self.hub.batcher.unregister(self.slot)
+            # Whatever ended the sender (socket gone, a close the session queued), the stream is over: this frees
+            # its state and releases a receive loop waiting for room or on a flush.
+            self._end_stream()
 
     async def _close(self, close: Close) -> None:
         self.hub.metrics.stream_closes.labels(str(close.code)).inc()
-        await self.ws.send_json({"type": "error", "detail": close.detail})
-        await self.ws.close(close.code, close.detail[:120])
+        await self.ws.send_text(encode_json({"type": "error", "detail": close.detail}))
+        await self.ws.close(close.code, close_reason(close.detail))

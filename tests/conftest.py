@@ -52,9 +52,10 @@ def model_dir(tmp_path_factory, records) -> Path:
 class ServerProcess(LocalServer):
     """A test server: one onnxruntime thread (tests share two cores), log beside the model."""
 
-    def __init__(self, model_dir: Path, env: dict[str, str]):
+    def __init__(self, model_dir: Path, env: dict[str, str], extra_args: list[str] | None = None):
         log = model_dir.parent / f"server-{time.monotonic_ns()}.log"
-        super().__init__(model_dir, log, env={"MSSSM_THREADS": "1", **env}, start_timeout_s=SERVER_START_TIMEOUT_S)
+        super().__init__(model_dir, log, env={"MSSSM_THREADS": "1", **env}, extra_args=extra_args,
+                         start_timeout_s=SERVER_START_TIMEOUT_S)
 
 
 @pytest.fixture(scope="session")

@@ -180,12 +180,20 @@ def test_a_long_classify_request_is_computed_in_pieces_that_streams_can_come_bet
         np.testing.assert_allclose(g["probabilities"], w["probabilities"], atol=1e-6)
 
 
+def drain(outbox: asyncio.Queue) -> list:
+    items = []
+    while not outbox.empty():
+        items.append(outbox.get_nowait())
+    return items
+
+
 def test_a_flush_in_a_failing_batch_is_released_and_the_batcher_goes_on(model, records):
-    """Batcher level: when the call a flushing stream is in fails, the flush ends (StreamGone, the connection then
-    closes with 1011) instead of waiting for ever, and the stream is not retried in a loop; other streams go on."""
+    """Batcher level: when the call a flushing stream is in fails, the flush ends (StreamGone) and the stream's last
+    message is a 1011 close, instead of waiting for ever or being retried in a loop; other streams go on."""
     from msssm_serve.runtime import Stream
-    from server.batcher import Batcher, StreamGone
+    from server.batcher import Batcher
     from server.metrics import Metrics
+    from server.session import Close, StreamGone
 
     class FailingOnce:
         """The model, except that the first stream call fails (as a GPU out-of-memory would)."""
@@ -205,24 +213,97 @@ def test_a_flush_in_a_failing_batch_is_released_and_the_batcher_goes_on(model, r
         batcher = Batcher(FailingOnce(model), Metrics(), batch_wait_ms=0)
         batcher.start()
         try:
-            doomed = batcher.register(Stream(model, hop=25), asyncio.Queue())
-            await batcher.feed(doomed, records[0][:60])
+            doomed = batcher.open(Stream(model, hop=25), asyncio.Queue())
+            await doomed.feed(records[0][:60], stall_timeout_s=10)
             with pytest.raises(StreamGone):
-                await asyncio.wait_for(batcher.flush(doomed), 10)
-            assert isinstance(doomed.outbox.get_nowait(), RuntimeError)
-            batcher.unregister(doomed)  # what its connection's sender does on the error
-            survivor = batcher.register(Stream(model, hop=25), asyncio.Queue())
-            await batcher.feed(survivor, records[1][:50])
-            await asyncio.wait_for(batcher.flush(survivor), 10)
-            delivered = []
-            while not survivor.outbox.empty():
-                delivered.extend(survivor.outbox.get_nowait())
-            return delivered
+                await asyncio.wait_for(doomed.flush(), 10)
+            last = drain(doomed.outbox)[-1]
+            assert isinstance(last, Close) and last.code == 1011
+            batcher.close(doomed)  # what its connection does once the close is sent
+            survivor = batcher.open(Stream(model, hop=25), asyncio.Queue())
+            await survivor.feed(records[1][:50], stall_timeout_s=10)
+            await asyncio.wait_for(survivor.flush(), 10)
+            batcher.close(survivor)
+            return drain(survivor.outbox), batcher
         finally:
             await batcher.stop()
 
-    predictions = asyncio.run(scenario())
-    assert [p.t for p in predictions] == [25, 50]
+    messages, batcher = asyncio.run(scenario())
+    assert [m["t"] for m in messages] == [25, 50]
+    assert not batcher.sessions and not batcher._ready
+
+
+@pytest.mark.parametrize("first,second,hop", [(1, 4000, 25), (1, 3999, 25), (300, 3701, 1000), (7, 9000, 1)])
+def test_a_frame_larger_than_the_free_buffer_is_consumed_in_pieces(model, records, first, second, hop):
+    """Regression (issue 19, finding 1): a short frame, then one larger than the buffer space it leaves, then a
+    flush used to wait for ever on room that no event could make. The frame is now fed in pieces; every prediction
+    comes, equal to the window reference."""
+    from msssm_serve.runtime import Stream
+    from server.batcher import Batcher
+    from server.metrics import Metrics
+
+    signal_ = np.concatenate([records[i % len(records)] for i in range(10)])[: first + second]
+
+    async def scenario():
+        batcher = Batcher(model, Metrics(), batch_wait_ms=0)
+        batcher.start()
+        session = batcher.open(Stream(model, hop=hop), asyncio.Queue(maxsize=0))
+        received = []
+
+        async def reader():  # a client reading as it goes
+            while True:
+                received.append(await session.outbox.get())
+                session.message_sent()
+
+        task = asyncio.create_task(reader())
+        try:
+            await asyncio.wait_for(session.feed(signal_[:first], stall_timeout_s=5), 10)
+            await asyncio.wait_for(session.feed(signal_[first:], stall_timeout_s=5), 10)
+            await asyncio.wait_for(session.flush(), 10)
+            await asyncio.sleep(0.05)
+            return received
+        finally:
+            task.cancel()
+            batcher.close(session)
+            await batcher.stop()
+
+    messages = asyncio.run(scenario())
+    reference = window_reference(model, signal_)
+    w = model.window
+    expected_t = [(k, t) for k in range(len(reference)) for t in range(hop, min(w, len(signal_) - k * w) + 1, hop)]
+    if len(signal_) % w % hop:
+        expected_t.append((len(signal_) // w, len(signal_) % w))
+    assert [(m["window"], m["t"]) for m in messages] == expected_t
+    for m in messages[:: max(1, len(messages) // 40)]:
+        np.testing.assert_allclose(m["probabilities"], reference[m["window"]][m["t"] - 1], atol=TOL)
+
+
+def test_a_client_that_never_reads_is_closed_and_holds_bounded_memory(model, records):
+    """Batcher level: predictions pile up to MAX_OUTBOX at most, then the stream stops being advanced, its buffer
+    fills, and feeding gives up (Stalled) after the stall timeout: the connection then closes with 1008."""
+    from msssm_serve.runtime import Stream
+    from server.batcher import Batcher
+    from server.metrics import Metrics
+    from server.session import MAX_OUTBOX, Stalled
+
+    async def scenario():
+        batcher = Batcher(model, Metrics(), batch_wait_ms=0)
+        batcher.start()
+        session = batcher.open(Stream(model, hop=1), asyncio.Queue())
+        try:
+            started = time.monotonic()
+            with pytest.raises(Stalled):
+                for _ in range(100):
+                    await session.feed(records[0], stall_timeout_s=0.5)
+            return session.outbox.qsize(), session.stream.pending, time.monotonic() - started
+        finally:
+            batcher.close(session)
+            await batcher.stop()
+
+    queued, pending, took = asyncio.run(scenario())
+    assert queued <= MAX_OUTBOX + 4  # one batch's hops may land on a full outbox
+    assert pending <= 4 * model.window
+    assert took < 10
 
 
 def test_classify_reorders_leads_and_resamples(server, model, records):

@@ -1,0 +1,198 @@
+"""Regression tests for the reliability findings of issue 19, each against a real server process: a stream that used
+to wedge and leak its slot, values that broke JSON, oversize bodies, slow clients, bad model directories, close
+reasons, and the API key's rules."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import httpx
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from msssm_serve.runtime import OnnxModel
+
+from conftest import REPO_ROOT, ServerProcess
+from test_server import window_reference
+
+KEY = "s3cret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model(model_dir) -> OnnxModel:
+    return OnnxModel(model_dir, threads=1)
+
+
+@pytest.fixture(scope="module")
+def guarded(model_dir):
+    """Three streams at most, an API key, short header and body deadlines."""
+    proc = ServerProcess(model_dir, {"MSSSM_MAX_STREAMS": "3", "MSSSM_API_KEY": KEY, "MSSSM_HEADER_TIMEOUT_S": "1",
+                                     "MSSSM_BODY_TIMEOUT_S": "2", "MSSSM_MAX_BODY_BYTES": "200000",
+                                     "MSSSM_IDLE_TIMEOUT_S": "20"}, extra_args=["--log-level", "info"])
+    yield proc
+    proc.stop()
+
+
+def gauge(url: str) -> float:
+    text = httpx.get(url + "/metrics", headers=AUTH).text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("msssm_active_streams ")))
+
+
+def wait_for_gauge(url: str, value: float, timeout_s: float = 5) -> float:
+    deadline = time.monotonic() + timeout_s
+    while (g := gauge(url)) != value and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return g
+
+
+async def catch_up_burst(url: str, signal_: np.ndarray, first: int, hop: int = 25) -> list[dict]:
+    """A short frame, then the rest of the signal in one frame larger than the buffer space left, then a flush."""
+    async with connect(url + f"?api_key={KEY}", max_size=None) as ws:
+        await ws.send(json.dumps({"hop": hop}))
+        assert json.loads(await ws.recv())["type"] == "config"
+        await ws.send(signal_[:first].astype("<f4").tobytes())
+        await ws.send(signal_[first:].astype("<f4").tobytes())
+        await ws.send(json.dumps({"type": "flush"}))
+        n = sum(min(len(signal_) - s, 1000) // hop for s in range(0, len(signal_), 1000))
+        n += 1 if len(signal_) % 1000 % hop else 0
+        return [json.loads(await asyncio.wait_for(ws.recv(), 20)) for _ in range(n)]
+
+
+def test_finding_1_a_burst_larger_than_the_free_buffer_never_wedges_a_stream(guarded, model, records):
+    """1 + 4,000 samples then a flush used to send nothing, ever, and keep the slot: three such clients filled a
+    3-stream server until restart. Now all three get every prediction and the slots are free again."""
+    signal_ = np.concatenate([records[i % len(records)] for i in range(5)])[:4001]
+    reference = window_reference(model, signal_)
+
+    async def three():
+        return await asyncio.gather(*(catch_up_burst(guarded.ws_url, signal_, 1) for _ in range(3)))
+
+    for messages in asyncio.run(three()):
+        assert [m["t"] for m in messages if m["window"] == 4] == [1]
+        for m in messages:
+            np.testing.assert_allclose(m["probabilities"], reference[m["window"]][m["t"] - 1], atol=TOL)
+    assert wait_for_gauge(guarded.url, 0) == 0
+    assert asyncio.run(catch_up_burst(guarded.ws_url, signal_[:700], 300, hop=100))  # a slot is free
+
+
+def test_finding_2_huge_finite_values_are_a_4xx_and_never_nan_in_json(guarded):
+    r = httpx.post(guarded.url + "/classify", json={"signal": [[3e38] * 12] * 50}, headers=AUTH)
+    assert r.status_code == 422 and "beyond" in r.json()["detail"]
+
+    async def stream():
+        async with connect(guarded.ws_url + f"?api_key={KEY}") as ws:
+            await ws.send(np.full((50, 12), 3e38, "<f4").tobytes())
+            raw = await ws.recv()
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+            return raw, closed.value.rcvd.code
+
+    raw, code = asyncio.run(stream())
+    assert json.loads(raw, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))["type"] == "error"
+    assert code == 1007
+
+
+def test_finding_3_an_oversize_body_gets_its_413_even_with_urllib(guarded):
+    request = urllib.request.Request(guarded.url + "/classify", data=b"[" * 300_000, method="POST",
+                                     headers={"Content-Type": "application/json", **AUTH})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 413
+
+
+def test_finding_4_slow_headers_and_bodies_are_cut_off_without_tracebacks(guarded):
+    host, port = "127.0.0.1", guarded.port
+    slow = [socket.create_connection((host, port)) for _ in range(20)]
+    for s in slow:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+    mid_body = socket.create_connection((host, port))
+    mid_body.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"signal\": [")
+    stalled_body = socket.create_connection((host, port))
+    stalled_body.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+    mid_body.close()  # disconnect mid-body
+    started = time.monotonic()
+    for s in slow:
+        s.settimeout(5)
+        while s.recv(4096):  # closed by the server (after a 400) within the header deadline
+            pass
+    assert time.monotonic() - started < 4
+    stalled_body.settimeout(6)
+    reply = stalled_body.recv(4096)
+    assert b" 408 " in reply.split(b"\r\n")[0]
+    for s in slow + [stalled_body]:
+        s.close()
+    assert httpx.get(guarded.url + "/healthz").status_code == 200
+    time.sleep(0.2)
+    assert "Traceback" not in guarded.output(), guarded.output()
+
+
+@pytest.mark.parametrize("damage", ["state shape", "missing onnx", "truncated onnx", "invalid json"])
+def test_finding_5_a_model_directory_that_cannot_serve_is_refused_at_start(model_dir, tmp_path, damage):
+    bad = tmp_path / "model"
+    shutil.copytree(model_dir, bad)
+    meta = json.loads((bad / "model.json").read_text())
+    if damage == "state shape":
+        meta["state"][0]["shape"] = [s + 1 for s in meta["state"][0]["shape"]]
+        (bad / "model.json").write_text(json.dumps(meta))
+    elif damage == "missing onnx":
+        (bad / "model.onnx").unlink()
+    elif damage == "truncated onnx":
+        (bad / "model.onnx").write_bytes((bad / "model.onnx").read_bytes()[:5000])
+    else:
+        (bad / "model.json").write_text("{not json")
+    run = subprocess.run([sys.executable, "-m", "server", "--model", str(bad), "--port", "1"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in run.stderr, run.stderr
+
+
+def test_finding_6_a_non_ascii_close_reason_still_closes_with_its_code(guarded):
+    async def scenario():
+        async with connect(guarded.ws_url + f"?api_key={KEY}") as ws:
+            await ws.send(json.dumps({"type": "ü" * 200}))  # unknown type: the reason quotes it
+            detail = json.loads(await ws.recv())["detail"]
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+            return detail, closed.value.rcvd
+
+    detail, close = asyncio.run(scenario())
+    assert "ü" in detail
+    assert close.code == 1003 and len(close.reason.encode()) <= 123
+
+
+def test_finding_7_the_key_travels_in_the_header_and_is_never_logged(guarded, records):
+    url = guarded.url
+    assert httpx.get(url + "/model", params={"api_key": KEY}).status_code == 401  # query: /stream only
+    assert httpx.get(url + "/model", headers=AUTH).status_code == 200
+    assert httpx.get(url + "/model", headers={"Authorization": f"Basic {KEY}"}).status_code == 401
+
+    async def ws_with(query):
+        try:
+            async with connect(guarded.ws_url + query) as ws:
+                await ws.send(json.dumps({"hop": 25}))
+                return json.loads(await ws.recv())["type"]
+        except ConnectionClosed as err:
+            return err.rcvd.code
+
+    assert asyncio.run(ws_with(f"?api_key={KEY}")) == "config"
+    assert asyncio.run(ws_with(f"?api_key={KEY}%20")) in ("error", 1008)  # trailing space: refused, as on HTTP
+    text = httpx.get(url + "/metrics", headers=AUTH).text
+    assert any(line.startswith("msssm_requests_total{") and 'status="401"' in line for line in text.splitlines())
+    time.sleep(0.2)
+    log = guarded.output()
+    assert "api_key=REDACTED" in log and KEY not in log
