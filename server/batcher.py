@@ -26,6 +26,10 @@ from .session import StreamSession
 log = logging.getLogger(__name__)
 
 MAX_HOPS_PER_BATCH = 4  # hops a stream may advance per batch: bounds one call's latency for everyone in it
+# Samples one turn computes at most (~40 ms on one core for the bundled model): streams keeping pace with real time
+# go first, streams whose clients send faster than real time share the rest, oldest first, and the others wait for
+# the next turn. So a client that pushes faster than real time slows itself, not everyone else.
+SAMPLES_PER_TURN = 2048
 # /classify windows advanced together in one call: rows share a call's fixed costs (18 vs 27 us/sample for 4 rows
 # vs 1, benchmarks/runtime.py section 4), and the bound keeps a queue of requests from holding streams back for long.
 MAX_CLASSIFY_WINDOWS_PER_CALL = 8
@@ -102,12 +106,27 @@ class Batcher:
             if len(self._ready) < len(self.sessions) and self.batch_wait_s > 0:
                 # Other streams may be a frame away from work: a short wait lets them share this call.
                 await asyncio.sleep(self.batch_wait_s)
-            ready, self._ready = list(self._ready), {}
-            jobs = [(s, seg) for s in ready if (seg := s.next_segment(MAX_HOPS_PER_BATCH)) is not None]
+            jobs = self._take_turn()
             if jobs:
                 await self._advance(jobs)
             if self._ready or self._classify_queue:
                 self._work.set()
+
+    def _take_turn(self) -> list[tuple[StreamSession, np.ndarray]]:
+        """The segments to compute this turn, within SAMPLES_PER_TURN; sessions not reached stay ready."""
+        on_time, ahead = [], []
+        for s in self._ready:
+            (ahead if s.ahead_of_real_time() else on_time).append(s)
+        jobs, budget = [], SAMPLES_PER_TURN
+        for session in on_time + ahead:
+            if budget <= 0:
+                break
+            del self._ready[session]
+            segment = session.next_segment(MAX_HOPS_PER_BATCH)
+            if segment is not None:
+                jobs.append((session, segment))
+                budget -= len(segment)
+        return jobs
 
     async def _classify_some(self) -> None:
         """Classify waiting requests, oldest first, up to MAX_CLASSIFY_WINDOWS_PER_CALL windows in one call."""

@@ -9,6 +9,7 @@ non-finite results, failures) is decided here.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,8 @@ class StreamSession:
         self.gone = False
         self._room = asyncio.Event()  # set whenever pending samples were taken or the outbox shrank
         self._flush: asyncio.Future | None = None
+        self._opened = time.monotonic()
+        self._received = 0  # samples fed since the stream opened
 
     # --- the receive loop's side --------------------------------------------------------------------------------
     async def feed(self, samples: np.ndarray, stall_timeout_s: float) -> None:
@@ -64,16 +67,20 @@ class StreamSession:
             await self._wait(lambda: self.stream.free > 0, stall_timeout_s)
             n = min(self.stream.free, len(samples) - start)
             self.stream.feed(samples[start : start + n])
+            self._received += n
             start += n
             self.batcher.notify(self)
 
-    async def flush(self) -> None:
+    async def flush(self, stall_timeout_s: float) -> None:
         """Advance whatever is pending (through the batch) and queue the prediction of the partial window; returns
         once it is in the outbox, so later samples cannot slip into the flushed window."""
         self._flush = asyncio.get_running_loop().create_future()
         self.batcher.notify(self)
         try:
-            await self._flush
+            async with asyncio.timeout(stall_timeout_s):  # an outbox its client never reads holds a flush back
+                await self._flush
+        except TimeoutError:
+            raise Stalled() from None
         finally:
             self._flush = None
 
@@ -98,6 +105,12 @@ class StreamSession:
             self.batcher.notify(self)
 
     # --- the batcher's side -------------------------------------------------------------------------------------
+    def ahead_of_real_time(self) -> bool:
+        """The client has sent more than real time allows since the stream opened (a burst, a catch-up, a file
+        pushed as fast as possible), with two windows of slack. Such streams are served after those keeping pace."""
+        elapsed = time.monotonic() - self._opened
+        return self._received > elapsed * self.stream.model.sample_rate + 2 * self.stream.model.window
+
     def has_work(self) -> bool:
         return not self.gone and (self._flush is not None or self.stream.next_segment_length() > 0)
 

@@ -161,7 +161,7 @@ class Connection:
                               "leads": body.get("leads") or self.model.leads})
         if kind == "flush":
             self._ensure_stream({})
-            return await self.session.flush()
+            return await self.session.flush(stall_timeout_s=self.hub.settings.idle_timeout_s)
         if kind == "config":
             raise StreamError(UNSUPPORTED, "the config message must be the first message of a stream")
         raise StreamError(UNSUPPORTED, f"unknown message type {kind!r} (expected samples, flush or a first config)")
@@ -203,8 +203,9 @@ class Connection:
                     self.session.message_sent()
                 if isinstance(item, Close):
                     return await self._close(item)
-                await self.ws.send_text(encode_json(item))
-        except Exception:  # the socket is gone: stop
+                async with asyncio.timeout(self.hub.settings.idle_timeout_s):  # a client that stopped reading
+                    await self.ws.send_text(encode_json(item))
+        except Exception:  # the socket is gone or stuck: stop
             pass
         finally:
             # Whatever ended the sender (socket gone, a close the session queued), the stream is over: this frees

@@ -196,3 +196,33 @@ def test_finding_7_the_key_travels_in_the_header_and_is_never_logged(guarded, re
     time.sleep(0.2)
     log = guarded.output()
     assert "api_key=REDACTED" in log and KEY not in log
+
+
+def test_finding_8_a_burst_waits_behind_streams_that_keep_real_time(model, records):
+    """Five streams pushing whole minutes at once used to take every turn's compute beside fifty real-time ones.
+    Now a turn computes at most SAMPLES_PER_TURN samples, and streams keeping pace with real time come first."""
+    from msssm_serve.runtime import Stream
+    from server.batcher import SAMPLES_PER_TURN, Batcher
+    from server.metrics import Metrics
+
+    async def scenario():
+        batcher = Batcher(model, Metrics(), batch_wait_ms=0)  # not started: turns are taken by hand
+        burst = [batcher.open(Stream(model, hop=25), asyncio.Queue()) for _ in range(5)]
+        steady = [batcher.open(Stream(model, hop=25), asyncio.Queue()) for _ in range(50)]
+        for s in burst:  # 4,000 samples each, far more than real time allows
+            for _ in range(3):
+                s.stream.feed(records[0][:1000])
+                s._received += 1000
+            s._received += 10_000
+            batcher.notify(s)
+        for s in steady:
+            s.stream.feed(records[1][:25])
+            s._received += 25
+            batcher.notify(s)
+        return batcher._take_turn(), steady, burst
+
+    jobs, steady, burst = asyncio.run(scenario())
+    taken = [s for s, _ in jobs]
+    assert all(s in taken for s in steady), "every real-time stream is in the first turn"
+    assert sum(len(seg) for _, seg in jobs) <= SAMPLES_PER_TURN + 4 * 25
+    assert taken[: len(steady)] == steady

@@ -216,13 +216,13 @@ def test_a_flush_in_a_failing_batch_is_released_and_the_batcher_goes_on(model, r
             doomed = batcher.open(Stream(model, hop=25), asyncio.Queue())
             await doomed.feed(records[0][:60], stall_timeout_s=10)
             with pytest.raises(StreamGone):
-                await asyncio.wait_for(doomed.flush(), 10)
+                await asyncio.wait_for(doomed.flush(stall_timeout_s=5), 10)
             last = drain(doomed.outbox)[-1]
             assert isinstance(last, Close) and last.code == 1011
             batcher.close(doomed)  # what its connection does once the close is sent
             survivor = batcher.open(Stream(model, hop=25), asyncio.Queue())
             await survivor.feed(records[1][:50], stall_timeout_s=10)
-            await asyncio.wait_for(survivor.flush(), 10)
+            await asyncio.wait_for(survivor.flush(stall_timeout_s=5), 10)
             batcher.close(survivor)
             return drain(survivor.outbox), batcher
         finally:
@@ -259,7 +259,7 @@ def test_a_frame_larger_than_the_free_buffer_is_consumed_in_pieces(model, record
         try:
             await asyncio.wait_for(session.feed(signal_[:first], stall_timeout_s=5), 10)
             await asyncio.wait_for(session.feed(signal_[first:], stall_timeout_s=5), 10)
-            await asyncio.wait_for(session.flush(), 10)
+            await asyncio.wait_for(session.flush(stall_timeout_s=5), 10)
             await asyncio.sleep(0.05)
             return received
         finally:
