@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from msssm_serve.runtime import OnnxModel
 
+from . import openapi
 from .auth import OPEN_ROUTES, key_matches, missing_key_detail, offered_key, redact_keys_in_logs
 from .batcher import Batcher
 from .metrics import Metrics
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="msssm-serve", lifespan=lifespan)
     app.state.settings, app.state.metrics = settings, metrics
+    openapi.install(app, settings)
 
     if settings.api_key:  # registered before the counter, so inside it: refusals are counted too
         @app.middleware("http")
@@ -190,14 +192,18 @@ def _invalid_to_422(parse):
 
 
 def _read_signal(model: OnnxModel, body: bytes, request: Request):
-    """-> (signal [T, C] in the model's lead order, its sample rate)."""
+    """-> (signal [T, C] in the model's lead order, its sample rate). `?sample_rate=` and `?leads=` describe a
+    binary body; a JSON body carries them itself or in the query, not in both. Every query value is checked."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    query = request.query_params
+    channels = query.get("channels")
+    if channels is not None and (not channels.isdigit() or int(channels) != model.n_channels):
+        raise HTTPException(422, f"?channels= must be the model's lead count, {model.n_channels}, got {channels!r}")
+    query_rate = _invalid_to_422(lambda: parse_sample_rate(query.get("sample_rate"), model.sample_rate))
+    query_order = _invalid_to_422(lambda: lead_order(query.get("leads"), model.leads))
     if content_type == "application/octet-stream":
-        query = request.query_params
-        channels = query.get("channels", "")
-        if not channels.isdigit() or int(channels) != model.n_channels:
-            raise HTTPException(422, f"binary bodies need ?channels={model.n_channels} (the model's lead count), "
-                                     f"got {channels or 'none'}")
+        if channels is None:
+            raise HTTPException(422, f"binary bodies need ?channels={model.n_channels} (the model's lead count)")
         if not body:
             raise HTTPException(422, "empty signal")
         try:
@@ -205,7 +211,7 @@ def _read_signal(model: OnnxModel, body: bytes, request: Request):
         except InvalidSignal as err:
             # A length that is no whole number of samples is a malformed body rather than a bad value.
             raise HTTPException(400 if "whole number" in str(err) else 422, str(err)) from err
-        leads, rate = query.get("leads"), query.get("sample_rate")
+        order, rate = query_order, query_rate
     elif content_type == "application/json":
         try:
             payload = parse_json(body, "body")
@@ -214,13 +220,21 @@ def _read_signal(model: OnnxModel, body: bytes, request: Request):
         if not isinstance(payload, dict) or "signal" not in payload:
             raise HTTPException(422, "body must be a JSON object with a 'signal' field")
         signal_ = _invalid_to_422(lambda: samples_from_json(payload["signal"], model.n_channels))
-        leads, rate = payload.get("leads"), payload.get("sample_rate")
+        order = _invalid_to_422(lambda: lead_order(payload.get("leads"), model.leads)) \
+            if "leads" in payload else query_order
+        rate = _invalid_to_422(lambda: parse_sample_rate(payload.get("sample_rate"), model.sample_rate)) \
+            if "sample_rate" in payload else query_rate
+        null = [name for name in ("sample_rate", "leads") if name in payload and payload[name] is None]
+        if null:
+            raise HTTPException(422, f"{null} must be left out for the model's default, not null")
+        twice = [name for name in ("sample_rate", "leads") if name in payload and name in query]
+        if twice:
+            raise HTTPException(422, f"{twice} given both in the body and in the query: give each once")
     else:
         raise HTTPException(415, "send application/json or application/octet-stream (float32 LE, ?channels=C)")
-    order = _invalid_to_422(lambda: lead_order(leads, model.leads))
     if order is not None:
         signal_ = signal_[:, order]
-    return signal_, _invalid_to_422(lambda: parse_sample_rate(rate, model.sample_rate))
+    return signal_, rate
 
 
 def _close_streams_on_sigterm(hub: StreamHub):

@@ -1,0 +1,125 @@
+"""The OpenAPI document as the API is: every body, parameter, status and content type, with the loaded model's
+leads, labels and limits filled in, so that a generated client can call `/classify` and schemathesis (all checks,
+tests/test_openapi.py) finds nothing it does not describe. The WebSocket protocol is in docs/api.md."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from msssm_serve.runtime import OnnxModel
+
+from .auth import OPEN_ROUTES
+from .settings import Settings
+from .signals import MAX_ABS_VALUE, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+
+ERROR = {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}
+
+
+def _error(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": ERROR}}}
+
+
+def _json(schema: dict, description: str = "OK") -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _operations(model: OnnxModel, settings: Settings) -> dict:
+    c, labels = model.n_channels, model.labels
+    probabilities = {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1},
+                     "minItems": len(labels), "maxItems": len(labels)}
+    sample_rate = {"type": "number", "minimum": MIN_SAMPLE_RATE, "maximum": MAX_SAMPLE_RATE,
+                   "description": f"samples per second of the signal (default: the model's {model.sample_rate})"}
+    leads = {"type": "array", "items": {"type": "string", "enum": model.leads}, "minItems": c, "maxItems": c,
+             "uniqueItems": True,
+             "description": f"the signal's column order (default: the model's, {model.leads}); names are "
+                            "case-insensitive"}
+    row = {"type": "array", "items": {"type": "number", "minimum": -MAX_ABS_VALUE, "maximum": MAX_ABS_VALUE},
+           "minItems": c, "maxItems": c}
+    classify_body = {
+        "type": "object", "required": ["signal"],
+        "properties": {"signal": {"type": "array", "items": row, "minItems": 1, "maxItems": 4 * model.window,
+                                  "description": "time-major samples in mV: one row of channel values per sample"},
+                       "sample_rate": sample_rate, "leads": leads}}
+    classify_answer = {
+        "type": "object", "required": ["model", "labels", "probabilities", "predicted", "samples", "windows"],
+        "properties": {
+            "model": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string", "enum": labels}},
+            "probabilities": probabilities,
+            "predicted": {"type": "array", "items": {"type": "string", "enum": labels}},
+            "samples": {"type": "integer", "minimum": 1, "description": "samples at the model's rate"},
+            "windows": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["start", "probabilities"],
+                "properties": {"start": {"type": "integer", "minimum": 0}, "probabilities": probabilities}}}}}
+    query = [
+        {"name": "channels", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": c, "maximum": c},
+         "description": f"binary bodies only, and then required: the channel count ({c})"},
+        {"name": "sample_rate", "in": "query", "required": False, "schema": sample_rate,
+         "description": "binary bodies only (JSON bodies carry their own)"},
+        {"name": "leads", "in": "query", "required": False,
+         "schema": {"type": "string", "description": "binary bodies only: comma-separated lead names"}},
+    ]
+    return {
+        "/classify": {"post": {
+            "summary": "Classify a recording",
+            "description": "A signal longer than the model's window is cut into consecutive windows (the last may be "
+                           "shorter), each classified from the zero state; `probabilities` is their element-wise "
+                           "max. `predicted`: the labels with probability >= 0.5 (multi-label models) or the most "
+                           "probable one.",
+            "parameters": query,
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": classify_body},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                                        "description": "little-endian float32, time-major, "
+                                                                       "?channels= values per sample"}}}},
+            "responses": {"200": _json(classify_answer),
+                          "400": _error("the body is not valid JSON, or not a whole number of float32 samples"),
+                          "408": _error(f"the body did not arrive within {settings.body_timeout_s:g} s"),
+                          "413": _error(f"the body exceeds {settings.max_body_bytes} bytes or the signal "
+                                        f"{settings.max_signal_seconds:g} s"),
+                          "415": _error("a content type other than application/json or application/octet-stream"),
+                          "422": _error("the signal, its leads, its sample rate or ?channels= are invalid"),
+                          "503": _error("inference failed; retry")}}},
+        "/model": {"get": {"summary": "The loaded model", "responses": {"200": _json({
+            "type": "object",
+            "required": ["name", "labels", "sample_rate", "leads", "window", "default_hop", "state_bytes"],
+            "properties": {"name": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}},
+                           "sample_rate": {"type": "integer"}, "window": {"type": "integer"},
+                           "leads": {"type": "array", "items": {"type": "string"}},
+                           "default_hop": {"type": "integer"}, "state_bytes": {"type": "integer"}}})}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+            "description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {
+                "type": "string"}}}}}}},
+        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": _json({
+            "type": "object", "properties": {"status": {"type": "string", "enum": ["ok"]}}})}}},
+        "/readyz": {"get": {"summary": "Readiness", "responses": {
+            "200": _json({"type": "object", "properties": {"status": {"type": "string", "enum": ["ready"]}}}),
+            "503": _json({"type": "object", "properties": {"status": {"type": "string"}}}, "not ready")}}},
+        "/": {"get": {"summary": "The monitor page", "responses": {"200": {
+            "description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+    }
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Replace FastAPI's generated document (which cannot see bodies read by hand) by the described one."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document = get_openapi(title="msssm-serve", version="1", routes=[],
+                                   description="MS-SSM streaming ECG classification. WebSocket /stream: see "
+                                               "docs/api.md.")
+            document["paths"] = _operations(app.state.model, settings)
+            if settings.api_key:
+                document.setdefault("components", {})["securitySchemes"] = {
+                    "bearer": {"type": "http", "scheme": "bearer"}}
+                for path, operations in document["paths"].items():
+                    if path in OPEN_ROUTES:
+                        continue
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+                        operation["responses"]["401"] = _error("missing or wrong API key")
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi
