@@ -263,6 +263,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--p99-ms", type=float, default=1000.0, help="bound on the honest streams' hop latency p99")
     p.add_argument("--max-streams", type=int, default=100, help="the started server's stream limit")
+    p.add_argument("--idle-timeout-s", type=float, default=5.0,
+                   help="the started server's idle timeout, which also bounds how long a client that stopped "
+                        "reading may hold its slot")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -272,7 +275,8 @@ def main(argv=None) -> int:
     server = None
     if args.url is None:
         log = Path(f"/tmp/msssm-fuzz-{time.monotonic_ns()}.log")
-        server = LocalServer(args.model, log, env={"MSSSM_MAX_STREAMS": str(args.max_streams)},
+        server = LocalServer(args.model, log, env={"MSSSM_MAX_STREAMS": str(args.max_streams),
+                                                   "MSSSM_IDLE_TIMEOUT_S": str(args.idle_timeout_s)},
                              extra_args=["--log-level", "warning"])
         base = server.url
     else:
@@ -282,7 +286,8 @@ def main(argv=None) -> int:
         findings = asyncio.run(fuzz(base, args.connections, args.honest, args.seed, args.speedup, max_frame_bytes,
                                     min(args.parallel, max(1, args.max_streams - args.honest))))
         took = time.perf_counter() - started
-        deadline = time.monotonic() + 15  # a client that left mid-close: its socket times out
+        # a client that stopped reading or left mid-close holds its slot until the idle timeout, then the drain
+        deadline = time.monotonic() + args.idle_timeout_s + 10
         while (gauge := active_streams(base)) and time.monotonic() < deadline:
             time.sleep(0.1)
         if gauge:
