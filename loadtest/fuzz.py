@@ -29,22 +29,16 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from streams import load_records  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-RECORDS = ROOT / "tests/fixtures/ptbxl/records100"
 TOL = 1e-4
 
 
 def load_signal() -> np.ndarray:
-    """The PTB-XL fixture records back to back, [T, 12] float32 (mV) — read without wfdb (16-bit format 16)."""
-    rows = []
-    for header in sorted(RECORDS.glob("*/*.hea")):
-        lines = header.read_text().splitlines()
-        gains = [float(line.split()[2].split("(")[0].split("/")[0]) for line in lines[1:13]]
-        baselines = [int(line.split()[2].split("(")[1].split(")")[0]) if "(" in line.split()[2] else 0
-                     for line in lines[1:13]]
-        raw = np.fromfile(header.with_suffix(".dat"), "<i2").reshape(-1, 12)
-        rows.append(((raw - np.array(baselines)) / np.array(gains)).astype(np.float32))
-    return np.concatenate(rows)
+    """The PTB-XL fixture records back to back, [T, 12] float32 (mV)."""
+    return np.concatenate(list(load_records()))
 
 
 class Findings:
@@ -268,8 +262,7 @@ def main(argv=None) -> int:
                         "reading may hold its slot")
     args = p.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT))
-    from server.launcher import LocalServer
+    from server.launcher import LocalServer  # on the path through streams
 
     max_frame_bytes = 1024 * 1024
     server = None

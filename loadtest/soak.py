@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     finally:
         sampler.stop()
         server.stop()
-    t0 = run_start = min(run.latency_ms.times) if run.latency_ms.times else time.monotonic()
+    t0 = min(run.latency_ms.times) if run.latency_ms.times else time.monotonic()
     minutes = []
     for m in range(int(np.ceil(args.minutes))):
         a, b = t0 + 60 * m, t0 + 60 * (m + 1)
@@ -72,8 +72,7 @@ def main(argv=None) -> int:
     data = {"streams": args.streams, "minutes": args.minutes, "model": args.model, "workers": args.workers,
             "failures": overall["failures"], "failure_kinds": overall["failure_kinds"],
             "p50_ms": overall.get("p50_ms"), "p99_ms": overall.get("p99_ms"),
-            "rss_drift_mb_after_first_minute": drift, "per_minute": minutes, "environment": environment(),
-            "run_started_monotonic": run_start}
+            "rss_drift_mb_after_first_minute": drift, "per_minute": minutes, "environment": environment()}
     ok = overall["failures"] == 0 and drift is not None and drift < args.rss_drift_mb
     rows = "\n".join(f"| {m['minute']} | {m['hops']} | {fmt(m['p50_ms'])} | {fmt(m['p99_ms'])} | "
                      f"{fmt(m['server_rss_mb'])} |" for m in minutes)

@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 
 MONITOR_PAGE = Path(__file__).with_name("monitor.html")
-KNOWN_PATHS = ("/classify", "/model", "/metrics", "/healthz", "/readyz", "/")  # metric labels for refused requests
 DRAIN_FACTOR = 4
 
 
@@ -73,8 +72,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def count_requests(request: Request, call_next):
         started = time.perf_counter()
         response = await call_next(request)
+        # a request refused before routing (401) is labelled by its path when that is one of the app's routes
         route = getattr(request.scope.get("route"), "path", None) or (
-            request.url.path if request.url.path in KNOWN_PATHS else "unmatched")
+            request.url.path if request.url.path in {r.path for r in app.routes} else "unmatched")
         metrics.requests.labels(route, request.method, str(response.status_code)).inc()
         metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
         return response
