@@ -25,6 +25,9 @@ class ModelConfig:
     dt_min: float = 0.001
     dt_max: float = 0.1
     dropout: float = 0.0
+    # A model trained on lead subsets: a missing lead is NaN in the input; the model zeroes it and also sees, per
+    # lead, whether it is present (the input projection takes 2 * n_channels features). False: every lead required.
+    lead_mask: bool = False
     # `blocked_scan` scans blocks of `scan_block` steps; scan="static" runs exactly `scan_levels` levels. The runtime
     # splits inputs longer than max_chunk = scan_block ** scan_levels (32768: more than 60 s at 500 Hz) into
     # several calls of the exported graph, which bounds the memory of one call.

@@ -235,7 +235,7 @@ class MSSSMClassifier(nn.Module):
         # Input normalisation lives in the model (and so in the exported graph): fitted by the trainer.
         self.register_buffer("input_mean", torch.zeros(cfg.n_channels))
         self.register_buffer("input_std", torch.ones(cfg.n_channels))
-        self.embed = nn.Linear(cfg.n_channels, cfg.d_model)
+        self.embed = nn.Linear(cfg.n_channels * (2 if cfg.lead_mask else 1), cfg.d_model)
         self.blocks = nn.ModuleList(ResidualBlock(cfg) for _ in range(cfg.n_layers))
         self.norm_f = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_classes)
@@ -265,11 +265,19 @@ class MSSSMClassifier(nn.Module):
             for i in range(self.cfg.n_layers)
         ]
 
+    def input_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised leads; with `lead_mask`, missing (NaN) leads zeroed and a 0/1 presence flag per lead beside them."""
+        z = (x - self.input_mean) / self.input_std
+        if not self.cfg.lead_mask:
+            return z
+        present = ~torch.isnan(x)
+        return torch.cat([torch.where(present, z, torch.zeros_like(z)), present.to(z.dtype)], dim=-1)
+
     # --- the one computation ------------------------------------------------------------------------------------
     def run(self, x: torch.Tensor, state: State, scan: str = "auto") -> tuple[torch.Tensor, State]:
         """x: [B, T, C] raw signal from `state` on -> (logits [B, T, classes], new state).
         `scan` picks the recurrence's implementation (see `selective.selective_scan`); all compute the same."""
-        h = self.embed((x - self.input_mean) / self.input_std)
+        h = self.embed(self.input_features(x))
         new_state: list[torch.Tensor] = []
         for block, (conv_history, ssm_h) in zip(self.blocks, self.layer_states(state)):
             h, conv_history, ssm_h = block(h, conv_history, ssm_h, scan)

@@ -32,6 +32,7 @@ from tqdm import tqdm  # noqa: E402
 from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from msssm_serve.config import ModelConfig  # noqa: E402
 from msssm_serve.model import MSSSMClassifier  # noqa: E402
+from training.augment import augment, keep_leads, mask_leads, random_crops  # noqa: E402
 from training.metrics import bootstrap_macro_auroc, macro_auroc, one_hot, per_class_auroc_by_name  # noqa: E402
 from training.ptbxl import LEADS, DataError, auxiliary_targets, load_labels, load_signals, split_folds  # noqa: E402
 from training.ucr import load_ucr  # noqa: E402
@@ -133,17 +134,6 @@ def fit_normalisation(x: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.n
     return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
 
 
-def augment(xb: np.ndarray, rng: np.random.Generator, amp_jitter: float, noise_std: float) -> np.ndarray:
-    """Per-record amplitude scaling, log-uniform in [1/(1+amp_jitter), 1+amp_jitter] (electrode contact and gain
-    vary between recordings), plus white noise of `noise_std` in the signal's units; both 0: unchanged."""
-    if amp_jitter > 0:
-        bound = np.log1p(amp_jitter)
-        xb = xb * np.exp(rng.uniform(-bound, bound, (len(xb), 1, 1))).astype(np.float32)
-    if noise_std > 0:
-        xb = xb + rng.normal(0.0, noise_std, xb.shape).astype(np.float32)
-    return xb
-
-
 def mixup(x, targets, rng: np.random.Generator, alpha: float):
     """Mixup (Zhang et al., 2018) of one training batch: with lam ~ Beta(alpha, alpha), folded to max(lam, 1 - lam)
     so that each row's own record dominates, and one permutation `perm` of the batch, returns
@@ -157,14 +147,6 @@ def mixup(x, targets, rng: np.random.Generator, alpha: float):
     lam = max(lam, 1.0 - lam)
     perm = rng.permutation(len(x))
     return lam * x + (1.0 - lam) * x[perm], [lam * t + (1.0 - lam) * t[perm] for t in targets]
-
-
-def random_crops(x: np.ndarray, idx: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
-    length = x.shape[1]
-    if crop <= 0 or crop >= length:
-        return np.asarray(x[idx], dtype=np.float32)
-    starts = rng.integers(0, length - crop + 1, len(idx))
-    return np.stack([x[i, s : s + crop] for i, s in zip(idx, starts)]).astype(np.float32)
 
 
 @torch.no_grad()
@@ -360,6 +342,7 @@ def train(args) -> dict:
         a_init=args.a_init,
         mixer=args.mixer,
         dropout=args.dropout,
+        lead_mask=args.lead_subsets,
     )
     if args.init:
         # Warm start (e.g. a second cosine cycle): weights and architecture from a checkpoint, a fresh optimiser and
@@ -476,6 +459,8 @@ def train(args) -> dict:
         for step in bar:
             idx = order[step * args.batch_size : (step + 1) * args.batch_size]
             crops = augment(random_crops(data.x_train, idx, crop, rng), rng, args.amp_jitter, args.noise_std)
+            if cfg.lead_mask:
+                crops = mask_leads(crops, rng, data.leads)
             yb = torch.from_numpy(data.y_train[idx].astype(np.float32)).to(device)
             if soft is not None:
                 yb = (1 - args.distill_weight) * yb + args.distill_weight * torch.from_numpy(soft[idx]).to(device)
@@ -569,6 +554,19 @@ def train(args) -> dict:
                  bootstrap_macro_auroc(y_val, p_val, n_boot=args.n_boot).items()}},
         "train_wall_seconds": seconds_before + time.time() - t_start,
     }
+    if best_model.cfg.lead_mask:
+        # A lead-subset model is scored on the subsets devices record; the table goes into the model card.
+        subsets = {}
+        for keep in (data.leads, ["I", "II"], ["II"]):
+            if not set(keep) <= set(data.leads):
+                continue
+            p_sub = predict(best_model, keep_leads(data.x_val, data.leads, keep), device, args.eval_batch_size)
+            subsets["+".join(keep) if len(keep) < len(data.leads) else "all"] = {
+                "leads": list(keep), "macro_auroc": macro_auroc(y_val, p_sub),
+                **{f"bootstrap_{k}": v for k, v in bootstrap_macro_auroc(y_val, p_sub, n_boot=args.n_boot).items()}}
+        metrics["lead_subsets"] = subsets
+        best_meta["validation"]["lead_subsets"] = subsets
+        save_checkpoint(out / "checkpoint.pt", best_model.cpu(), best_meta)
     if data.x_test is not None:  # UCR: TEST is scored once, with the checkpoint chosen on validation
         p_test = predict(best_model, data.x_test, device, args.eval_batch_size)
         metrics["test_accuracy"] = float((p_test.argmax(-1) == data.y_test.argmax(-1)).mean())
@@ -592,6 +590,8 @@ def parse_args(argv=None):
     p.add_argument("--d-state", type=int, default=4)
     p.add_argument("--a-init", choices=["scale", "mamba"], default="scale")
     p.add_argument("--mixer", choices=["input", "static", "softmax"], default="input")
+    p.add_argument("--lead-subsets", action="store_true",
+                   help="train on random lead subsets (missing leads as NaN) so the model serves any subset")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=None, help="default: 30 for ptbxl, 150 for ucr")
     p.add_argument("--batch-size", type=int, default=None, help="default: 64 for ptbxl, 16 for ucr")
