@@ -194,6 +194,14 @@ def _check_meta(model: MSSSMClassifier, meta: dict) -> torch.Tensor:
         raise ExportError(f"parity_windows must be [n, window, {cfg.n_channels}], got {list(windows.shape)}")
     if windows.shape[1] > cfg.max_chunk:
         raise ExportError(f"parity windows of {windows.shape[1]} samples exceed one call's max_chunk {cfg.max_chunk}")
+    if cfg.lead_mask and cfg.n_channels > 1:
+        # A lead-subset model is also checked with leads missing (NaN): every third window keeps one lead, every
+        # third after it two, so the graph's masking is compared with the model's too.
+        windows = windows.clone()
+        for i in range(1, len(windows), 3):
+            windows[i, :, [c for c in range(cfg.n_channels) if c != i % cfg.n_channels]] = float("nan")
+        for i in range(2, len(windows), 3):
+            windows[i, :, 2:] = float("nan")
     return windows
 
 
@@ -213,6 +221,7 @@ def describe(model: MSSSMClassifier, meta: dict, name: str, parity: dict, onnx_i
         "sample_rate": meta["sample_rate"],
         "leads": list(meta["leads"]),
         "window": int(meta["window"]),
+        "lead_subsets": bool(model.cfg.lead_mask),  # any subset of `leads` (the others missing) is accepted
         "default_hop": int(meta.get("default_hop", DEFAULT_HOP)),
         "normalisation": {
             "mean": model.input_mean.tolist(),

@@ -132,6 +132,7 @@ class OnnxModel:
     sample_rate = property(lambda self: int(self.meta["sample_rate"]))
     leads = property(lambda self: list(self.meta["leads"]))
     window = property(lambda self: int(self.meta["window"]))
+    lead_subsets = property(lambda self: bool(self.meta.get("lead_subsets", False)))
     default_hop = property(lambda self: int(self.meta.get("default_hop", 25)))
     max_chunk = property(lambda self: int(self.meta["max_chunk"]))
     providers = property(lambda self: self.session.get_providers())

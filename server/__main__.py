@@ -14,11 +14,13 @@ import uvicorn
 
 from msssm_serve.runtime import DEFAULT_MODEL_DIR, ModelDirError, OnnxModel
 
+from .registry import model_dirs
 from .settings import Settings
 
 # flag -> environment variable; flags left out keep the environment's (or the default) value
 ENV_FLAGS = {
     "model": "MSSSM_MODEL_DIR",
+    "models": "MSSSM_MODELS_DIR",
     "max_streams": "MSSSM_MAX_STREAMS",
     "idle_timeout_s": "MSSSM_IDLE_TIMEOUT_S",
     "max_body_bytes": "MSSSM_MAX_BODY_BYTES",
@@ -50,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     def env_flag(*names, shown, **kw):  # a flag that fills an MSSSM_* variable: None unless given
         parser.add_argument(*names, **kw).shown_default = shown
 
-    env_flag("--model", help="model directory ($MSSSM_MODEL_DIR)", shown=DEFAULT_MODEL_DIR)
+    models = parser.add_mutually_exclusive_group()
+    models.add_argument("--model", help="one model directory, served as 'default' ($MSSSM_MODEL_DIR) "
+                        f"(default: {DEFAULT_MODEL_DIR})")
+    models.add_argument("--models", help="a model repository: every subdirectory holding model.json is served under "
+                        "its name; 'default' (else the first name) is the default ($MSSSM_MODELS_DIR)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address")
     parser.add_argument("--port", type=int, default=8000, help="port")
     parser.add_argument("--workers", type=int, default=1, help="processes, each with its own model and batcher")
@@ -75,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     for flag, var in ENV_FLAGS.items():  # a flag given wins over the environment, which wins over the default
         if getattr(args, flag) is not None:
             os.environ[var] = str(getattr(args, flag))
-    model_dir = os.environ.get("MSSSM_MODEL_DIR") or str(DEFAULT_MODEL_DIR)
+    if args.model is not None:  # one flag given wins over the other's environment variable
+        os.environ.pop("MSSSM_MODELS_DIR", None)
+    settings = Settings.from_env()
     try:  # checked here, so a bad model directory is one line and exit 2, not a worker's traceback
-        OnnxModel(model_dir, threads=1)
+        for path in model_dirs(settings.model_dir, settings.models_dir).values():
+            OnnxModel(path, threads=1)
     except ModelDirError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -17,15 +17,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import ClientDisconnect
 
+from msssm_serve.leads import LeadError, LeadMap, parse_lead_list
 from msssm_serve.runtime import OnnxModel
 
-from . import openapi
+from . import openapi, registry
 from .auth import OPEN_ROUTES, key_matches, missing_key_detail, offered_key, redact_keys_in_logs
-from .batcher import Batcher
 from .metrics import Metrics
 from .settings import Settings
-from .signals import (InvalidJSON, InvalidSignal, lead_order, parse_json, parse_sample_rate, samples_from_bytes,
-                      samples_from_json, to_model_rate)
+from .signals import (InvalidJSON, InvalidSignal, parse_json, parse_sample_rate, samples_from_bytes, samples_from_json,
+                      to_model_rate)
 from .streaming import GOING_AWAY, StreamHub
 
 log = logging.getLogger(__name__)
@@ -42,18 +42,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        model = OnnxModel(settings.model_dir)
-        batcher = Batcher(model, metrics, settings.batch_wait_ms)
-        batcher.start()
-        app.state.model, app.state.batcher = model, batcher
-        app.state.hub = StreamHub(model, batcher, settings, metrics)
+        models = registry.load(settings.model_dir, settings.models_dir, metrics, settings.batch_wait_ms)
+        for served in models.values():
+            served.batcher.start()
+        default = models[registry.default_name(models)]
+        app.state.models, app.state.default = models, default
+        app.state.model, app.state.batcher = default.model, default.batcher
+        app.state.hub = StreamHub(models, default.name, settings, metrics)
         restore_sigterm = _close_streams_on_sigterm(app.state.hub)
         try:
             yield
         finally:
             restore_sigterm()
             await app.state.hub.close_all(GOING_AWAY, "server shutting down")
-            await batcher.stop()
+            for served in models.values():
+                await served.batcher.stop()
 
     app = FastAPI(title="msssm-serve", lifespan=lifespan)
     app.state.settings, app.state.metrics = settings, metrics
@@ -93,20 +96,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz(request: Request):
-        batcher = getattr(request.app.state, "batcher", None)
-        if batcher is None or not batcher.running:
+        models = getattr(request.app.state, "models", None)
+        if not models or not all(served.batcher.running for served in models.values()):
             return JSONResponse({"status": "not ready"}, 503)
         return {"status": "ready"}
 
     @app.get("/model")
     async def model_info(request: Request):
-        model: OnnxModel = request.app.state.model
-        return {"name": model.name, "version": model.meta.get("version"),
+        served = _served(request)
+        model = served.model
+        return {"name": model.name, "served_as": served.name, "version": model.meta.get("version"),
                 "onnx_sha256": model.meta.get("onnx", {}).get("sha256"),
                 "labels": model.labels, "multi_label": model.multi_label, "sample_rate": model.sample_rate,
-                "leads": model.leads, "window": model.window, "default_hop": model.default_hop,
-                "state_bytes": model.state_bytes, "providers": model.providers,
+                "leads": model.leads, "lead_subsets": model.lead_subsets, "window": model.window,
+                "default_hop": model.default_hop, "state_bytes": model.state_bytes, "providers": model.providers,
+                "validation": registry.validation_summary(model.meta),
                 "active_streams": len(request.app.state.hub.connections), "max_streams": settings.max_streams}
+
+    @app.get("/models")
+    async def models_info(request: Request):
+        return {"default": request.app.state.default.name,
+                "models": [served.describe() for served in request.app.state.models.values()]}
 
     @app.get("/metrics")
     async def metrics_text():
@@ -118,7 +128,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/classify")
     async def classify(request: Request):
-        model: OnnxModel = request.app.state.model
+        served = _served(request)
+        model = served.model
         body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         signal_, rate = _read_signal(model, body, request)
         seconds = len(signal_) / rate
@@ -129,7 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         signal_ = await asyncio.to_thread(_invalid_to_422, lambda: to_model_rate(signal_, rate, model.sample_rate))
         started = time.perf_counter()
         try:
-            result = await request.app.state.batcher.classify(signal_)
+            result = await served.batcher.classify(signal_)
         except Exception as err:  # the model failed, not the request (the signal was checked): JSON, not a bare 500
             log.exception("classify failed")
             raise HTTPException(503, f"inference failed ({type(err).__name__}); please retry") from None
@@ -153,6 +164,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await ws.app.state.hub.serve(ws)
 
     return app
+
+
+def _served(request: Request) -> registry.ServedModel:
+    """The model `?model=NAME` names (404 listing the others when it names none), else the default."""
+    models = request.app.state.models
+    name = request.query_params.get("model")
+    if name is None:
+        return request.app.state.default
+    if name not in models:
+        raise HTTPException(404, f"no model named {name!r}; this server holds {sorted(models)} (GET /models)")
+    return models[name]
 
 
 class ClientGone(Exception):
@@ -187,31 +209,40 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
 def _invalid_to_422(parse):
     try:
         return parse()
-    except InvalidSignal as err:
+    except (InvalidSignal, LeadError) as err:
         raise HTTPException(422, str(err)) from err
 
 
 def _read_signal(model: OnnxModel, body: bytes, request: Request):
-    """-> (signal [T, C] in the model's lead order, its sample rate). `?sample_rate=` and `?leads=` describe a
-    binary body; a JSON body carries them itself or in the query, not in both. Every query value is checked."""
+    """-> (signal [T, C] in the model's lead order, missing leads NaN, its sample rate). `?sample_rate=` and
+    `?leads=` describe a binary body; a JSON body carries them itself or in the query, not in both. Every query value
+    is checked."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     query = request.query_params
-    channels = query.get("channels")
-    if channels is not None and (not channels.isdigit() or int(channels) != model.n_channels):
-        raise HTTPException(422, f"?channels= must be the model's lead count, {model.n_channels}, got {channels!r}")
     query_rate = _invalid_to_422(lambda: parse_sample_rate(query.get("sample_rate"), model.sample_rate))
-    query_order = _invalid_to_422(lambda: lead_order(query.get("leads"), model.leads))
+    query_leads = parse_lead_list(query.get("leads"))
+    if query_leads is not None:
+        _invalid_to_422(lambda: LeadMap(query_leads, model.leads, model.lead_subsets))
+    channels = query.get("channels")
+    if channels is not None and (not channels.isdigit() or not 1 <= int(channels) <= model.n_channels):
+        raise HTTPException(422, f"?channels= must be the number of leads sent (1..{model.n_channels}), "
+                                 f"got {channels!r}")
     if content_type == "application/octet-stream":
+        leads, rate = query_leads, query_rate
+        n_channels = len(leads) if leads else model.n_channels
         if channels is None:
-            raise HTTPException(422, f"binary bodies need ?channels={model.n_channels} (the model's lead count)")
+            raise HTTPException(422, f"binary bodies need ?channels={n_channels} (the number of leads sent)")
+        if int(channels) != n_channels:
+            raise HTTPException(422, f"?channels= must be the number of leads sent, {n_channels} "
+                                     f"({'?leads=' if leads else 'the model'}: {leads or model.leads}), got "
+                                     f"{channels!r}")
         if not body:
             raise HTTPException(422, "empty signal")
         try:
-            signal_ = samples_from_bytes(body, model.n_channels)
+            signal_ = samples_from_bytes(body, n_channels)
         except InvalidSignal as err:
             # A length that is no whole number of samples is a malformed body rather than a bad value.
             raise HTTPException(400 if "whole number" in str(err) else 422, str(err)) from err
-        order, rate = query_order, query_rate
     elif content_type == "application/json":
         try:
             payload = parse_json(body, "body")
@@ -219,22 +250,33 @@ def _read_signal(model: OnnxModel, body: bytes, request: Request):
             raise HTTPException(400, str(err)) from err
         if not isinstance(payload, dict) or "signal" not in payload:
             raise HTTPException(422, "body must be a JSON object with a 'signal' field")
-        signal_ = _invalid_to_422(lambda: samples_from_json(payload["signal"], model.n_channels))
-        order = _invalid_to_422(lambda: lead_order(payload.get("leads"), model.leads)) \
-            if "leads" in payload else query_order
-        rate = _invalid_to_422(lambda: parse_sample_rate(payload.get("sample_rate"), model.sample_rate)) \
-            if "sample_rate" in payload else query_rate
         null = [name for name in ("sample_rate", "leads") if name in payload and payload[name] is None]
         if null:
             raise HTTPException(422, f"{null} must be left out for the model's default, not null")
         twice = [name for name in ("sample_rate", "leads") if name in payload and name in query]
         if twice:
             raise HTTPException(422, f"{twice} given both in the body and in the query: give each once")
+        leads = payload["leads"] if "leads" in payload else query_leads
+        lead_map = _invalid_to_422(lambda: LeadMap(leads, model.leads, model.lead_subsets))
+        if channels is not None and int(channels) != lead_map.n_given:
+            raise HTTPException(422, f"?channels={channels} but {lead_map.n_given} leads are sent")
+        signal_ = _invalid_to_422(lambda: _json_signal(payload["signal"], lead_map, leads is None))
+        rate = _invalid_to_422(lambda: parse_sample_rate(payload.get("sample_rate"), model.sample_rate)) \
+            if "sample_rate" in payload else query_rate
     else:
         raise HTTPException(415, "send application/json or application/octet-stream (float32 LE, ?channels=C)")
-    if order is not None:
-        signal_ = signal_[:, order]
-    return signal_, rate
+    lead_map = _invalid_to_422(lambda: LeadMap(leads, model.leads, model.lead_subsets))
+    return lead_map(signal_), rate
+
+
+def _json_signal(value, lead_map: LeadMap, leads_implied: bool):
+    try:
+        return samples_from_json(value, lead_map.n_given)
+    except InvalidSignal as err:
+        if leads_implied and "must be [samples" in str(err):  # say which leads were expected, and the way out
+            raise InvalidSignal(f"{err}. Without 'leads', the columns are the model's leads {lead_map.model_leads} "
+                                "in that order; to send fewer or others, name them in 'leads'") from err
+        raise
 
 
 def _close_streams_on_sigterm(hub: StreamHub):

@@ -63,8 +63,8 @@ class Batcher:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # --- what sessions and requests call ------------------------------------------------------------------------
-    def open(self, stream, outbox: asyncio.Queue) -> StreamSession:
-        session = StreamSession(stream, self, outbox)
+    def open(self, stream, outbox: asyncio.Queue, model_name: str = "default") -> StreamSession:
+        session = StreamSession(stream, self, outbox, model_name)
         self.sessions.add(session)
         return session
 

@@ -25,14 +25,15 @@ def free_port() -> int:
 
 class LocalServer:
     def __init__(self, model_dir: str | Path, log_path: str | Path, workers: int = 1,
-                 extra_args: list[str] | None = None, env: dict[str, str] | None = None, start_timeout_s: float = 120):
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None, start_timeout_s: float = 120,
+                 repository: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/stream"
         self.log_path = Path(log_path)
         self.log = open(self.log_path, "w+")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--model", str(model_dir), "--port", str(self.port), "--workers",
+            [sys.executable, "-m", "server", "--models" if repository else "--model", str(model_dir), "--port", str(self.port), "--workers",
              str(workers), "--log-level", "warning", *(extra_args or [])],
             cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},

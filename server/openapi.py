@@ -24,18 +24,22 @@ def _json(schema: dict, description: str = "OK") -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _operations(model: OnnxModel, settings: Settings) -> dict:
+def _operations(model: OnnxModel, names: list[str], settings: Settings) -> dict:
+    """Bodies and answers are those of the default model `model` (other models of the server differ in leads and
+    labels: GET /models lists them)."""
     c, labels = model.n_channels, model.labels
+    fewest = 1 if model.lead_subsets else c
     probabilities = {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1},
                      "minItems": len(labels), "maxItems": len(labels)}
     sample_rate = {"type": "number", "minimum": MIN_SAMPLE_RATE, "maximum": MAX_SAMPLE_RATE,
                    "description": f"samples per second of the signal (default: the model's {model.sample_rate})"}
-    leads = {"type": "array", "items": {"type": "string", "enum": model.leads}, "minItems": c, "maxItems": c,
+    leads = {"type": "array", "items": {"type": "string", "enum": model.leads}, "minItems": fewest, "maxItems": c,
              "uniqueItems": True,
-             "description": f"the signal's column order (default: the model's, {model.leads}); names are "
-                            "case-insensitive"}
+             "description": f"the signal's columns (default: the model's leads, {model.leads}); names are "
+                            "case-insensitive, MLII means II" + ("; any subset (the others are missing)"
+                                                                 if model.lead_subsets else "; all of them")}
     row = {"type": "array", "items": {"type": "number", "minimum": -MAX_ABS_VALUE, "maximum": MAX_ABS_VALUE},
-           "minItems": c, "maxItems": c}
+           "minItems": fewest, "maxItems": c}
     classify_body = {
         "type": "object", "required": ["signal"],
         "properties": {"signal": {"type": "array", "items": row, "minItems": 1, "maxItems": 4 * model.window,
@@ -53,13 +57,15 @@ def _operations(model: OnnxModel, settings: Settings) -> dict:
                 "properties": {"start": {"type": "integer", "minimum": 0}, "probabilities": probabilities}}}}}
     query = [
         {"name": "channels", "in": "query", "required": False,
-         "schema": {"type": "integer", "minimum": c, "maximum": c},
-         "description": f"binary bodies only, and then required: the channel count ({c})"},
+         "schema": {"type": "integer", "minimum": fewest, "maximum": c},
+         "description": f"binary bodies: required, the number of leads sent ({c} unless ?leads= names fewer)"},
         {"name": "sample_rate", "in": "query", "required": False, "schema": sample_rate,
          "description": "binary bodies only (JSON bodies carry their own)"},
         {"name": "leads", "in": "query", "required": False,
          "schema": {"type": "string", "description": "binary bodies only: comma-separated lead names"}},
     ]
+    model_param = {"name": "model", "in": "query", "required": False, "schema": {"type": "string", "enum": names},
+                   "description": "which of the server's models (default: the default model; GET /models)"}
     return {
         "/classify": {"post": {
             "summary": "Classify a recording",
@@ -67,7 +73,7 @@ def _operations(model: OnnxModel, settings: Settings) -> dict:
                            "shorter), each classified from the zero state; `probabilities` is their element-wise "
                            "max. `predicted`: the labels with probability >= 0.5 (multi-label models) or the most "
                            "probable one.",
-            "parameters": query,
+            "parameters": [model_param, *query],
             "requestBody": {"required": True, "content": {
                 "application/json": {"schema": classify_body},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary",
@@ -78,10 +84,22 @@ def _operations(model: OnnxModel, settings: Settings) -> dict:
                           "408": _error(f"the body did not arrive within {settings.body_timeout_s:g} s"),
                           "413": _error(f"the body exceeds {settings.max_body_bytes} bytes or the signal "
                                         f"{settings.max_signal_seconds:g} s"),
+                          "404": _error("no model of that name"),
                           "415": _error("a content type other than application/json or application/octet-stream"),
                           "422": _error("the signal, its leads, its sample rate or ?channels= are invalid"),
                           "503": _error("inference failed; retry")}}},
-        "/model": {"get": {"summary": "The loaded model", "responses": {"200": _json({
+        "/models": {"get": {"summary": "Every model the server holds", "responses": {"200": _json({
+            "type": "object", "required": ["default", "models"],
+            "properties": {"default": {"type": "string"}, "models": {"type": "array", "items": {
+                "type": "object",
+                "required": ["name", "labels", "leads", "lead_subsets", "sample_rate", "window", "state_bytes"],
+                "properties": {"name": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}},
+                               "leads": {"type": "array", "items": {"type": "string"}},
+                               "lead_subsets": {"type": "boolean"}, "sample_rate": {"type": "integer"},
+                               "window": {"type": "integer"}, "state_bytes": {"type": "integer"}}}}}})}}},
+        "/model": {"get": {"summary": "One model (?model=NAME; default: the default model)",
+                           "parameters": [model_param],
+                           "responses": {"404": _error("no model of that name"), "200": _json({
             "type": "object",
             "required": ["name", "labels", "sample_rate", "leads", "window", "default_hop", "state_bytes"],
             "properties": {"name": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}},
@@ -109,7 +127,7 @@ def install(app: FastAPI, settings: Settings) -> None:
             document = get_openapi(title="msssm-serve", version="1", routes=[],
                                    description="MS-SSM streaming ECG classification. WebSocket /stream: see "
                                                "docs/api.md.")
-            document["paths"] = _operations(app.state.model, settings)
+            document["paths"] = _operations(app.state.model, sorted(app.state.models), settings)
             if settings.api_key:
                 document.setdefault("components", {})["securitySchemes"] = {
                     "bearer": {"type": "http", "scheme": "bearer"}}

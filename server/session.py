@@ -41,14 +41,15 @@ class Close:
     detail: str
 
 
-def prediction_message(p: Prediction) -> dict:
-    return {"type": "prediction", "window": p.window, "t": p.t,
+def prediction_message(p: Prediction, model: str) -> dict:
+    return {"type": "prediction", "model": model, "window": p.window, "t": p.t,
             "probabilities": p.probabilities.tolist(), "final": p.final}
 
 
 class StreamSession:
-    def __init__(self, stream: Stream, batcher: Batcher, outbox: asyncio.Queue):
+    def __init__(self, stream: Stream, batcher: Batcher, outbox: asyncio.Queue, model_name: str):
         self.stream = stream
+        self.model_name = model_name  # what the server calls the model: every prediction message says it
         self.batcher = batcher
         self.outbox = outbox  # dict messages and, last, a Close; the connection's sender is its only reader
         self.in_flight = False  # part of the batch being computed: the batcher must not take from it again
@@ -163,4 +164,4 @@ class StreamSession:
 
     def _deliver(self, predictions: list[Prediction]) -> None:
         for p in predictions:
-            self.outbox.put_nowait(prediction_message(p))
+            self.outbox.put_nowait(prediction_message(p, self.model_name))

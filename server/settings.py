@@ -13,6 +13,7 @@ from msssm_serve.runtime import DEFAULT_MODEL_DIR
 @dataclass(frozen=True)
 class Settings:
     model_dir: Path = DEFAULT_MODEL_DIR
+    models_dir: Path | None = None  # a repository of model directories (one subdirectory each); wins over model_dir
     api_key: str | None = None
     max_streams: int = 1000
     idle_timeout_s: float = 60.0
@@ -30,6 +31,7 @@ class Settings:
         origins = env.get("MSSSM_CORS_ORIGINS", "")
         return cls(
             model_dir=Path(env.get("MSSSM_MODEL_DIR") or DEFAULT_MODEL_DIR),
+            models_dir=Path(env["MSSSM_MODELS_DIR"]) if env.get("MSSSM_MODELS_DIR") else None,
             api_key=env.get("MSSSM_API_KEY") or None,
             max_streams=int(env.get("MSSSM_MAX_STREAMS", cls.max_streams)),
             idle_timeout_s=float(env.get("MSSSM_IDLE_TIMEOUT_S", cls.idle_timeout_s)),

@@ -94,25 +94,6 @@ def checked(array: np.ndarray, n_channels: int, what: str) -> np.ndarray:
     return array
 
 
-def lead_order(leads, model_leads: list[str]) -> np.ndarray | None:
-    """Column indices that put the client's leads into the model's order; None when already in it."""
-    if leads is None:
-        return None
-    if isinstance(leads, str):
-        leads = [name.strip() for name in leads.split(",")]
-    if not isinstance(leads, list) or not all(isinstance(name, str) for name in leads):
-        raise InvalidSignal("'leads' must be a list of lead names")
-    given = [name.lower() for name in leads]
-    wanted = [name.lower() for name in model_leads]
-    unknown = [name for name, key in zip(leads, given) if key not in wanted]
-    missing = [name for name, key in zip(model_leads, wanted) if key not in given]
-    if unknown or missing or len(set(given)) != len(given):
-        raise InvalidSignal(f"'leads' must name each of the model's leads {model_leads} once; "
-                            f"unknown: {unknown}, missing: {missing}")
-    order = np.array([given.index(key) for key in wanted])
-    return None if (order == np.arange(len(order))).all() else order
-
-
 def parse_sample_rate(value, model_rate: int) -> Fraction:
     if value is None:
         return Fraction(model_rate)

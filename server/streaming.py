@@ -8,19 +8,20 @@ in order, from the session's outbox).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from msssm_serve.runtime import OnnxModel, Stream
+from msssm_serve.leads import LeadError, LeadMap, parse_lead_list
+from msssm_serve.runtime import Stream
 
 from .auth import key_matches, missing_key_detail, offered_key
-from .batcher import Batcher
 from .metrics import Metrics
+from .registry import ServedModel
 from .session import Close, Stalled, StreamGone, StreamSession
 from .settings import Settings
-from .signals import (InvalidJSON, InvalidSignal, encode_json, lead_order, parse_json, samples_from_bytes,
-                      samples_from_json)
+from .signals import InvalidJSON, InvalidSignal, encode_json, parse_json, samples_from_bytes, samples_from_json
 
 
 UNSUPPORTED, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1003, 1007, 1008, 1009, 1011, 1013
@@ -42,8 +43,8 @@ def close_reason(detail: str) -> str:
 class StreamHub:
     """The open connections of one app: admission (max streams), the active-streams gauge, shutdown."""
 
-    def __init__(self, model: OnnxModel, batcher: Batcher, settings: Settings, metrics: Metrics):
-        self.model, self.batcher, self.settings, self.metrics = model, batcher, settings, metrics
+    def __init__(self, models: dict[str, ServedModel], default: str, settings: Settings, metrics: Metrics):
+        self.models, self.default, self.settings, self.metrics = models, default, settings, metrics
         self.connections: set[Connection] = set()
 
     def authorized(self, ws: WebSocket) -> bool:
@@ -74,12 +75,19 @@ class StreamHub:
             await asyncio.sleep(0.05)
 
 
+@dataclass
+class Route:
+    """One model a connection streams to: its session and how the client's leads map to the model's."""
+    served: ServedModel
+    session: StreamSession
+    leads: LeadMap
+
+
 class Connection:
     def __init__(self, hub: StreamHub, ws: WebSocket):
         self.hub, self.ws = hub, ws
-        self.model = hub.model
-        self.session: StreamSession | None = None
-        self.order: np.ndarray | None = None  # column permutation from the client's lead order to the model's
+        self.routes: list[Route] = []  # empty until the stream's config (or first samples) arrived
+        self.n_channels = 0  # columns of the client's frames
         # What the sender is to write, in order; once the stream exists its session adds predictions to it.
         self.outbox: asyncio.Queue = asyncio.Queue()
 
@@ -106,8 +114,8 @@ class Connection:
         sender.cancel()
 
     def _end_stream(self) -> None:
-        if self.session is not None:
-            self.hub.batcher.close(self.session)
+        for route in self.routes:
+            route.served.batcher.close(route.session)
 
     # --- receiving ----------------------------------------------------------------------------------------------
     async def _receive_loop(self) -> Close | None:
@@ -140,7 +148,7 @@ class Connection:
             raise StreamError(TOO_BIG, f"frame of {size} bytes exceeds the {limit}-byte limit")
         if data is not None:
             self._ensure_stream({})
-            return await self._feed(self._decode(lambda: samples_from_bytes(data, self.model.n_channels, "frame")))
+            return await self._feed(self._decode(lambda: samples_from_bytes(data, self.n_channels, "frame")))
         if text is None:
             raise StreamError(UNSUPPORTED, "unsupported frame")
         try:
@@ -151,17 +159,17 @@ class Connection:
             raise StreamError(INVALID_DATA, "text frames must be JSON objects")
         if "samples" in body:
             self._ensure_stream({})
-            signal = self._decode(lambda: samples_from_json(body["samples"], self.model.n_channels, "samples"))
+            signal = self._decode(lambda: samples_from_json(body["samples"], self.n_channels, "samples"))
             return await self._feed(signal)
         kind = body.get("type", "config" if first else None)
         if kind == "config" and first:
             self._ensure_stream(body)
-            return self.send({"type": "config", "labels": self.model.labels, "window": self.model.window,
-                              "hop": self.session.stream.hop, "sample_rate": self.model.sample_rate,
-                              "leads": body.get("leads") or self.model.leads})
+            return self.send(self._config_reply(body))
         if kind == "flush":
             self._ensure_stream({})
-            return await self.session.flush(stall_timeout_s=self.hub.settings.idle_timeout_s)
+            for route in self.routes:
+                await route.session.flush(stall_timeout_s=self.hub.settings.idle_timeout_s)
+            return
         if kind == "config":
             raise StreamError(UNSUPPORTED, "the config message must be the first message of a stream")
         raise StreamError(UNSUPPORTED, f"unknown message type {kind!r} (expected samples, flush or a first config)")
@@ -173,34 +181,63 @@ class Connection:
             raise StreamError(INVALID_DATA, str(err)) from err
 
     def _ensure_stream(self, config: dict) -> None:
-        if self.session is not None:
+        if self.routes:
             return
-        model = self.model
-        rate = config.get("sample_rate", model.sample_rate)
-        if rate != model.sample_rate:
-            raise StreamError(INVALID_DATA, f"streams run at the model's rate of {model.sample_rate} Hz, got "
-                                            f"{rate!r}: resample on the client (POST /classify resamples)")
-        hop = config.get("hop", model.default_hop)
-        if isinstance(hop, bool) or not isinstance(hop, int) or not 1 <= hop <= model.window:
-            raise StreamError(INVALID_DATA, f"'hop' must be an integer in 1..{model.window}, got {hop!r}")
+        served = self._chosen_models(config)
         try:
-            self.order = lead_order(config.get("leads"), model.leads)
-        except InvalidSignal as err:
+            leads = parse_lead_list(config.get("leads"))
+            maps = [LeadMap(leads, m.model.leads, m.model.lead_subsets) for m in served]
+        except LeadError as err:
             raise StreamError(INVALID_DATA, str(err)) from err
-        self.session = self.hub.batcher.open(Stream(model, hop=hop), self.outbox)
+        for m in served:
+            model = m.model
+            rate = config.get("sample_rate", model.sample_rate)
+            if rate != model.sample_rate:
+                raise StreamError(INVALID_DATA, f"streams run at the model's rate of {model.sample_rate} Hz, got "
+                                                f"{rate!r}: resample on the client (POST /classify resamples)")
+            hop = config.get("hop", model.default_hop)
+            if isinstance(hop, bool) or not isinstance(hop, int) or not 1 <= hop <= model.window:
+                raise StreamError(INVALID_DATA, f"'hop' must be an integer in 1..{model.window}, got {hop!r}")
+        self.n_channels = maps[0].n_given
+        hop = config.get("hop")
+        self.routes = [Route(m, m.batcher.open(Stream(m.model, hop=hop or m.model.default_hop), self.outbox, m.name),
+                             lead_map) for m, lead_map in zip(served, maps)]
+
+    def _chosen_models(self, config: dict) -> list[ServedModel]:
+        """The config's `model` (one name) or `models` (a list of names); the server's default model if neither."""
+        models = self.hub.models
+        if "model" in config and "models" in config:
+            raise StreamError(INVALID_DATA, "give 'model' or 'models', not both")
+        names = config.get("models", [config["model"]] if "model" in config else [self.hub.default])
+        if (not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)
+                or len(set(names)) != len(names)):
+            raise StreamError(INVALID_DATA, f"'models' must be a non-empty list of distinct model names, got {names!r}")
+        unknown = [n for n in names if n not in models]
+        if unknown:
+            raise StreamError(INVALID_DATA, f"no model named {unknown}; this server holds {sorted(models)}")
+        return [models[n] for n in names]
+
+    def _config_reply(self, config: dict) -> dict:
+        first = self.routes[0]
+        per_model = [{"model": r.served.name, "labels": r.served.model.labels, "window": r.served.model.window,
+                      "hop": r.session.stream.hop, "sample_rate": r.served.model.sample_rate,
+                      "leads": r.served.model.leads, "missing_leads": r.leads.missing} for r in self.routes]
+        return {"type": "config", "model": first.served.name, "labels": first.served.model.labels,
+                "window": first.served.model.window, "hop": first.session.stream.hop,
+                "sample_rate": first.served.model.sample_rate,
+                "leads": config.get("leads") or first.served.model.leads, "models": per_model}
 
     async def _feed(self, samples: np.ndarray) -> None:
-        if self.order is not None:
-            samples = samples[:, self.order]
-        await self.session.feed(samples, stall_timeout_s=self.hub.settings.idle_timeout_s)
+        for route in self.routes:
+            await route.session.feed(route.leads(samples), stall_timeout_s=self.hub.settings.idle_timeout_s)
 
     # --- sending ------------------------------------------------------------------------------------------------
     async def _send_loop(self) -> None:
         try:
             while True:
                 item = await self.outbox.get()
-                if self.session is not None:
-                    self.session.message_sent()
+                for route in self.routes:
+                    route.session.message_sent()
                 if isinstance(item, Close):
                     return await self._close(item)
                 async with asyncio.timeout(self.hub.settings.idle_timeout_s):  # a client that stopped reading

@@ -49,13 +49,51 @@ def model_dir(tmp_path_factory, records) -> Path:
     return root / "model"
 
 
+RHYTHM_LABELS = ["AFIB", "SBRAD", "SR", "STACH"]
+
+
+@pytest.fixture(scope="session")
+def subset_model_dir(tmp_path_factory, records) -> Path:
+    """A tiny random lead-subset model (`lead_mask`: any of the 12 leads may be missing), exported and
+    parity-checked on the real records with leads dropped."""
+    torch = pytest.importorskip("torch")
+    from export.export import export_model
+    from msssm_serve.checkpoint import save_checkpoint
+    from msssm_serve.config import ModelConfig
+    from msssm_serve.model import MSSSMClassifier
+
+    root = tmp_path_factory.mktemp("subset")
+    torch.manual_seed(1)
+    model = MSSSMClassifier(ModelConfig(d_model=16, n_layers=2, d_state=4, n_classes=len(RHYTHM_LABELS),
+                                        lead_mask=True)).eval()
+    model.input_mean.normal_(0, 0.1)
+    model.input_std.uniform_(0.5, 2.0)
+    meta = {"labels": RHYTHM_LABELS, "multi_label": True, "sample_rate": 100, "leads": LEADS,
+            "window": records.shape[1], "task": "ptbxl", "label_set": "rhythm",
+            "data": {"dataset": "PTB-XL fixture records"}, "validation": {"macro_auroc": 0.5},
+            "parity_windows": torch.from_numpy(records)}
+    save_checkpoint(root / "checkpoint.pt", model, meta)
+    export_model(root / "checkpoint.pt", root / "model", name="tiny-rhythm")
+    return root / "model"
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory, model_dir, subset_model_dir) -> Path:
+    """A model repository: `default` (12 leads required) and `rhythm` (lead subsets)."""
+    root = tmp_path_factory.mktemp("repository")
+    (root / "default").symlink_to(model_dir)
+    (root / "rhythm").symlink_to(subset_model_dir)
+    return root
+
+
 class ServerProcess(LocalServer):
     """A test server: one onnxruntime thread (tests share two cores), log beside the model."""
 
-    def __init__(self, model_dir: Path, env: dict[str, str], extra_args: list[str] | None = None):
+    def __init__(self, model_dir: Path, env: dict[str, str], extra_args: list[str] | None = None,
+                 repository: bool = False):
         log = model_dir.parent / f"server-{time.monotonic_ns()}.log"
         super().__init__(model_dir, log, env={"MSSSM_THREADS": "1", **env}, extra_args=extra_args,
-                         start_timeout_s=SERVER_START_TIMEOUT_S)
+                         start_timeout_s=SERVER_START_TIMEOUT_S, repository=repository)
 
 
 @pytest.fixture(scope="session")

@@ -221,3 +221,37 @@ def test_cuda_model_equals_cpu_reference_in_values_gradients_and_streaming(ssm):
             pieces.append(probs)
             start += size
     assert (torch.cat(pieces, dim=1) - expected).abs().max().item() <= 1e-5
+
+
+def test_a_lead_subset_model_streams_with_missing_leads_exactly_and_ignores_what_is_missing():
+    model = small_model(lead_mask=True)
+    rng = np.random.default_rng(3)
+    x = torch.randn(3, 400, 12)
+    x[0, :, 2:] = float("nan")  # leads I + II
+    x[1, :, [i for i in range(12) if i != 1]] = float("nan")  # lead II
+    with torch.no_grad():
+        whole = model.probabilities(model(x))
+        state, parts, start = model.init_state(3), [], 0
+        for n in random_chunks(400, rng):
+            p, state = model.advance(x[:, start : start + n], state)
+            parts.append(p)
+            start += n
+        assert torch.isfinite(whole).all()
+        torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-6, rtol=0)
+        # a missing lead is absent, not a value: the presence flag, not a zero signal
+        zero_filled = torch.nan_to_num(x, nan=0.0)
+        assert not torch.allclose(model.probabilities(model(zero_filled))[:2], whole[:2])
+
+
+def test_training_lead_masks_draw_device_subsets_and_keep_every_record_usable():
+    from training.augment import keep_leads, mask_leads
+
+    leads = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+    xb = np.ones((2000, 5, 12), np.float32)
+    masked = mask_leads(xb.copy(), np.random.default_rng(0), leads)
+    present = ~np.isnan(masked[:, 0])
+    kept = present.sum(1)
+    assert kept.min() >= 1 and (kept == 12).mean() > 0.15  # every record keeps a lead; ~20 % keep all 12
+    only_ii = (present == np.eye(12, dtype=bool)[1]).all(1).mean()
+    assert 0.02 < only_ii < 0.1  # lead II alone is one of the device subsets (40 % / 11), plus random draws
+    assert np.isnan(keep_leads(xb, leads, ["II"])[..., 0]).all() and not np.isnan(keep_leads(xb, leads, ["II"])[..., 1]).any()

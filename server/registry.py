@@ -1,0 +1,63 @@
+"""The models a server holds: one directory (`--model DIR`, named `default`) or a repository of them (`--models DIR`,
+one subdirectory per model, named after it). Each model gets its own batcher: streams of one model batch together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from msssm_serve.runtime import ModelDirError, OnnxModel
+
+from .batcher import Batcher
+from .metrics import Metrics
+
+DEFAULT_NAME = "default"
+
+
+@dataclass
+class ServedModel:
+    name: str
+    model: OnnxModel
+    batcher: Batcher
+
+    def describe(self) -> dict:
+        m = self.model
+        return {"name": self.name, "model": m.name, "version": m.meta.get("version"), "labels": m.labels,
+                "multi_label": m.multi_label, "leads": m.leads, "lead_subsets": m.lead_subsets,
+                "sample_rate": m.sample_rate, "window": m.window, "default_hop": m.default_hop,
+                "state_bytes": m.state_bytes, "validation": validation_summary(m.meta)}
+
+
+def validation_summary(meta: dict) -> dict | None:
+    """What the model card says about held-out data: macro AUROC (with interval), per class, lead subsets."""
+    v = meta.get("validation")
+    if not isinstance(v, dict):
+        return None
+    keys = ("macro_auroc", "bootstrap_ci_low", "bootstrap_ci_high", "per_class_auroc", "lead_subsets", "epoch")
+    data = meta.get("training", {}).get("data", {})
+    return {**{k: v[k] for k in keys if k in v},
+            "data": {k: data[k] for k in ("name", "label_set", "train_records", "val_records") if k in data}}
+
+
+def model_dirs(model_dir: Path, models_dir: Path | None) -> dict[str, Path]:
+    """Name -> directory of every model to serve, in name order."""
+    if models_dir is None:
+        return {DEFAULT_NAME: Path(model_dir)}
+    root = Path(models_dir)
+    if not root.is_dir():
+        raise ModelDirError(f"{root}: model repository not found")
+    found = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / "model.json").is_file()}
+    if not found:
+        raise ModelDirError(f"{root}: no model directories in it (subdirectories holding model.json)")
+    return found
+
+
+def default_name(names) -> str:
+    """`default` when the repository has it, else the first name in order."""
+    names = sorted(names)
+    return DEFAULT_NAME if DEFAULT_NAME in names else names[0]
+
+
+def load(model_dir: Path, models_dir: Path | None, metrics: Metrics, batch_wait_ms: float) -> dict[str, ServedModel]:
+    return {name: ServedModel(name, model := OnnxModel(path), Batcher(model, metrics, batch_wait_ms))
+            for name, path in model_dirs(model_dir, models_dir).items()}

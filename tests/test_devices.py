@@ -1,0 +1,162 @@
+"""Streams from real devices: lead subsets and names, several models on one server (issue: any rate, any lead
+subset, several models). Real PTB-XL fixture records throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from msssm_serve.leads import LeadError, LeadMap
+from msssm_serve.runtime import OnnxModel
+
+from conftest import LEADS, RHYTHM_LABELS, ServerProcess
+from test_server import closing, post_json
+
+
+@pytest.fixture(scope="module")
+def multi_server(repository):
+    proc = ServerProcess(repository, {"MSSSM_MAX_STREAMS": "20"}, repository=True)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def rhythm(subset_model_dir) -> OnnxModel:
+    return OnnxModel(subset_model_dir, threads=1)
+
+
+def with_only(signal_: np.ndarray, keep: list[int]) -> np.ndarray:
+    """The model-order signal with every lead but `keep` missing (NaN), as the server builds it."""
+    out = np.full_like(signal_, np.nan)
+    out[:, keep] = signal_[:, keep]
+    return out
+
+
+# --- names and subsets ---------------------------------------------------------------------------------------------
+def test_lead_names_are_matched_case_insensitively_and_through_aliases():
+    lead_map = LeadMap(["MLII", "v1", "avr"], LEADS, lead_subsets=True)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = lead_map(x)
+    assert out.shape == (2, 12)
+    np.testing.assert_array_equal(out[:, 1], x[:, 0])  # MLII -> II
+    np.testing.assert_array_equal(out[:, 6], x[:, 1])  # v1 -> V1
+    np.testing.assert_array_equal(out[:, 3], x[:, 2])  # avr -> aVR
+    assert np.isnan(out[:, [0, 2, 4, 5, 7, 8, 9, 10, 11]]).all()
+    assert lead_map.missing == [n for i, n in enumerate(LEADS) if i not in (1, 3, 6)]
+
+
+def test_a_model_without_lead_subsets_names_the_leads_it_misses():
+    with pytest.raises(LeadError, match=r"missing: \['V5', 'V6'\]"):
+        LeadMap(LEADS[:10], LEADS, lead_subsets=False)
+    with pytest.raises(LeadError, match=r"unknown: \['V7'\]"):
+        LeadMap(["II", "V7"], LEADS, lead_subsets=True)
+    with pytest.raises(LeadError, match=r"named twice: \['II', 'MLII'\]"):
+        LeadMap(["II", "MLII"], LEADS, lead_subsets=True)
+    assert LeadMap(None, LEADS, lead_subsets=False).identity
+
+
+def test_classify_names_missing_leads(server, records):
+    r = post_json(server.url, records[0][:, :8], leads=LEADS[:8])
+    assert r.status_code == 422 and "V3" in r.json()["detail"] and "V6" in r.json()["detail"]
+    r = post_json(server.url, records[0][:, :8])  # no names: the columns are taken to be the model's 12
+    assert r.status_code == 422 and "name them in 'leads'" in r.json()["detail"]
+
+
+# --- several models --------------------------------------------------------------------------------------------------
+def test_models_lists_every_model_with_its_leads_rates_and_state(multi_server, model_dir, subset_model_dir):
+    body = httpx.get(multi_server.url + "/models").json()
+    assert body["default"] == "default"
+    by_name = {m["name"]: m for m in body["models"]}
+    assert set(by_name) == {"default", "rhythm"}
+    assert by_name["rhythm"]["labels"] == RHYTHM_LABELS and by_name["rhythm"]["lead_subsets"] is True
+    assert by_name["default"]["lead_subsets"] is False
+    for name, path in (("default", model_dir), ("rhythm", subset_model_dir)):
+        model = OnnxModel(path, threads=1)
+        assert by_name[name]["state_bytes"] == model.state_bytes and by_name[name]["sample_rate"] == 100
+    assert httpx.get(multi_server.url + "/model", params={"model": "rhythm"}).json()["labels"] == RHYTHM_LABELS
+
+
+@pytest.mark.parametrize("leads, columns", [(["MLII", "V1"], [1, 6]), (["II"], [1]), (["I", "II"], [0, 1])])
+def test_classify_a_lead_subset_on_the_subset_model(multi_server, rhythm, records, leads, columns):
+    signal_ = records[1]
+    r = httpx.post(multi_server.url + "/classify", params={"model": "rhythm"}, timeout=30,
+                   json={"signal": signal_[:, columns].tolist(), "leads": leads})
+    assert r.status_code == 200, r.text
+    expected = rhythm.classify(with_only(signal_, columns))["probabilities"]
+    np.testing.assert_allclose(r.json()["probabilities"], expected, atol=1e-5)
+    assert r.json()["labels"] == RHYTHM_LABELS
+    # the same subset on the 12-lead default model is refused, naming what it needs
+    r = httpx.post(multi_server.url + "/classify", timeout=30,
+                   json={"signal": signal_[:, columns].tolist(), "leads": leads})
+    assert r.status_code == 422 and "missing" in r.json()["detail"]
+
+
+def test_classify_an_unknown_model_is_404_naming_the_models(multi_server, records):
+    r = httpx.post(multi_server.url + "/classify", params={"model": "nope"}, json={"signal": records[0].tolist()})
+    assert r.status_code == 404 and "default" in r.json()["detail"] and "rhythm" in r.json()["detail"]
+
+
+async def stream_all(url, config, signal_, frame=137):
+    """Send the config and the signal in frames, flush; -> (config reply, prediction messages by model)."""
+    async with connect(url, max_size=None) as ws:
+        await ws.send(json.dumps(config))
+        reply = json.loads(await ws.recv())
+        assert reply["type"] == "config", reply
+        for start in range(0, len(signal_), frame):
+            await ws.send(signal_[start : start + frame].astype("<f4").tobytes())
+        n_models = len(config.get("models", [1]))
+        expected = n_models * (len(signal_) // config.get("hop", 25))
+        messages = [json.loads(await asyncio.wait_for(ws.recv(), 30)) for _ in range(expected)]
+    by_model: dict[str, list] = {}
+    for m in messages:
+        assert m["type"] == "prediction", m
+        by_model.setdefault(m["model"], []).append(m)
+    return reply, by_model
+
+
+def test_one_stream_to_two_models_equals_classify_of_each(multi_server, rhythm, model_dir, records):
+    signal_ = np.concatenate([records[2], records[3]])  # two windows
+    reply, by_model = asyncio.run(stream_all(multi_server.ws_url, {"models": ["default", "rhythm"], "hop": 100},
+                                             signal_))
+    assert [m["model"] for m in reply["models"]] == ["default", "rhythm"]
+    default = OnnxModel(model_dir, threads=1)
+    for name, model in (("default", default), ("rhythm", rhythm)):
+        finals = [m for m in by_model[name] if m["final"]]
+        assert [m["window"] for m in finals] == [0, 1]
+        for m in finals:
+            window = signal_[m["window"] * 1000 : (m["window"] + 1) * 1000]
+            np.testing.assert_allclose(m["probabilities"], model.classify(window)["probabilities"], atol=1e-4)
+
+
+@pytest.mark.parametrize("leads, columns", [(["MLII", "V1"], [1, 6]), (["II"], [1])])
+def test_a_two_lead_and_a_one_lead_stream_on_the_subset_model(multi_server, rhythm, records, leads, columns):
+    signal_ = records[0]
+    reply, by_model = asyncio.run(stream_all(multi_server.ws_url, {"model": "rhythm", "leads": leads, "hop": 50},
+                                             signal_[:, columns]))
+    assert reply["model"] == "rhythm" and reply["models"][0]["missing_leads"] == \
+        [n for i, n in enumerate(LEADS) if i not in columns]
+    (final,) = [m for m in by_model["rhythm"] if m["final"]]
+    expected = rhythm.classify(with_only(signal_, columns))["probabilities"]
+    np.testing.assert_allclose(final["probabilities"], expected, atol=1e-4)
+    # and every partial prediction is the window's first t samples
+    ref = rhythm.advance(with_only(signal_, columns)[None], rhythm.zero_state(1))[0][0]
+    for m in by_model["rhythm"]:
+        np.testing.assert_allclose(m["probabilities"], ref[m["t"] - 1], atol=1e-4)
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ({"model": "nope"}, "no model named"),
+    ({"models": ["default", "default"]}, "distinct"),
+    ({"model": "default", "models": ["rhythm"]}, "not both"),
+    ({"model": "rhythm", "leads": ["II", "V7"]}, "unknown: ['V7']"),
+    ({"model": "default", "leads": ["II"]}, "missing"),
+    ({"models": ["rhythm", "default"], "leads": ["I", "II"]}, "missing"),
+])
+def test_stream_config_errors_close_1007(multi_server, config, fragment):
+    received, code = asyncio.run(closing(multi_server.ws_url, [json.dumps(config)]))
+    assert code == 1007 and fragment in received[-1]["detail"], received
