@@ -9,7 +9,6 @@ import re
 from fractions import Fraction
 
 import numpy as np
-from scipy.signal import resample_poly
 
 
 def _refuse_constant(name):
@@ -108,15 +107,3 @@ def parse_sample_rate(value, model_rate: int) -> Fraction:
     if not (math.isfinite(as_float) and MIN_SAMPLE_RATE <= as_float <= MAX_SAMPLE_RATE):
         raise InvalidSignal(f"'sample_rate' must be within {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz, got {value!r}")
     return Fraction(as_float).limit_denominator(1000)
-
-
-def to_model_rate(signal: np.ndarray, rate: Fraction, model_rate: int) -> np.ndarray:
-    if rate == model_rate:
-        return signal
-    # The polyphase filter is ~20 * max(up, down) taps: a ratio like 100 / 1999.999 taken exactly would be 100000 /
-    # 1999999 (a 40 M-tap filter); within 1/1000 in the denominator it is 1/20, off by less than 1e-6.
-    ratio = (Fraction(model_rate) / rate).limit_denominator(1000)
-    resampled = resample_poly(signal, ratio.numerator, ratio.denominator, axis=0).astype(np.float32)
-    if len(resampled) == 0:
-        raise InvalidSignal("signal too short to resample to the model's rate")
-    return resampled

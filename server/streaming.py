@@ -14,6 +14,7 @@ import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from msssm_serve.leads import LeadError, LeadMap, parse_lead_list
+from msssm_serve.resample import WindowResampler
 from msssm_serve.runtime import Stream
 
 from .auth import key_matches, missing_key_detail, offered_key
@@ -21,7 +22,8 @@ from .metrics import Metrics
 from .registry import ServedModel
 from .session import Close, Stalled, StreamGone, StreamSession
 from .settings import Settings
-from .signals import InvalidJSON, InvalidSignal, encode_json, parse_json, samples_from_bytes, samples_from_json
+from .signals import (InvalidJSON, InvalidSignal, encode_json, parse_json, parse_sample_rate, samples_from_bytes,
+                      samples_from_json)
 
 
 UNSUPPORTED, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1003, 1007, 1008, 1009, 1011, 1013
@@ -77,10 +79,15 @@ class StreamHub:
 
 @dataclass
 class Route:
-    """One model a connection streams to: its session and how the client's leads map to the model's."""
+    """One model a connection streams to: its session, the resampler from the device's rate to the model's, and how
+    the client's leads map to the model's (resampled first, on the leads sent, as /classify does)."""
     served: ServedModel
     session: StreamSession
+    resampler: WindowResampler
     leads: LeadMap
+
+    def model_samples(self, samples: np.ndarray) -> np.ndarray:
+        return self.leads(self.resampler.push(samples))
 
 
 class Connection:
@@ -189,19 +196,21 @@ class Connection:
             maps = [LeadMap(leads, m.model.leads, m.model.lead_subsets) for m in served]
         except LeadError as err:
             raise StreamError(INVALID_DATA, str(err)) from err
-        for m in served:
+        resamplers = []
+        for m, lead_map in zip(served, maps):
             model = m.model
-            rate = config.get("sample_rate", model.sample_rate)
-            if rate != model.sample_rate:
-                raise StreamError(INVALID_DATA, f"streams run at the model's rate of {model.sample_rate} Hz, got "
-                                                f"{rate!r}: resample on the client (POST /classify resamples)")
+            try:
+                rate = parse_sample_rate(config.get("sample_rate"), model.sample_rate)
+            except InvalidSignal as err:
+                raise StreamError(INVALID_DATA, str(err)) from err
+            resamplers.append(WindowResampler(rate, model.sample_rate, model.window, lead_map.n_given))
             hop = config.get("hop", model.default_hop)
             if isinstance(hop, bool) or not isinstance(hop, int) or not 1 <= hop <= model.window:
                 raise StreamError(INVALID_DATA, f"'hop' must be an integer in 1..{model.window}, got {hop!r}")
         self.n_channels = maps[0].n_given
         hop = config.get("hop")
         self.routes = [Route(m, m.batcher.open(Stream(m.model, hop=hop or m.model.default_hop), self.outbox, m.name),
-                             lead_map) for m, lead_map in zip(served, maps)]
+                             resampler, lead_map) for m, resampler, lead_map in zip(served, resamplers, maps)]
 
     def _chosen_models(self, config: dict) -> list[ServedModel]:
         """The config's `model` (one name) or `models` (a list of names); the server's default model if neither."""
@@ -219,17 +228,22 @@ class Connection:
 
     def _config_reply(self, config: dict) -> dict:
         first = self.routes[0]
+        # `window`, `hop` and `t` count samples at the model's rate (`sample_rate`); the device's own rate is
+        # `device_rate`, a window being `device_window` of its samples.
         per_model = [{"model": r.served.name, "labels": r.served.model.labels, "window": r.served.model.window,
                       "hop": r.session.stream.hop, "sample_rate": r.served.model.sample_rate,
+                      "device_window": r.resampler.device_window, "resampler_delay_s": r.resampler.delay_seconds,
                       "leads": r.served.model.leads, "missing_leads": r.leads.missing} for r in self.routes]
+        rate = config.get("sample_rate", first.served.model.sample_rate)
         return {"type": "config", "model": first.served.name, "labels": first.served.model.labels,
                 "window": first.served.model.window, "hop": first.session.stream.hop,
-                "sample_rate": first.served.model.sample_rate,
-                "leads": config.get("leads") or first.served.model.leads, "models": per_model}
+                "sample_rate": first.served.model.sample_rate, "device_rate": rate,
+                "counted_in": "model-rate samples", "leads": config.get("leads") or first.served.model.leads,
+                "models": per_model}
 
     async def _feed(self, samples: np.ndarray) -> None:
         for route in self.routes:
-            await route.session.feed(route.leads(samples), stall_timeout_s=self.hub.settings.idle_timeout_s)
+            await route.session.feed(route.model_samples(samples), stall_timeout_s=self.hub.settings.idle_timeout_s)
 
     # --- sending ------------------------------------------------------------------------------------------------
     async def _send_loop(self) -> None:

@@ -101,8 +101,8 @@ def test_classify_an_unknown_model_is_404_naming_the_models(multi_server, record
     assert r.status_code == 404 and "default" in r.json()["detail"] and "rhythm" in r.json()["detail"]
 
 
-async def stream_all(url, config, signal_, frame=137):
-    """Send the config and the signal in frames, flush; -> (config reply, prediction messages by model)."""
+async def stream_all(url, config, signal_, frame=137, model_samples=None):
+    """Send the config and the signal in frames; -> (config reply, prediction messages by model)."""
     async with connect(url, max_size=None) as ws:
         await ws.send(json.dumps(config))
         reply = json.loads(await ws.recv())
@@ -110,7 +110,7 @@ async def stream_all(url, config, signal_, frame=137):
         for start in range(0, len(signal_), frame):
             await ws.send(signal_[start : start + frame].astype("<f4").tobytes())
         n_models = len(config.get("models", [1]))
-        expected = n_models * (len(signal_) // config.get("hop", 25))
+        expected = n_models * ((model_samples or len(signal_)) // config.get("hop", 25))
         messages = [json.loads(await asyncio.wait_for(ws.recv(), 30)) for _ in range(expected)]
     by_model: dict[str, list] = {}
     for m in messages:
@@ -160,3 +160,83 @@ def test_a_two_lead_and_a_one_lead_stream_on_the_subset_model(multi_server, rhyt
 def test_stream_config_errors_close_1007(multi_server, config, fragment):
     received, code = asyncio.run(closing(multi_server.ws_url, [json.dumps(config)]))
     assert code == 1007 and fragment in received[-1]["detail"], received
+
+
+# --- device rates ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rate", [360, 500, 128, 257.3, 50])
+def test_the_streaming_resampler_is_resample_poly_per_window_whatever_the_frames(rate):
+    from scipy.signal import resample_poly
+
+    from msssm_serve.resample import WindowResampler, resample_recording
+
+    rng = np.random.default_rng(0)
+    resampler = WindowResampler(rate, 100, 1000, 3)
+    w = resampler.device_window
+    x = rng.standard_normal((2 * w + w // 3, 3)).astype(np.float32)
+    pieces, start = [], 0
+    for size in (rng.integers(1, 700, 1000)):
+        if start >= len(x):
+            break
+        pieces.append(resampler.push(x[start : start + size]))
+        start += size
+    streamed = np.concatenate(pieces + [resampler.finish()])
+    np.testing.assert_array_equal(streamed, resample_recording(x, rate, 100, 1000))  # frames change nothing
+    reference = np.concatenate([resample_poly(x[s : s + w], resampler.up, resampler.down, axis=0)
+                                for s in range(0, len(x), w)])
+    np.testing.assert_allclose(streamed, reference, atol=1e-5)
+    assert len(streamed[:2000]) == 2000 and resampler.delay_seconds <= 0.21
+
+
+def device_signal(records, rate: int) -> np.ndarray:
+    """Two real windows at a device's rate (PTB-XL's 100 Hz resampled up, as a 360 or 500 Hz device records)."""
+    from scipy.signal import resample_poly
+
+    x = np.concatenate([records[0], records[1]])
+    return resample_poly(x, rate, 100, axis=0).astype(np.float32)
+
+
+@pytest.mark.parametrize("rate", [360, 500])
+def test_a_stream_at_a_device_rate_equals_classify_at_that_rate(server, model_dir, records, rate):
+    signal_ = device_signal(records, rate)
+    windows = []
+    for k in range(2):
+        part = signal_[k * rate * 10 : (k + 1) * rate * 10]
+        r = httpx.post(server.url + "/classify", timeout=30,
+                       json={"signal": part.tolist(), "sample_rate": rate, "leads": LEADS})
+        assert r.status_code == 200 and r.json()["samples"] == 1000, r.text
+        windows.append(r.json()["probabilities"])
+    whole = httpx.post(server.url + "/classify", timeout=30, json={"signal": signal_.tolist(), "sample_rate": rate})
+    assert [w["start"] for w in whole.json()["windows"]] == [0, 1000]  # windows in model-rate samples
+
+    async def run():
+        async with connect(server.ws_url, max_size=None) as ws:
+            await ws.send(json.dumps({"sample_rate": rate, "hop": 100}))
+            reply = json.loads(await ws.recv())
+            assert reply["device_rate"] == rate and reply["models"][0]["device_window"] == 10 * rate
+            sizes, start, i = [1, 333, 77, 2048, 5], 0, 0
+            while start < len(signal_):
+                await ws.send(signal_[start : start + sizes[i % 5]].astype("<f4").tobytes())
+                start += sizes[i % 5]
+                i += 1
+            return [json.loads(await asyncio.wait_for(ws.recv(), 30)) for _ in range(20)]
+
+    messages = asyncio.run(run())
+    finals = [m for m in messages if m["final"]]
+    assert [m["window"] for m in finals] == [0, 1]
+    for m, expected in zip(finals, windows):
+        np.testing.assert_allclose(m["probabilities"], expected, atol=1e-4)
+        np.testing.assert_allclose(m["probabilities"], whole.json()["windows"][m["window"]]["probabilities"],
+                                   atol=1e-4)
+
+
+def test_a_two_lead_360_hz_holter_stream_on_the_subset_model(multi_server, records):
+    """MIT-BIH's layout: MLII + V1 at 360 Hz, into the rhythm model at 100 Hz."""
+    signal_ = device_signal(records, 360)[:, [1, 6]]
+    expected = httpx.post(multi_server.url + "/classify", params={"model": "rhythm"}, timeout=30,
+                          json={"signal": signal_[:3600].tolist(), "sample_rate": 360, "leads": ["MLII", "V1"]})
+    assert expected.status_code == 200, expected.text
+    reply, by_model = asyncio.run(stream_all(multi_server.ws_url, {"model": "rhythm", "leads": ["MLII", "V1"],
+                                                                   "sample_rate": 360, "hop": 250}, signal_[:3600],
+                                             model_samples=1000))
+    (final,) = [m for m in by_model["rhythm"] if m["final"]]
+    np.testing.assert_allclose(final["probabilities"], expected.json()["probabilities"], atol=1e-4)

@@ -315,7 +315,7 @@ def test_classify_reorders_leads_and_resamples(server, model, records):
 
     at_250 = resample_poly(x, 5, 2, axis=0).astype(np.float32)
     body = post_binary(server.url, at_250, {"sample_rate": 250, "leads": ",".join(LEADS)}).json()
-    back = resample_poly(at_250, 2, 5, axis=0).astype(np.float32)
+    back = resample_poly(at_250, 2, 5, axis=0).astype(np.float32)  # one window: the streaming resampler's result
     assert body["samples"] == len(back) == 1000
     np.testing.assert_allclose(body["probabilities"], model.classify(back)["probabilities"], atol=TOL)
 
@@ -357,16 +357,14 @@ def test_classify_rejects_bad_input(server, case):
     assert httpx.get(server.url + "/healthz").status_code == 200
 
 
-def test_an_odd_sample_rate_resamples_with_a_small_filter(monkeypatch):
+def test_an_odd_sample_rate_resamples_with_a_small_filter():
     """1999.999 Hz taken exactly is 100/1999.999 = 100000/1999999: a 40 M-tap polyphase filter. It must not be."""
-    import server.signals as signals
+    from msssm_serve.resample import WindowResampler
+    from server.signals import parse_sample_rate
 
-    calls = []
-    real = signals.resample_poly
-    monkeypatch.setattr(signals, "resample_poly", lambda x, up, down, **kw: calls.append((up, down)) or
-                        real(x, up, down, **kw))
-    out = signals.to_model_rate(np.zeros((20000, 12), np.float32), signals.parse_sample_rate("1999.999", 100), 100)
-    assert calls == [(1, 20)] and len(out) == 1000
+    resampler = WindowResampler(parse_sample_rate("1999.999", 100), 100, 1000, 12)
+    assert (resampler.up, resampler.down) == (1, 20) and resampler.phases.size < 1000
+    assert len(resampler.push(np.zeros((20000, 12), np.float32))) == 1000
 
 
 # --- /stream -----------------------------------------------------------------------------------------------------
@@ -456,7 +454,8 @@ BAD_STREAM = {
     "strings": ([json.dumps({"samples": [["1"] * 12]})], 1007),
     "unknown message type": ([json.dumps({"type": "dance"})], 1003),
     "late config": ([json.dumps({"samples": [[0.0] * 12]}), json.dumps({"type": "config", "hop": 5})], 1003),
-    "other sample rate": ([json.dumps({"sample_rate": 250})], 1007),
+    "sample rate out of range": ([json.dumps({"sample_rate": 2500})], 1007),
+    "sample rate not a number": ([json.dumps({"sample_rate": "fast"})], 1007),
     "unknown lead": ([json.dumps({"leads": LEADS[:11] + ["X"]})], 1007),
     "bad hop": ([json.dumps({"hop": 0})], 1007),
     "frame too big": ([b"\0" * (48 * 30000)], 1009),
