@@ -205,8 +205,9 @@ def _check_meta(model: MSSSMClassifier, meta: dict) -> torch.Tensor:
     return windows
 
 
-def _default_name(model: MSSSMClassifier, meta: dict) -> str:
-    parts = ["msssm", model.cfg.ssm, meta.get("task"), meta.get("label_set")]
+def _default_name(model: MSSSMClassifier, meta: dict, checkpoint: Path) -> str:
+    """msssm-<ssm>-<task>-<label set>-<run>: the run is the checkpoint's directory, so two exports differ."""
+    parts = ["msssm", model.cfg.ssm, meta.get("task"), meta.get("label_set"), checkpoint.resolve().parent.name]
     return "-".join(str(p) for p in parts if p)
 
 
@@ -329,16 +330,21 @@ def _install(staging: Path, out_dir: Path) -> None:
         os.replace(staging / name, out_dir / name)
 
 
-def export_model(checkpoint_path, out_dir, opset: int | None = None, name: str | None = None) -> dict:
-    """Export, check and install; -> the model.json dict. Raises ExportError (nothing installed) on any failure."""
+def export_model(checkpoint_path, out_dir, opset: int | None = None, name: str | None = None, force: bool = False,
+                 progress=lambda message: None) -> dict:
+    """Export, check and install; -> the model.json dict. Raises ExportError (nothing installed) on any failure.
+    An existing `out_dir` is replaced only with `force` (the README's bundled model is one such directory)."""
     opset = opset or DEFAULT_OPSET
     out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise ExportError(f"{out_dir} exists and is not empty; choose another --out, or pass --force to replace it")
     try:
         model, meta, _ = load_checkpoint(checkpoint_path)
     except CheckpointError as err:
         raise ExportError(str(err)) from err
     windows = _check_meta(model, meta)
-    name = name or _default_name(model, meta)
+    name = name or _default_name(model, meta, Path(checkpoint_path))
+    progress(f"exporting {name}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}, opset {opset}")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Staged beside out_dir (same filesystem) so the final moves are atomic renames.
@@ -354,6 +360,8 @@ def export_model(checkpoint_path, out_dir, opset: int | None = None, name: str |
         onnx.checker.check_model(graph_model, full_check=True)
         onnx.save(graph_model, str(onnx_path))
 
+        progress(f"graph traced and lowered; checking parity on {len(windows)} real windows (whole, sample by "
+                 "sample, random chunks)")
         parity = check_parity(model, onnx_path, windows)
         failed = [k for k in ("whole_window", "sample_by_sample", "random_chunks") if not parity[k] <= TOLERANCE]
         if failed:
@@ -383,15 +391,20 @@ def export_model(checkpoint_path, out_dir, opset: int | None = None, name: str |
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a checkpoint to an ONNX model directory, checked for parity.")
+    parser = argparse.ArgumentParser(prog="python export/export.py",
+                                     description="Export a checkpoint to an ONNX model directory, checked for parity.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
     parser.add_argument("--out", required=True, help="model directory to write")
-    parser.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    parser.add_argument("--name", default=None, help="model name (default msssm-<ssm>-<task>-<label set>)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument("--name", default=None,
+                        help="model name (default: msssm-<ssm>-<task>-<label set>-<run directory>)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        desc = export_model(args.checkpoint, args.out, opset=args.opset, name=args.name)
+        desc = export_model(args.checkpoint, args.out, opset=args.opset, name=args.name, force=args.force,
+                            progress=lambda message: print(message, file=sys.stderr, flush=True))
     except ExportError as err:
         print(f"export failed: {err}", file=sys.stderr)
         return 1

@@ -133,6 +133,9 @@ class OnnxModel:
     leads = property(lambda self: list(self.meta["leads"]))
     window = property(lambda self: int(self.meta["window"]))
     lead_subsets = property(lambda self: bool(self.meta.get("lead_subsets", False)))
+    # The shortest signal /classify accepts: 1 s at the model's rate, or the whole window if that is shorter
+    # (a prediction from a few samples says nothing, yet looks like an answer).
+    min_samples = property(lambda self: int(self.meta.get("min_samples", min(self.window, self.sample_rate))))
     default_hop = property(lambda self: int(self.meta.get("default_hop", 25)))
     max_chunk = property(lambda self: int(self.meta["max_chunk"]))
     providers = property(lambda self: self.session.get_providers())

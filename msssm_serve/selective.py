@@ -49,7 +49,11 @@ class _OnnxScanPlaceholder(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, dt, A, B, C, h0):
-        return g.op("msssm::SelectiveScan", x, dt, A, B, C, h0, outputs=2)
+        y, h = g.op("msssm::SelectiveScan", x, dt, A, B, C, h0, outputs=2)
+        # y is shaped as x, the final state as h0: declared, so the exporter's shape inference has no gap to warn of
+        y.setType(x.type())
+        h.setType(h0.type())
+        return y, h
 
 
 def selective_scan(x, dt, A, B, C, h0, scan: str = "auto", block: int = 8, levels: int = 5):

@@ -26,7 +26,8 @@ from .metrics import Metrics
 from .settings import Settings
 from msssm_serve.resample import resample_recording
 
-from .signals import InvalidJSON, InvalidSignal, parse_json, parse_sample_rate, samples_from_bytes, samples_from_json
+from .signals import (InvalidJSON, InvalidSignal, parse_binary_format, parse_json, parse_sample_rate, samples_from_bytes,
+                      samples_from_json)
 from .streaming import GOING_AWAY, StreamHub
 
 log = logging.getLogger(__name__)
@@ -157,8 +158,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             predicted = [label for label, p in zip(model.labels, probabilities) if p >= 0.5]
         else:
             predicted = [model.labels[int(np.argmax(probabilities))]]
+        # A signal below the model's minimum is still answered (a stream's early predictions are the same numbers,
+        # and the contract ties the two), but flagged: a prediction from a few samples is not one to rely on.
+        short = len(signal_) < model.min_samples
+        flags = {"too_short": True, "warning": (
+            f"signal of {len(signal_)} samples at {model.sample_rate} Hz is below this model's minimum of "
+            f"{model.min_samples} ({model.min_samples / model.sample_rate:g} s): not a prediction to rely on")} \
+            if short else {"too_short": False}
         return {"model": model.name, "labels": model.labels, "probabilities": probabilities.tolist(),
-                "predicted": predicted, "samples": len(signal_),
+                "predicted": predicted, "samples": len(signal_), **flags,
                 "windows": [{"start": w["start"], "probabilities": w["probabilities"].tolist()}
                             for w in result["windows"]]}
 
@@ -224,6 +232,7 @@ def _read_signal(model: OnnxModel, body: bytes, request: Request):
     query = request.query_params
     query_rate = _invalid_to_422(lambda: parse_sample_rate(query.get("sample_rate"), model.sample_rate))
     query_leads = parse_lead_list(query.get("leads"))
+    dtype, gain = _invalid_to_422(lambda: parse_binary_format(query.get("dtype"), query.get("gain")))
     if query_leads is not None:
         _invalid_to_422(lambda: LeadMap(query_leads, model.leads, model.lead_subsets))
     channels = query.get("channels")
@@ -242,7 +251,7 @@ def _read_signal(model: OnnxModel, body: bytes, request: Request):
         if not body:
             raise HTTPException(422, "empty signal")
         try:
-            signal_ = samples_from_bytes(body, n_channels)
+            signal_ = samples_from_bytes(body, n_channels, "body", dtype, gain)
         except InvalidSignal as err:
             # A length that is no whole number of samples is a malformed body rather than a bad value.
             raise HTTPException(400 if "whole number" in str(err) else 422, str(err)) from err

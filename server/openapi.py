@@ -52,6 +52,9 @@ def _operations(model: OnnxModel, names: list[str], settings: Settings) -> dict:
             "probabilities": probabilities,
             "predicted": {"type": "array", "items": {"type": "string", "enum": labels}},
             "samples": {"type": "integer", "minimum": 1, "description": "samples at the model's rate"},
+            "too_short": {"type": "boolean", "description": f"fewer than the model's minimum of {model.min_samples} "
+                                                            "samples: answered, but not to be relied on"},
+            "warning": {"type": "string", "description": "why the answer is flagged, when it is"},
             "windows": {"type": "array", "minItems": 1, "items": {
                 "type": "object", "required": ["start", "probabilities"],
                 "properties": {"start": {"type": "integer", "minimum": 0}, "probabilities": probabilities}}}}}
@@ -63,6 +66,11 @@ def _operations(model: OnnxModel, names: list[str], settings: Settings) -> dict:
          "description": "binary bodies only (JSON bodies carry their own)"},
         {"name": "leads", "in": "query", "required": False,
          "schema": {"type": "string", "description": "binary bodies only: comma-separated lead names"}},
+        {"name": "dtype", "in": "query", "required": False,
+         "schema": {"type": "string", "enum": ["float32", "int16"], "default": "float32"},
+         "description": "binary bodies only: float32 in mV, or int16 ADC counts (then with ?gain=)"},
+        {"name": "gain", "in": "query", "required": False, "schema": {"type": "number", "exclusiveMinimum": 0},
+         "description": "with dtype=int16: counts per mV"},
     ]
     model_param = {"name": "model", "in": "query", "required": False, "schema": {"type": "string", "enum": names},
                    "description": "which of the server's models (default: the default model; GET /models)"}

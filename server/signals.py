@@ -69,16 +69,50 @@ def samples_from_json(value, n_channels: int, what: str = "signal") -> np.ndarra
         raise InvalidSignal(f"'{what}' rows must all have {n_channels} values ({err})") from err
     if array.dtype.kind not in "iuf":
         raise InvalidSignal(f"'{what}' must hold only numbers")
+    if array.ndim == 2 and array.size and np.abs(array).max() > MAX_ABS_VALUE:
+        # checked before float32 rounds 1e6 + 1e-10 down to 1e6: the bound is on the value sent
+        raise InvalidSignal(f"'{what}' holds values beyond +-{MAX_ABS_VALUE:g} (signals are in mV); "
+                            f"largest magnitude {float(np.abs(array).max()):.3g}")
     with np.errstate(over="ignore"):  # beyond float32's range becomes inf, which `checked` rejects
         return checked(array.astype(np.float32), n_channels, what)
 
 
-def samples_from_bytes(data: bytes, n_channels: int, what: str = "body") -> np.ndarray:
-    """Little-endian float32, time-major -> [T, C] float32."""
-    if len(data) % (4 * n_channels):
+BINARY_DTYPES = {"float32": "<f4", "int16": "<i2"}  # little-endian; int16 are ADC counts, divided by the gain
+
+
+def parse_binary_format(dtype, gain) -> tuple[str, float]:
+    """A stream's (or request's) declared binary sample type: float32 in mV, or int16 counts with `gain` counts per
+    mV. -> (dtype name, gain); InvalidSignal when unknown, or when int16 comes without a positive finite gain."""
+    dtype = "float32" if dtype is None else dtype
+    if dtype not in BINARY_DTYPES:
+        raise InvalidSignal(f"'dtype' must be one of {sorted(BINARY_DTYPES)}, got {dtype!r}")
+    if dtype == "float32":
+        if gain is not None:
+            raise InvalidSignal("'gain' goes with 'dtype': 'int16' (float32 samples are in mV already)")
+        return dtype, 1.0
+    try:
+        if isinstance(gain, bool):
+            raise TypeError
+        value = float(gain)
+    except (TypeError, ValueError) as err:
+        raise InvalidSignal(f"'dtype': 'int16' needs 'gain', the ADC counts per mV (e.g. 200), got {gain!r}") from err
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidSignal(f"'gain' must be a positive number of counts per mV, got {gain!r}")
+    return dtype, value
+
+
+def samples_from_bytes(data: bytes, n_channels: int, what: str = "body", dtype: str = "float32",
+                       gain: float = 1.0) -> np.ndarray:
+    """Little-endian float32 (mV) or int16 (counts / gain), time-major -> [T, C] float32 in mV."""
+    code = BINARY_DTYPES[dtype]
+    size = np.dtype(code).itemsize
+    if len(data) % (size * n_channels):
         raise InvalidSignal(f"{what} of {len(data)} bytes is not a whole number of samples "
-                            f"({n_channels} channels x 4 bytes)")
-    return checked(np.frombuffer(data, dtype="<f4").reshape(-1, n_channels), n_channels, what)
+                            f"({n_channels} channels x {size} bytes of {dtype})")
+    values = np.frombuffer(data, dtype=code).reshape(-1, n_channels)
+    if dtype != "float32":
+        values = (values / np.float32(gain)).astype(np.float32)
+    return checked(values, n_channels, what)
 
 
 def checked(array: np.ndarray, n_channels: int, what: str) -> np.ndarray:

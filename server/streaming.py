@@ -22,8 +22,8 @@ from .metrics import Metrics
 from .registry import ServedModel
 from .session import Close, Stalled, StreamGone, StreamSession
 from .settings import Settings
-from .signals import (InvalidJSON, InvalidSignal, encode_json, parse_json, parse_sample_rate, samples_from_bytes,
-                      samples_from_json)
+from .signals import (InvalidJSON, InvalidSignal, encode_json, parse_binary_format, parse_json, parse_sample_rate,
+                      samples_from_bytes, samples_from_json)
 
 
 UNSUPPORTED, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1003, 1007, 1008, 1009, 1011, 1013
@@ -95,6 +95,7 @@ class Connection:
         self.hub, self.ws = hub, ws
         self.routes: list[Route] = []  # empty until the stream's config (or first samples) arrived
         self.n_channels = 0  # columns of the client's frames
+        self.dtype, self.gain = "float32", 1.0  # how its binary frames are to be read (the config may say int16)
         # What the sender is to write, in order; once the stream exists its session adds predictions to it.
         self.outbox: asyncio.Queue = asyncio.Queue()
 
@@ -155,7 +156,8 @@ class Connection:
             raise StreamError(TOO_BIG, f"frame of {size} bytes exceeds the {limit}-byte limit")
         if data is not None:
             self._ensure_stream({})
-            return await self._feed(self._decode(lambda: samples_from_bytes(data, self.n_channels, "frame")))
+            return await self._feed(self._decode(
+                lambda: samples_from_bytes(data, self.n_channels, "frame", self.dtype, self.gain)))
         if text is None:
             raise StreamError(UNSUPPORTED, "unsupported frame")
         try:
@@ -208,6 +210,10 @@ class Connection:
             if isinstance(hop, bool) or not isinstance(hop, int) or not 1 <= hop <= model.window:
                 raise StreamError(INVALID_DATA, f"'hop' must be an integer in 1..{model.window}, got {hop!r}")
         self.n_channels = maps[0].n_given
+        try:
+            self.dtype, self.gain = parse_binary_format(config.get("dtype"), config.get("gain"))
+        except InvalidSignal as err:
+            raise StreamError(INVALID_DATA, str(err)) from err
         hop = config.get("hop")
         self.routes = [Route(m, m.batcher.open(Stream(m.model, hop=hop or m.model.default_hop), self.outbox, m.name),
                              resampler, lead_map) for m, resampler, lead_map in zip(served, resamplers, maps)]
@@ -238,7 +244,8 @@ class Connection:
         return {"type": "config", "model": first.served.name, "labels": first.served.model.labels,
                 "window": first.served.model.window, "hop": first.session.stream.hop,
                 "sample_rate": first.served.model.sample_rate, "device_rate": rate,
-                "counted_in": "model-rate samples", "leads": config.get("leads") or first.served.model.leads,
+                "counted_in": "model-rate samples", "dtype": self.dtype, **({"gain": self.gain}
+                                                                               if self.dtype != "float32" else {}), "leads": config.get("leads") or first.served.model.leads,
                 "models": per_model}
 
     async def _feed(self, samples: np.ndarray) -> None:

@@ -240,3 +240,47 @@ def test_a_two_lead_360_hz_holter_stream_on_the_subset_model(multi_server, recor
                                              model_samples=1000))
     (final,) = [m for m in by_model["rhythm"] if m["final"]]
     np.testing.assert_allclose(final["probabilities"], expected.json()["probabilities"], atol=1e-4)
+
+
+# --- ADC counts ------------------------------------------------------------------------------------------------------
+def test_int16_counts_with_a_gain_read_as_the_same_millivolts(server, model_dir, records):
+    gain = 200.0  # counts per mV, as PTB-XL's own ADC
+    counts = np.round(records[0] * gain).astype("<i2")
+    as_mv = counts.astype(np.float32) / np.float32(gain)
+    model = OnnxModel(model_dir, threads=1)
+    expected = model.classify(as_mv)["probabilities"]
+    r = httpx.post(server.url + "/classify", content=counts.tobytes(), timeout=30,
+                   params={"channels": 12, "dtype": "int16", "gain": gain},
+                   headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["probabilities"], expected, atol=1e-5)
+
+    async def run():
+        async with connect(server.ws_url, max_size=None) as ws:
+            await ws.send(json.dumps({"dtype": "int16", "gain": gain, "hop": 500}))
+            assert json.loads(await ws.recv())["dtype"] == "int16"
+            for start in range(0, 1000, 250):
+                await ws.send(counts[start : start + 250].tobytes())
+            return [json.loads(await asyncio.wait_for(ws.recv(), 30)) for _ in range(2)]
+
+    final = asyncio.run(run())[-1]
+    assert final["final"]
+    np.testing.assert_allclose(final["probabilities"], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ({"dtype": "int16"}, "needs 'gain'"),
+    ({"dtype": "int16", "gain": 0}, "positive"),
+    ({"dtype": "float64"}, "must be one of"),
+    ({"gain": 200}, "goes with"),
+])
+def test_a_binary_format_that_cannot_be_read_is_refused(server, config, fragment):
+    received, code = asyncio.run(closing(server.ws_url, [json.dumps(config)]))
+    assert code == 1007 and fragment in received[-1]["detail"], received
+
+
+def test_classify_flags_a_signal_below_the_documented_minimum(server, records):
+    r = post_json(server.url, records[0][:3])
+    assert r.status_code == 200 and r.json()["too_short"] is True and "minimum of 100" in r.json()["warning"]
+    r = post_json(server.url, records[0][:100])
+    assert r.json()["too_short"] is False and "warning" not in r.json()

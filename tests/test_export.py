@@ -163,5 +163,13 @@ def test_cli(tmp_path, windows):
     done = subprocess.run([*cmd, "--opset", "18"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     desc = json.loads((out / "model.json").read_text())
-    assert desc["onnx"]["opset"] == 18 and desc["name"] == "msssm-s6-ptbxl-superdiagnostic"
+    # named after task, label set and run (the checkpoint's directory), so two exports can be told apart
+    assert desc["onnx"]["opset"] == 18 and desc["name"] == f"msssm-s6-ptbxl-superdiagnostic-{tmp_path.name}"
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.json", "model.onnx"]
+    assert "SelectiveScan" not in done.stderr  # no spurious shape-inference warnings
+    before = (out / "model.onnx").read_bytes()
+    again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1 and "--force" in again.stderr and (out / "model.onnx").read_bytes() == before
+    forced = subprocess.run([*cmd, "--force", "--name", "mine"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert forced.returncode == 0 and json.loads((out / "model.json").read_text())["name"] == "mine"

@@ -99,6 +99,8 @@ def main(argv=None) -> int:
                         "are averaged (an ensemble, to see what it would add)")
     p.add_argument("--task", choices=["ptbxl"], default="ptbxl")
     p.add_argument("--data-dir", required=True)
+    p.add_argument("--cache-dir", default=None,
+                   help="where decoded signals are cached (default: $MSSSM_CACHE_DIR, else ~/.cache/msssm)")
     p.add_argument("--labels", help="label table CSV (see fit.py)")
     p.add_argument("--label-set", default="superdiagnostic")
     p.add_argument("--sampling-rate", type=int, default=100)
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
         if args.readouts and (len(args.model) > 1 or not Path(args.model[0]).is_dir()):
             raise DataError("--readouts needs one model directory (it runs onnxruntime)")
         models = [load_model(Path(path), records.classes, args.sampling_rate) for path in args.model]
-        x = load_signals(args.data_dir, chosen, sampling_rate=args.sampling_rate)
+        x = load_signals(args.data_dir, chosen, cache_dir=args.cache_dir, sampling_rate=args.sampling_rate)
         readouts = None
         if args.readouts:
             # One pass serves the score and every read-out built on the same steps.

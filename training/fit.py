@@ -80,9 +80,9 @@ def load_task(args) -> TaskData:
             info["auxiliary_targets"] = {"sources": [str(a) for a in args.aux_labels], "classes": len(aux_classes),
                                          "weight": args.aux_weight}
         return TaskData(
-            x_train=load_signals(args.data_dir, train, sampling_rate=args.sampling_rate),
+            x_train=load_signals(args.data_dir, train, cache_dir=args.cache_dir, sampling_rate=args.sampling_rate),
             y_train=train.labels,
-            x_val=load_signals(args.data_dir, val, sampling_rate=args.sampling_rate),
+            x_val=load_signals(args.data_dir, val, cache_dir=args.cache_dir, sampling_rate=args.sampling_rate),
             y_val=val.labels,
             classes=records.classes,
             multi_label=True,
@@ -580,6 +580,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["ptbxl", "ucr"], required=True)
     p.add_argument("--data-dir", required=True)
+    p.add_argument("--cache-dir", default=None,
+                   help="where decoded signals are cached (default: $MSSSM_CACHE_DIR, else ~/.cache/msssm)")
     p.add_argument("--label-set", default="superdiagnostic")
     p.add_argument("--labels", help="label table CSV: ecg_id, strat_fold, filename_lr, then one 0/1 column per class")
     p.add_argument("--sampling-rate", type=int, default=100, choices=[100, 500])

@@ -11,6 +11,7 @@ import ast
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -258,19 +259,11 @@ def load_signals(data_dir, records: LabeledRecords, cache_dir=None, sampling_rat
 
 
 def _default_cache_dir(data_dir: Path) -> Path:
-    # $MSSSM_CACHE_DIR when set; else next to the data when possible (one cache per dataset copy); shared datasets
-    # are often read-only, so then the user's cache.
+    # $MSSSM_CACHE_DIR when set, else the user's cache ($XDG_CACHE_HOME or ~/.cache): never inside the data, which is
+    # often read-only or shared. Each dataset copy gets its own file (the key holds its resolved path).
     if os.environ.get("MSSSM_CACHE_DIR"):
         return Path(os.environ["MSSSM_CACHE_DIR"])
-    candidate = data_dir / ".msssm_cache"
-    try:
-        candidate.mkdir(exist_ok=True)
-    except OSError:
-        pass
-    else:
-        if os.access(candidate, os.W_OK):
-            return candidate
-    return Path.home() / ".cache" / "msssm"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "msssm"
 
 
 def _build_cache(data_dir: Path, paths: list[str], sampling_rate: int, cache_file: Path) -> None:
@@ -280,12 +273,16 @@ def _build_cache(data_dir: Path, paths: list[str], sampling_rate: int, cache_fil
     except OSError as exc:
         raise DataError(f"cannot write the signal cache in {cache_file.parent}: {exc}") from None
     os.close(fd)
+    from tqdm import tqdm  # training-only dependency
+
+    print(f"decoding {len(paths)} records of {data_dir} into the signal cache {cache_file} (once; later runs map it)",
+          file=sys.stderr, flush=True)
     try:
         first = _read_record(data_dir, paths[0], sampling_rate)
         # Written through a memory map so that a 500 Hz cache (~1.5 GB) never has to fit in RAM at once.
         out = np.lib.format.open_memmap(tmp_name, mode="w+", dtype=np.float32, shape=(len(paths), *first.shape))
         out[0] = first
-        for i, path in enumerate(paths[1:], start=1):
+        for i, path in enumerate(tqdm(paths[1:], desc="signal cache", unit="record", file=sys.stderr), start=1):
             signal = _read_record(data_dir, path, sampling_rate)
             if signal.shape != first.shape:
                 raise DataError(f"record {data_dir / path} has shape {signal.shape}, expected {first.shape} "
