@@ -11,7 +11,7 @@ import re
 from starlette.datastructures import Headers, QueryParams
 
 QUERY_KEY_ROUTES = ("/stream",)
-OPEN_ROUTES = ("/healthz", "/readyz")  # probes carry no secrets
+OPEN_ROUTES = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")  # probes carry no secrets
 
 
 def offered_key(headers: Headers, query: QueryParams, path: str) -> str | None:
