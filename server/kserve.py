@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 from msssm_serve.leads import LeadError, LeadMap, parse_lead_list
@@ -35,7 +35,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def install(app, settings, metrics) -> None:
-    router = APIRouter(prefix="/v2")
+    router = app  # routes registered on the app itself, so that each is an ordinary route with its path
 
     def served_or_404(request: Request, name: str) -> ServedModel:
         models = request.app.state.models
@@ -47,21 +47,21 @@ def install(app, settings, metrics) -> None:
         models = getattr(request.app.state, "models", None)
         return bool(models) and all(m.batcher.running for m in models.values())
 
-    @router.get("/health/live")
+    @router.get("/v2/health/live")
     async def live():
         return {"live": True}
 
-    @router.get("/health/ready")
+    @router.get("/v2/health/ready")
     async def health_ready(request: Request):
         return JSONResponse({"ready": ready(request)}, 200 if ready(request) else 503)
 
-    @router.get("")
+    @router.get("/v2")
     async def server_metadata():
         import msssm_serve
 
         return {"name": "msssm-serve", "version": msssm_serve.__version__, "extensions": ["binary_tensor_data"]}
 
-    @router.get("/models/{name}")
+    @router.get("/v2/models/{name}")
     async def model_metadata(request: Request, name: str):
         try:
             m = served_or_404(request, name).model
@@ -73,13 +73,13 @@ def install(app, settings, metrics) -> None:
                 "parameters": {"labels": m.labels, "leads": m.leads, "sample_rate": m.sample_rate,
                                "window": m.window, "lead_subsets": m.lead_subsets}}
 
-    @router.get("/models/{name}/ready")
+    @router.get("/v2/models/{name}/ready")
     async def model_ready(request: Request, name: str):
         models = request.app.state.models
         ok = name in models and models[name].batcher.running
         return JSONResponse({"name": name, "ready": ok}, 200 if ok else (404 if name not in models else 503))
 
-    @router.post("/models/{name}/infer")
+    @router.post("/v2/models/{name}/infer")
     async def infer(request: Request, name: str):
         try:
             served = served_or_404(request, name)
@@ -104,8 +104,6 @@ def install(app, settings, metrics) -> None:
         text = json.dumps({**answer, "outputs": [{**output, "parameters": {"binary_data_size": len(raw)}}]}).encode()
         return Response(text + raw, media_type="application/octet-stream",
                         headers={HEADER_LENGTH: str(len(text))})
-
-    app.include_router(router)
 
 
 def _checked(x: np.ndarray, lead_map: LeadMap) -> np.ndarray:

@@ -164,7 +164,7 @@ def test_ucr_defaults_learn_a_small_set_without_flags(tmp_path):
     defaults = parse_args(["--task", "ucr", "--data-dir", "x"])
     assert (defaults.batch_size, defaults.epochs) == (16, 150)
     ptbxl = parse_args(["--task", "ptbxl", "--data-dir", "x"])
-    assert (ptbxl.batch_size, ptbxl.epochs) == (64, 30)
+    assert (ptbxl.batch_size, ptbxl.epochs, ptbxl.supervise_from) == (48, 30, 100)  # the bundled recipe
     data = write_ucr(tmp_path, n_train=40, n_test=40)
     out = tmp_path / "run"
     fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--device", "cpu", "--n-boot", "20")
