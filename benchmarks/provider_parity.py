@@ -35,7 +35,7 @@ def main() -> int:
     model, meta, _ = load_checkpoint(args.checkpoint)
     windows = np.asarray(meta["parity_windows"], dtype=np.float32)
     with torch.no_grad():
-        reference = model.advance(torch.from_numpy(windows), model.init_state(len(windows)))[0].numpy()
+        reference = model.advance(torch.from_numpy(windows), model.zero_state(len(windows)))[0].numpy()
     preferred = OnnxModel(args.model)
     cpu = OnnxModel(args.model, providers=["CPUExecutionProvider"])
     print(f"onnxruntime {ort.__version__}, providers {preferred.providers}, {len(windows)} windows of {windows.shape[1]}")

@@ -74,7 +74,7 @@ def main() -> None:
         xt = torch.from_numpy(window)
         for scan, label in (("auto", "fused C++ scan kernel"), ("blocked", "tensor-op scan")):
             with torch.no_grad():
-                torch_s = best_seconds(lambda: torch_model.advance(xt, torch_model.init_state(1), scan=scan))
+                torch_s = best_seconds(lambda: torch_model.advance(xt, torch_model.zero_state(1), scan=scan))
             print(f"   PyTorch eager, {label}: {torch_s * 1000:.1f} ms (threads {torch.get_num_threads()}) -> "
                   f"onnxruntime is {torch_s / ort_s:.2f}x faster")
 

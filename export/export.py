@@ -65,7 +65,7 @@ def _trace(model: MSSSMClassifier, path: Path, opset: int) -> None:
     dynamic_axes = {"x": {0: "batch", 1: "T"}, "probabilities": {0: "batch", 1: "T"}}
     dynamic_axes.update({name: {0: "batch"} for name in inputs[1:] + outputs[1:]})
     # An odd T, neither 1 nor a multiple of the scan block, so no padding or slicing can be traced away as a no-op.
-    example = (torch.zeros(2, 37, model.cfg.n_channels), *model.init_state(2))
+    example = (torch.zeros(2, 37, model.cfg.n_channels), *model.zero_state(2))
     with warnings.catch_warnings():
         # The exporter announces its own deprecation in favour of dynamo; we chose it knowingly (see above).
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -110,7 +110,7 @@ def parity_schedules(length: int) -> dict[str, list[int]]:
 
 
 def _run_torch(model: MSSSMClassifier, windows: torch.Tensor, chunks: list[int]) -> np.ndarray:
-    state = model.init_state(windows.shape[0])
+    state = model.zero_state(windows.shape[0])
     pieces, start = [], 0
     with torch.no_grad():
         for size in chunks:
@@ -122,7 +122,7 @@ def _run_torch(model: MSSSMClassifier, windows: torch.Tensor, chunks: list[int])
 
 def _run_onnx(session: ort.InferenceSession, model: MSSSMClassifier, windows: np.ndarray, chunks: list[int]):
     inputs, _ = _io_names(model)
-    state = [s.numpy() for s in model.init_state(windows.shape[0])]
+    state = [s.numpy() for s in model.zero_state(windows.shape[0])]
     pieces, start = [], 0
     for size in chunks:
         probs, *state = session.run(None, {"x": windows[:, start : start + size], **dict(zip(inputs[1:], state))})

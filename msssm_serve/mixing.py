@@ -31,7 +31,7 @@ def model_mean_mixing_distance(model, x: torch.Tensor, position: int = -1) -> fl
     with torch.no_grad():
         h = model.embed((x.unsqueeze(0) - model.input_mean) / model.input_std)
     values = []
-    for block, (conv_history, ssm_h) in zip(model.blocks, model.layer_states(model.init_state(1))):
+    for block, (conv_history, ssm_h) in zip(model.blocks, model.layer_states(model.zero_state(1))):
 
         def block_fn(inp, block=block, conv_history=conv_history, ssm_h=ssm_h):
             return block(inp, conv_history, ssm_h, "auto")[0]

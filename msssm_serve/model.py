@@ -253,7 +253,7 @@ class MSSSMClassifier(nn.Module):
         spec.append(("pool_count", (1,)))
         return spec
 
-    def init_state(self, batch: int, device: torch.device | str | None = None) -> State:
+    def zero_state(self, batch: int, device: torch.device | str | None = None) -> State:
         device = device if device is not None else self.input_mean.device
         return tuple(torch.zeros(batch, *shape, device=device) for _, shape in self.state_spec())
 
@@ -293,7 +293,7 @@ class MSSSMClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, scan: str = "auto") -> torch.Tensor:
         """Training form: x [B, L, C] from the zero state -> logits at every step [B, L, classes]."""
-        return self.run(x, self.init_state(x.shape[0], x.device), scan)[0]
+        return self.run(x, self.zero_state(x.shape[0], x.device), scan)[0]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.cfg.multi_label else torch.softmax(logits, dim=-1)

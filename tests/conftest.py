@@ -111,3 +111,18 @@ def strict_server(model_dir):
                                      "MSSSM_IDLE_TIMEOUT_S": "1", "MSSSM_MAX_SIGNAL_SECONDS": "30"})
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def multi_server(repository):
+    """A server holding a model repository: `default` and the lead-subset `rhythm`."""
+    proc = ServerProcess(repository, {"MSSSM_MAX_STREAMS": "20"}, repository=True)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def rhythm(subset_model_dir):
+    from msssm_serve.runtime import OnnxModel
+
+    return OnnxModel(subset_model_dir, threads=1)

@@ -251,19 +251,19 @@ def test_different_record_sets_get_different_caches(tmp_path):
     assert len(list(tmp_path.glob("*.npy"))) == 2
 
 
-def test_default_cache_dir(tmp_path, monkeypatch):
+def test_the_default_cache_is_the_users_never_the_data(tmp_path, monkeypatch):
     monkeypatch.delenv("MSSSM_CACHE_DIR", raising=False)
-    data_dir = fixture_copy(tmp_path)
-    records = load_labels(data_dir).subset([0])
-    load_signals(data_dir, records)
-    assert len(list((data_dir / ".msssm_cache").glob("*.npy"))) == 1
-
-    # A read-only data dir (a shared dataset) falls back to the user's cache.
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     home = tmp_path / "home"
     monkeypatch.setattr(Path, "home", lambda: home)
-    monkeypatch.setattr("os.access", lambda *args, **kwargs: False)
-    load_signals(data_dir, load_labels(data_dir).subset([1]))
+    data_dir = fixture_copy(tmp_path)
+    before = sorted(p.relative_to(data_dir) for p in data_dir.rglob("*"))
+    load_signals(data_dir, load_labels(data_dir).subset([0]))
     assert len(list((home / ".cache" / "msssm").glob("*.npy"))) == 1
+    assert sorted(p.relative_to(data_dir) for p in data_dir.rglob("*")) == before  # nothing written in the data
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    load_signals(data_dir, load_labels(data_dir).subset([1]))
+    assert len(list((tmp_path / "xdg" / "msssm").glob("*.npy"))) == 1
 
 
 def one_record(data_dir: Path, signal: np.ndarray, sig_name=LEADS) -> LabeledRecords:

@@ -14,20 +14,8 @@ from websockets.asyncio.client import connect
 from msssm_serve.leads import LeadError, LeadMap
 from msssm_serve.runtime import OnnxModel
 
-from conftest import LEADS, RHYTHM_LABELS, ServerProcess
+from conftest import LEADS, RHYTHM_LABELS
 from test_server import closing, post_json
-
-
-@pytest.fixture(scope="module")
-def multi_server(repository):
-    proc = ServerProcess(repository, {"MSSSM_MAX_STREAMS": "20"}, repository=True)
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def rhythm(subset_model_dir) -> OnnxModel:
-    return OnnxModel(subset_model_dir, threads=1)
 
 
 def with_only(signal_: np.ndarray, keep: list[int]) -> np.ndarray:

@@ -81,7 +81,7 @@ def test_export_round_trips_within_tolerance(exported, windows):
     assert desc["window"] == 1000 and desc["default_hop"] == 25 and desc["max_chunk"] == 8**5
     assert desc["normalisation"]["std"] == pytest.approx(model.input_std.tolist())
     assert desc["state"] == [{"name": n, "shape": list(s)} for n, s in model.state_spec()]
-    assert desc["state_bytes_per_stream"] == 4 * sum(s.numel() for s in model.init_state(1))
+    assert desc["state_bytes_per_stream"] == 4 * sum(s.numel() for s in model.zero_state(1))
     assert desc["training"]["label_set"] == "superdiagnostic" and "parity_windows" not in desc["training"]
     assert desc["validation"] == {"macro_auroc": 0.5, "epoch": 1}
     assert desc["onnx"]["size_bytes"] == (out / "model.onnx").stat().st_size
@@ -112,7 +112,7 @@ def test_graph_takes_one_sample_and_more_than_max_chunk(exported):
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch, length in ((3, 1), (1, desc["max_chunk"] + 1)):
         x = torch.randn(batch, length, 12)
-        state = model.init_state(batch)
+        state = model.zero_state(batch)
         feeds = {"x": x.numpy(), **{n: s.numpy() for n, s in zip(desc["inputs"][1:], state)}}
         probs = session.run(["probabilities"], feeds)[0]
         with torch.no_grad():

@@ -10,7 +10,7 @@ import pytest
 from msssm_serve.runtime import OnnxModel
 
 from conftest import RHYTHM_LABELS
-from test_devices import multi_server, rhythm, with_only  # noqa: F401 (fixtures)
+from test_devices import with_only
 
 
 def test_tritonclient_calls_it_unchanged(multi_server, model_dir, records):
@@ -28,7 +28,7 @@ def test_tritonclient_calls_it_unchanged(multi_server, model_dir, records):
         np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
 
 
-def test_the_published_json_shape_with_a_batch_and_parameters(multi_server, rhythm, records):  # noqa: F811
+def test_the_published_json_shape_with_a_batch_and_parameters(multi_server, rhythm, records):
     two = records[:2][:, :, [1, 6]]
     body = {"id": "r1", "inputs": [{"name": "x", "shape": list(two.shape), "datatype": "FP32",
                                     "data": two.tolist()}], "parameters": {"leads": "MLII,V1"}}

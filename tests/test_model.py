@@ -37,7 +37,7 @@ def test_advance_in_random_chunks_equals_forward(ssm, n_scales):
     rng = np.random.default_rng(1)
     with torch.no_grad():
         expected = model.probabilities(model(x))
-        state = model.init_state(2)
+        state = model.zero_state(2)
         pieces, start = [], 0
         for size in random_chunks(5000, rng):
             probs, state = model.advance(x[:, start : start + size], state)
@@ -57,7 +57,7 @@ def test_every_scan_implementation_gives_the_same_model(ssm):
     model = small_model(ssm=ssm)
     x = torch.randn(3, 700, 12)
     with torch.no_grad():
-        state = model.init_state(3)
+        state = model.zero_state(3)
         _, state = model.advance(torch.randn(3, 50, 12), state)
         ref, ref_state = model.advance(x, state, scan="sequential")
         for scan in ("auto", "blocked", "static"):
@@ -74,7 +74,7 @@ def test_batch_of_streams_at_different_positions_equals_each_alone():
     with torch.no_grad():
         states = []
         for sig, off in zip(signals, offsets):
-            st = model.init_state(1)
+            st = model.zero_state(1)
             if off:
                 _, st = model.advance(sig[:, :off], st)
             states.append(st)
@@ -89,7 +89,7 @@ def test_batch_of_streams_at_different_positions_equals_each_alone():
 def test_state_is_not_mutated_and_its_size_is_constant():
     model = small_model()
     with torch.no_grad():
-        state = model.init_state(1)
+        state = model.zero_state(1)
         _, after_10 = model.advance(torch.randn(1, 10, 12), state)
         assert all((s == 0).all() for s in state), "advance must not write into its input state"
         st = after_10
@@ -215,7 +215,7 @@ def test_cuda_model_equals_cpu_reference_in_values_gradients_and_streaming(ssm):
     gpu.eval()
     with torch.no_grad():
         expected = gpu.probabilities(gpu(xg))
-        state, pieces, start = gpu.init_state(3), [], 0
+        state, pieces, start = gpu.zero_state(3), [], 0
         for size in random_chunks(600, np.random.default_rng(2)):
             probs, state = gpu.advance(xg[:, start : start + size], state)
             pieces.append(probs)
@@ -231,7 +231,7 @@ def test_a_lead_subset_model_streams_with_missing_leads_exactly_and_ignores_what
     x[1, :, [i for i in range(12) if i != 1]] = float("nan")  # lead II
     with torch.no_grad():
         whole = model.probabilities(model(x))
-        state, parts, start = model.init_state(3), [], 0
+        state, parts, start = model.zero_state(3), [], 0
         for n in random_chunks(400, rng):
             p, state = model.advance(x[:, start : start + n], state)
             parts.append(p)

@@ -1,4 +1,4 @@
-"""training/soup.py on the real fixture: weights averaged exactly, greedy never worse than its best ingredient,
+"""research/soup.py on the real fixture: weights averaged exactly, greedy never worse than its best ingredient,
 the soup exports and serves like any checkpoint, clear errors for what cannot be averaged."""
 
 import json
@@ -14,7 +14,7 @@ from tests.test_training import signal_cache_outside_the_fixture  # noqa: F401  
 
 
 def soup(*args):
-    cmd = [sys.executable, str(ROOT / "training" / "soup.py"), "--data-dir", str(FIXTURE),
+    cmd = [sys.executable, str(ROOT / "research" / "soup.py"), "--data-dir", str(FIXTURE),
            "--labels", str(FIXTURE / "labels" / "superdiagnostic.csv"), "--n-boot", "20", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 

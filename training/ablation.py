@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from msssm_serve.checkpoint import CheckpointError  # noqa: E402
 from training import fit  # noqa: E402
+from training.loop import train  # noqa: E402
+from training.ptbxl import DataError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,8 +40,8 @@ def main(argv=None) -> int:
         args = fit.parse_args(["--task", "ptbxl", *rest, "--out", str(Path(known.out) / f"variant{i}")])
         vars(args).update(overrides)
         try:
-            metrics = fit.train(args)
-        except (fit.DataError, fit.CheckpointError) as err:
+            metrics = train(args)
+        except (DataError, CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         if not metrics:  # a torchrun rank other than 0: rank 0 reports

@@ -110,31 +110,6 @@ def load_labels(data_dir, label_set="superdiagnostic", labels_csv=None, sampling
     return kept.subset(order)
 
 
-def auxiliary_targets(data_dir, sources: list[str], ids: np.ndarray, sampling_rate: int = 100
-                      ) -> tuple[list[str], np.ndarray]:
-    """Extra 0/1 targets of the records `ids` from other label sets, for multi-task training: each source is a label
-    table CSV or the name of a label set computed from the official metadata. -> (classes, each prefixed with its
-    source's name, e.g. "subdiagnostic:IMI"; [len(ids), n] float32). A record a source does not list has none of its
-    statements (the benchmark drops records without a label in a set, e.g. no form statement), so its row is 0."""
-    classes: list[str] = []
-    columns: list[np.ndarray] = []
-    for source in sources:
-        is_table = source.endswith(".csv")
-        table = load_labels(data_dir, "superdiagnostic" if is_table else source, source if is_table else None,
-                            sampling_rate)
-        name = Path(source).stem if is_table else source
-        row_of = {int(i): r for r, i in enumerate(table.ids)}
-        block = np.zeros((len(ids), len(table.classes)), dtype=np.float32)
-        for r, i in enumerate(ids):
-            if int(i) in row_of:
-                block[r] = table.labels[row_of[int(i)]]
-        classes.extend(f"{name}:{c}" for c in table.classes)
-        columns.append(block)
-    if not columns:
-        return [], np.zeros((len(ids), 0), dtype=np.float32)
-    return classes, np.concatenate(columns, axis=1)
-
-
 def _aggregator(label_set: str, statements: pd.DataFrame) -> Callable[[dict], set]:
     """Map a record's {scp_code: likelihood} to its labels in `label_set`, as the benchmark does.
 

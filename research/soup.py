@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Weight averaging ("model soup"): one checkpoint whose weights are the mean of several fine-tunes of one model.
+"""Research, not product: weight averaging ("model soup"), one checkpoint whose weights are the mean of several fine-tunes of one model.
 
-    python training/soup.py --models A/checkpoint.pt B/checkpoint.pt ... --data-dir DIR [--labels CSV] \\
+    python research/soup.py --models A/checkpoint.pt B/checkpoint.pt ... --data-dir DIR [--labels CSV] \\
         [--greedy] --out runs/soup
 
 Unlike an ensemble (`training/evaluate.py --model A B`), a soup serves at the cost of one model: same graph, same
 state. It only works for models that sit in one basin of the loss, i.e. fine-tuned from one starting checkpoint
 (`fit.py --init`); independently trained models average to noise (Wortsman et al., "Model soups", ICML 2022).
 Every ingredient and the soup are scored on the validation fold (9); `--greedy` adds the ingredients best first and
-keeps each one only if the soup's validation macro AUROC does not drop. The test fold is never read.
+keeps each one only if the soup's validation macro AUROC does not drop. The test fold is never read. On PTB-XL no
+soup beat the bundled recipe beyond its interval (docs/experiments.md); it stays here, importing the product.
 Writes OUT/checkpoint.pt (exports like any trained checkpoint) and OUT/metrics.json; prints one JSON line.
 """
 
@@ -28,8 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
-from training.evaluate import load_model  # noqa: E402
-from training.fit import predict  # noqa: E402
+from training.inference import load_model, window_probabilities  # noqa: E402
 from training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc_by_name  # noqa: E402
 from training.ptbxl import DataError, load_labels, load_signals  # noqa: E402
 
@@ -69,7 +69,7 @@ def load_ingredients(paths: list[str], classes: list[str], sample_rate: int) -> 
 
 def cook(models: list, names: list[str], x: np.ndarray, y: np.ndarray, greedy: bool):
     """-> (soup model, names kept, each ingredient's validation AUROC, the soup's validation probabilities)."""
-    score = lambda m: predict(m, x, torch.device("cpu"), 16)  # noqa: E731
+    score = lambda m: window_probabilities(m, x, 16)  # noqa: E731
     probs = [score(m) for m in models]  # scored once: greedy starts from the best ingredient's own probabilities
     alone = {name: macro_auroc(y, p) for name, p in zip(names, probs)}
     print(json.dumps({"ingredients_val_macro_auroc": alone}), file=sys.stderr)

@@ -1,0 +1,96 @@
+"""The data a run trains and selects on: PTB-XL folds 1-8 / 9 or a UCR TRAIN split, and the input normalisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from training.metrics import one_hot
+from training.ptbxl import LEADS, DataError, load_labels, load_signals, split_folds
+from training.ucr import load_ucr
+
+PTBXL_DATA = {"name": "PTB-XL", "licence": "CC BY 4.0", "citation": "Wagner et al., Scientific Data 7, 154 (2020)"}
+
+
+@dataclass
+class TaskData:
+    x_train: np.ndarray  # [n, L, C] float32 (may be a memmap)
+    y_train: np.ndarray  # [n, K] 0/1 float32 (one-hot when single-label)
+    x_val: np.ndarray
+    y_val: np.ndarray
+    classes: list[str]
+    multi_label: bool
+    sample_rate: int
+    leads: list[str]
+    info: dict = field(default_factory=dict)
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+
+
+def load_task(args) -> TaskData:
+    if args.task == "ptbxl":
+        records = load_labels(args.data_dir, args.label_set, args.labels, args.sampling_rate)
+        split = split_folds(records)
+        if len(split["train"]) == 0 or len(split["val"]) == 0:
+            raise DataError(f"{args.data_dir}: need records in folds 1-8 (train) and fold 9 (validation)")
+        train, val = records.subset(split["train"]), records.subset(split["val"])
+        info = {
+            **PTBXL_DATA,
+            "data_dir": str(args.data_dir),
+            "labels_csv": str(args.labels) if args.labels else None,
+            "label_set": args.label_set,
+            "train_records": len(train.ids),
+            "val_records": len(val.ids),
+            "folds": {"train": "1-8", "validation": 9, "test": "10 (never used by training)"},
+        }
+        return TaskData(
+            x_train=load_signals(args.data_dir, train, cache_dir=args.cache_dir, sampling_rate=args.sampling_rate),
+            y_train=train.labels,
+            x_val=load_signals(args.data_dir, val, cache_dir=args.cache_dir, sampling_rate=args.sampling_rate),
+            y_val=val.labels,
+            classes=records.classes,
+            multi_label=True,
+            sample_rate=args.sampling_rate,
+            leads=list(LEADS),
+            info=info,
+        )
+    data = load_ucr(args.data_dir)
+    k = len(data.classes)
+    # Validation carved from TRAIN, stratified, so model selection never sees TEST.
+    rng = np.random.default_rng(args.seed)
+    val_idx = []
+    for c in range(k):
+        members = rng.permutation(np.flatnonzero(data.y_train == c))
+        val_idx.extend(members[: max(1, round(len(members) * args.val_fraction))] if len(members) > 1 else [])
+    val_mask = np.zeros(len(data.y_train), bool)
+    val_mask[val_idx] = True
+    return TaskData(
+        x_train=data.x_train[~val_mask],
+        y_train=one_hot(data.y_train[~val_mask], k),
+        x_val=data.x_train[val_mask],
+        y_val=one_hot(data.y_train[val_mask], k),
+        classes=data.classes,
+        multi_label=False,
+        sample_rate=args.sampling_rate,
+        leads=["signal"],
+        info={"name": Path(args.data_dir).name, "format": "UCR", "data_dir": str(args.data_dir)},
+        x_test=data.x_test,
+        y_test=one_hot(data.y_test, k),
+    )
+
+
+def fit_normalisation(x: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per-lead mean / std over every training sample, in chunks (x may be a memmap larger than memory)."""
+    total = np.zeros(x.shape[-1])
+    total_sq = np.zeros(x.shape[-1])
+    count = 0
+    for i in range(0, len(x), chunk):
+        part = np.asarray(x[i : i + chunk], dtype=np.float64).reshape(-1, x.shape[-1])
+        total += part.sum(0)
+        total_sq += (part**2).sum(0)
+        count += len(part)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)

@@ -1,0 +1,319 @@
+"""The training loop: model and optimiser from the flags, epochs of random crops, selection on validation, resume.
+
+`train(args)` is the whole run (fit.py is its CLI): `Run.start` builds or resumes, `Run.epoch` trains one pass and
+scores the raw and averaged weights on validation, `Run.finish` scores the best checkpoint with a bootstrap interval
+(and, for a lead-subset model, on the lead subsets devices record) and writes metrics.json and the plots.
+Under torchrun each process trains its share of every batch (DDP); rank 0 alone validates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from msssm_serve.config import ModelConfig
+from msssm_serve.model import MSSSMClassifier
+from training.augment import augment, keep_leads, mask_leads, random_crops
+from training.data import TaskData, fit_normalisation, load_task
+from training.inference import load_model, window_probabilities
+from training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc_by_name
+from training.plots import plot_curves
+from training.ptbxl import DataError
+
+# Lead subsets a lead-subset model is scored on after training (the model card's table).
+SCORED_SUBSETS = (None, ["I", "II"], ["II"])  # None: all leads
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def supervised_steps(logits: torch.Tensor, supervise_from: int) -> torch.Tensor:
+    """[B, L, C] per-step logits -> the steps the loss sees, [B, L', C]: the last one (supervise_from <= 0), or every
+    step from the `supervise_from`-th sample on. A stream is served a prediction every hop, each one the pooled
+    features so far, so each can be trained as one; a crop shorter than `supervise_from` gives its last step."""
+    if supervise_from <= 0:
+        return logits[:, -1:]
+    return logits[:, min(supervise_from, logits.shape[1]) - 1 :]
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """BCE (multi-label) or cross-entropy (single-label, targets one-hot)."""
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    return F.cross_entropy(logits, targets)
+
+
+def validation_loss(probs: np.ndarray, targets: np.ndarray, multi_label: bool) -> float:
+    """The training loss of predicted probabilities (BCE or cross-entropy), from probabilities clamped off 0 and 1."""
+    p = torch.from_numpy(probs)
+    if multi_label:
+        return float(loss_fn(torch.logit(p.clamp(1e-6, 1 - 1e-6)), torch.from_numpy(targets), True))
+    return float(F.nll_loss(torch.log(p.clamp_min(1e-9)), torch.from_numpy(targets.argmax(-1))))
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_model(args, data: TaskData) -> MSSSMClassifier:
+    """A new model from the flags, or (--init) a checkpoint's weights and architecture for a warm start (a fresh
+    optimiser and schedule; the data must have its classes and sample rate)."""
+    if args.init:
+        try:
+            model = load_model(Path(args.init), data.classes, data.sample_rate, weights=True)
+        except (CheckpointError, DataError) as err:
+            raise DataError(f"--init: {err}") from err
+        return model.train()
+    return MSSSMClassifier(ModelConfig(
+        n_channels=data.x_train.shape[-1], n_classes=len(data.classes), multi_label=data.multi_label,
+        d_model=args.d_model, n_layers=args.n_layers, d_state=args.d_state, n_scales=args.n_scales, ssm=args.ssm,
+        a_init=args.a_init, mixer=args.mixer, dropout=args.dropout, lead_mask=args.lead_subsets))
+
+
+def make_optimizer(model: MSSSMClassifier, args) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        # Norm gains, biases, SSM dynamics (A_log, D, dt) and wavelet taps are not weight-decayed, as in Mamba.
+        (no_decay if p.dim() < 2 or "A_log" in name or ".D" in name or "dt_" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+
+
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.is_main = self.rank == 0
+        self.device = resolve_device(args.device)
+        self.out = Path(args.out)
+
+    # --- set-up ---------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        args, world = self.args, self.world
+        if world > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(args.seed)
+        if world > 1 and not self.is_main:
+            dist.barrier()  # rank 0 decodes the records into the cache first; the others then map it
+        self.data = data = load_task(args)
+        if world > 1 and self.is_main:
+            dist.barrier()
+        self.crop = args.crop if args.crop is not None else (250 if args.task == "ptbxl" else 0)
+        self.model = model = build_model(args, data)
+        mean, std = fit_normalisation(data.x_train)
+        model.input_mean.copy_(torch.from_numpy(mean))
+        model.input_std.copy_(torch.from_numpy(std))
+        model.to(self.device)
+        if self.is_main:
+            cfg = model.cfg
+            print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters (d_model {cfg.d_model}, "
+                  f"{cfg.n_layers} layers, {cfg.n_scales} scales, lead subsets {cfg.lead_mask}); device {self.device}; "
+                  f"{len(data.x_train)} training, {len(data.x_val)} validation records", file=sys.stderr)
+        self.optimizer = make_optimizer(model, args)
+        steps = max(1, len(data.x_train) // (args.batch_size * world))
+        self.steps_per_epoch = min(steps, args.steps_per_epoch) if args.steps_per_epoch else steps
+        total = self.steps_per_epoch * args.epochs
+        warmup = min(total // 2, round(args.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total, warmup))
+        self.use_amp = self.device.type == "cuda" and not args.no_amp
+        # An exponential moving average of the weights, scored beside the raw weights once the run is a quarter
+        # through; the better of the two on validation is the epoch's candidate for the best checkpoint. Its horizon,
+        # 1 / (1 - decay) steps, is capped at a fifth of the run (and at least 2 steps): a short run's average would
+        # otherwise still be mostly its first, untrained weights (0.998 is kept from 2,500 steps on).
+        self.ema_decay = min(args.ema, max(0.5, 1 - 5 / total)) if args.ema else 0.0
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay), use_buffers=True) \
+            if self.ema_decay > 0 else None
+        self.history, self.start_epoch, self.seconds_before = [], 0, 0.0
+        self.best = (-math.inf, -math.inf)  # (AUROC, -loss) of the best epoch
+        # What a step means: a resumed run must have the same (a different --epochs only moves the end of the cosine).
+        self.schedule = {"steps_per_epoch": self.steps_per_epoch, "batch_size": args.batch_size, "world_size": world}
+        if args.resume and (self.out / "last.pt").exists():
+            self._resume(self.out / "last.pt")
+        self.net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        self.meta = {
+            "labels": data.classes, "multi_label": data.multi_label, "sample_rate": data.sample_rate,
+            "leads": data.leads, "window": int(data.x_val.shape[1]), "default_hop": 25, "task": args.task,
+            "label_set": args.label_set if args.task == "ptbxl" else None, "data": data.info,
+            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "train_crop": self.crop,
+            "parity_windows": torch.from_numpy(np.array(data.x_val[: args.parity_windows], dtype=np.float32)),
+        }
+
+    def _resume(self, last_path: Path) -> None:
+        saved, _, payload = load_checkpoint(last_path)
+        if saved.cfg != self.model.cfg:
+            raise DataError(f"--resume: {last_path} holds a model of another architecture ({saved.cfg}); resume "
+                            "with the flags it was started with, or start a new --out")
+        if payload.get("schedule", self.schedule) != self.schedule:
+            raise DataError(f"--resume: {last_path} was trained with {payload['schedule']}, this run would use "
+                            f"{self.schedule}; resume with the same --batch-size, --steps-per-epoch and number of "
+                            "processes (or warm-start a new run with --init)")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.start_epoch, self.history = payload["epoch"], payload["history"]
+        best = payload["best"]
+        self.best = tuple(best) if isinstance(best, (list, tuple)) else (best, -math.inf)  # runs before the tie rule
+        self.seconds_before = payload.get("train_seconds", 0.0)
+        if self.ema is not None and payload.get("ema") is not None:
+            self.ema.load_state_dict(payload["ema"])
+        if payload.get("torch_rng") is not None:  # dropout masks continue as if never interrupted
+            torch.set_rng_state(payload["torch_rng"])
+        if self.is_main:
+            print(f"resumed from {last_path} after epoch {self.start_epoch}", file=sys.stderr)
+
+    # --- one epoch --------------------------------------------------------------------------------------------------
+    def epoch(self, epoch: int) -> None:
+        args, data = self.args, self.data
+        self.net.train()
+        started = time.time()
+        rng = np.random.default_rng(args.seed * 1000 + epoch)  # same permutation on every rank
+        order = rng.permutation(len(data.x_train))[self.rank :: self.world]
+        # Crops and augmentation: rank 0 goes on with the epoch's stream (a single process is unchanged by DDP's
+        # existence), every other rank draws from its own.
+        rng = rng if self.rank == 0 else np.random.default_rng([args.seed, epoch, self.rank])
+        losses, seen = [], 0
+        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not self.is_main,
+                   file=sys.stderr)
+        for step in bar:
+            idx = order[step * args.batch_size : (step + 1) * args.batch_size]
+            crops = augment(random_crops(data.x_train, idx, self.crop, rng), rng, args.amp_jitter, args.noise_std)
+            if self.model.cfg.lead_mask:
+                crops = mask_leads(crops, rng, data.leads)
+            xb = torch.from_numpy(crops).to(self.device)
+            yb = torch.from_numpy(data.y_train[idx].astype(np.float32)).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+                logits = supervised_steps(self.net(xb), args.supervise_from).float()
+            targets = yb[:, None].expand(-1, logits.shape[1], -1)
+            loss = loss_fn(logits.flatten(0, 1), targets.flatten(0, 1), data.multi_label)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+            losses.append(loss.item())
+            seen += len(idx) * self.world
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", rec_s=f"{seen / (time.time() - started):.0f}")
+        if self.is_main:
+            self._select(epoch, float(np.mean(losses)), started, seen)
+
+    def _select(self, epoch: int, train_loss: float, started: float, seen: int) -> None:
+        """Score the raw and averaged weights on validation; keep the better as checkpoint.pt if it beats the best;
+        write last.pt (the resume state)."""
+        args, data = self.args, self.data
+        y_val = data.y_val.astype(np.float32)
+        candidates = {"raw": self.model}
+        if self.ema is not None and epoch + 1 > args.epochs // 4:
+            candidates["ema"] = self.ema.module
+        scored = {name: window_probabilities(m, data.x_val, args.eval_batch_size, self.device)
+                  for name, m in candidates.items()}
+        aurocs = {name: macro_auroc(y_val, p) for name, p in scored.items()}
+        losses = {name: validation_loss(p, y_val, data.multi_label) for name, p in scored.items()}
+        # Ties in AUROC (a small set separated perfectly from the first epoch on) go to the lower loss: otherwise an
+        # untrained model that merely ranks right would be kept.
+        rank_of = {name: (float(np.nan_to_num(aurocs[name], nan=-1.0)), -losses[name]) for name in scored}
+        chosen = max(rank_of, key=rank_of.get)
+        record = {
+            "epoch": epoch + 1, "train_loss": train_loss, "val_loss": losses[chosen],
+            "val_macro_auroc": aurocs[chosen], "weights": chosen,
+            **{f"val_macro_auroc_{name}": value for name, value in aurocs.items()},
+            "val_per_class_auroc": per_class_auroc_by_name(data.classes, y_val, scored[chosen]),
+            "lr": self.scheduler.get_last_lr()[0], "seconds": time.time() - started,
+            "train_records_per_s": seen / (time.time() - started),
+        }
+        self.history.append(record)
+        print(json.dumps({k: v for k, v in record.items() if k != "val_per_class_auroc"}), file=sys.stderr)
+        if rank_of[chosen] > self.best:
+            self.best = rank_of[chosen]
+            self.meta["validation"] = {"macro_auroc": aurocs[chosen], "epoch": epoch + 1, "weights": chosen,
+                                       "per_class_auroc": record["val_per_class_auroc"]}
+            save_checkpoint(self.out / "checkpoint.pt", candidates[chosen], self.meta)
+        save_checkpoint(
+            self.out / "last.pt", self.model, self.meta, optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), epoch=epoch + 1, best=self.best, history=self.history,
+            ema=self.ema.state_dict() if self.ema is not None else None, schedule=self.schedule,
+            torch_rng=torch.get_rng_state(), train_seconds=self.train_seconds())
+
+    def train_seconds(self) -> float:
+        return self.seconds_before + time.time() - self.t_start
+
+    # --- the end ----------------------------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        args, data = self.args, self.data
+        y_val = data.y_val.astype(np.float32)
+        best_model, best_meta, _ = load_checkpoint(self.out / "checkpoint.pt")
+        best_model.to(self.device)
+        print("scoring the best checkpoint on validation (bootstrap interval)", file=sys.stderr)
+        p_val = window_probabilities(best_model, data.x_val, args.eval_batch_size, self.device)
+        metrics = {
+            "task": args.task, "classes": data.classes, "config": best_model.cfg.to_dict(), "data": data.info,
+            "command": self.meta["command"], "device": str(self.device), "world_size": self.world,
+            "ema_decay": self.ema_decay, "epochs": self.history,
+            "best": {**best_meta["validation"], **{f"bootstrap_{k}": v for k, v in
+                     bootstrap_macro_auroc(y_val, p_val, n_boot=args.n_boot).items()}},
+            "train_wall_seconds": self.train_seconds(),
+        }
+        if best_model.cfg.lead_mask:
+            metrics["lead_subsets"] = best_meta["validation"]["lead_subsets"] = self._score_subsets(best_model, y_val)
+            save_checkpoint(self.out / "checkpoint.pt", best_model.cpu(), best_meta)
+        if data.x_test is not None:  # UCR: TEST is scored once, with the checkpoint chosen on validation
+            p_test = window_probabilities(best_model, data.x_test, args.eval_batch_size)
+            metrics["test_accuracy"] = float((p_test.argmax(-1) == data.y_test.argmax(-1)).mean())
+            metrics["test_macro_auroc"] = macro_auroc(data.y_test, p_test)
+        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_curves(self.out, self.history, data.classes, y_val, p_val)
+        return metrics
+
+    def _score_subsets(self, model: MSSSMClassifier, y_val: np.ndarray) -> dict:
+        """A lead-subset model on the subsets devices record: the table of its model card."""
+        data, subsets = self.data, {}
+        for keep in SCORED_SUBSETS:
+            if keep is not None and not set(keep) <= set(data.leads):
+                continue
+            x = data.x_val if keep is None else keep_leads(data.x_val, data.leads, keep)
+            p = window_probabilities(model, x, self.args.eval_batch_size)
+            subsets["all" if keep is None else "+".join(keep)] = {
+                "leads": list(data.leads if keep is None else keep), "macro_auroc": macro_auroc(y_val, p),
+                **{f"bootstrap_{k}": v for k, v in bootstrap_macro_auroc(y_val, p, n_boot=self.args.n_boot).items()}}
+        return subsets
+
+
+def train(args) -> dict:
+    """The whole run; -> metrics (rank 0; {} on the other ranks)."""
+    run = Run(args)
+    run.start()
+    run.t_start = time.time()
+    for epoch in range(run.start_epoch, args.epochs):
+        run.epoch(epoch)
+    if run.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return run.finish() if run.is_main else {}
