@@ -36,6 +36,8 @@ import torch  # noqa: E402
 import msssm_serve  # noqa: E402
 from msssm_serve.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from msssm_serve.model import MSSSMClassifier, StreamingGraph  # noqa: E402
+from export.card import model_card  # noqa: E402
+from export.meta import jsonable as _jsonable  # noqa: E402
 from export.lowering import expand_softplus, lower_selective_scans  # noqa: E402
 
 DEFAULT_OPSET = 17
@@ -168,16 +170,6 @@ def check_parity(model: MSSSMClassifier, onnx_path: Path, windows: torch.Tensor)
 
 
 # --- model.json and README -----------------------------------------------------------------------------------------
-def _jsonable(value):
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, np.ndarray | np.generic):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable in checkpoint meta: {type(value).__name__}")
-
-
 def _check_meta(model: MSSSMClassifier, meta: dict) -> torch.Tensor:
     cfg = model.cfg
     if len(meta["labels"]) != cfg.n_classes:
@@ -240,76 +232,6 @@ def describe(model: MSSSMClassifier, meta: dict, name: str, parity: dict, onnx_i
         "parity": parity,
         "onnx": onnx_info,
     }
-
-
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def model_card(desc: dict) -> str:
-    training = desc["training"]
-    data = training.get("data")
-    lines = [
-        f"# {desc['name']}",
-        "",
-        f"MS-SSM ECG classifier exported by msssm-serve {desc['version']}: {len(desc['labels'])} classes "
-        f"({'multi-label, sigmoid' if desc['multi_label'] else 'single-label, softmax'}) from "
-        f"{len(desc['leads'])} leads at {desc['sample_rate']} Hz, trained on windows of {desc['window']} samples.",
-        "",
-        f"Labels: {', '.join(desc['labels'])}",
-        "",
-        "## Model",
-        "",
-        "| key | value |",
-        "| --- | --- |",
-        *(f"| {k} | {_fmt(v)} |" for k, v in desc["config"].items()),
-        "",
-        f"Streaming state: {len(desc['state'])} tensors, {desc['state_bytes_per_stream']} bytes per stream. "
-        f"The graph takes any number of samples per call (up to {desc['max_chunk']}); on the CPU the runtime cuts work "
-        "into calls of about 512 samples, which keeps the graph's intermediates in cache.",
-        "",
-        "## Data",
-        "",
-    ]
-    if data is not None:
-        lines.append(f"```\n{json.dumps(data, indent=2, default=_jsonable)}\n```")
-    else:
-        lines.append("Not recorded in the checkpoint.")
-    if "ptbxl" in json.dumps(data, default=_jsonable).lower().replace("-", ""):
-        lines += [
-            "",
-            "PTB-XL (Wagner et al., PhysioNet) is distributed under the Creative Commons Attribution 4.0 "
-            "International licence (CC BY 4.0); this model is derived from it and the attribution applies.",
-        ]
-    for key in ("task", "label_set"):
-        if key in training:
-            lines.append(f"\n{key}: {training[key]}")
-    lines += ["", "## Training command", "", f"```\n{training.get('command', 'not recorded')}\n```", ""]
-    lines += ["## Validation", ""]
-    if desc["validation"]:
-        lines += ["| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in desc["validation"].items()]
-    else:
-        lines.append("Not recorded in the checkpoint.")
-    parity = desc["parity"]
-    lines += [
-        "",
-        "## Export parity",
-        "",
-        f"Max abs probability difference, ONNX Runtime vs PyTorch, on {parity['windows']} real windows of "
-        f"{parity['window_samples']} samples (tolerance {parity['tolerance']:g}):",
-        "",
-        f"- whole window in one call: {parity['whole_window']:.3g}",
-        f"- sample by sample: {parity['sample_by_sample']:.3g}",
-        f"- random chunks: {parity['random_chunks']:.3g}",
-        f"- ONNX Runtime streaming vs its own whole-window run: sample by sample "
-        f"{parity['onnxruntime_consistency']['sample_by_sample']:.3g}, random chunks "
-        f"{parity['onnxruntime_consistency']['random_chunks']:.3g}",
-        "",
-        f"ONNX opset {desc['onnx']['opset']}, {desc['onnx']['exporter']}; `model.onnx` sha256 {desc['onnx']['sha256']}.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 # --- the whole export ----------------------------------------------------------------------------------------------
