@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.ptbxl import TRAIN_FOLDS  # noqa: E402
+from msssm_serve.training.ptbxl import TRAIN_FOLDS  # noqa: E402
 
 
 def write_subset(labels_csv: Path, k: int, out: Path) -> None:

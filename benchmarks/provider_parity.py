@@ -28,7 +28,7 @@ def main() -> int:
         ort.preload_dlls()
     import torch
 
-    from export.export import parity_schedules
+    from msssm_serve.export.export import parity_schedules
     from msssm_serve.checkpoint import load_checkpoint
     from msssm_serve.runtime import OnnxModel
 

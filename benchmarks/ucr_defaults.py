@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from training.ptbxl import LEADS, load_labels, load_signals  # noqa: E402
+from msssm_serve.training.ptbxl import LEADS, load_labels, load_signals  # noqa: E402
 
 
 def write_split(path: Path, x: np.ndarray, y: np.ndarray) -> None:

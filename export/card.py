@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from export.meta import jsonable as _jsonable
+from msssm_serve.export.meta import jsonable as _jsonable
 
 
 def _fmt(value) -> str:

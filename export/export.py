@@ -14,31 +14,28 @@ import sys
 from pathlib import Path
 
 # Runnable as `python export/export.py` from the repository root: the package lives one level up.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
 
-import msssm_serve  # noqa: E402
-from msssm_serve.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from msssm_serve.model import MSSSMClassifier, StreamingGraph  # noqa: E402
-from export.card import model_card  # noqa: E402
-from export.meta import jsonable as _jsonable  # noqa: E402
-from export.lowering import expand_softplus, lower_selective_scans  # noqa: E402
+import msssm_serve
+from msssm_serve.checkpoint import CheckpointError, load_checkpoint
+from msssm_serve.model import MSSSMClassifier, StreamingGraph
+from msssm_serve.export.card import model_card
+from msssm_serve.export.meta import jsonable as _jsonable
+from msssm_serve.export.lowering import expand_softplus, lower_selective_scans
 
 DEFAULT_OPSET = 17
 DEFAULT_HOP = 25

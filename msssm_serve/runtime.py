@@ -20,7 +20,9 @@ import numpy as np
 import onnxruntime as ort
 
 REQUIRED_KEYS = ("name", "labels", "multi_label", "sample_rate", "leads", "window", "state", "max_chunk")
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+# The bundled model: the checkout's models/default, which an install ships as package data (msssm_serve/models).
+_CHECKOUT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
+DEFAULT_MODEL_DIR = _CHECKOUT_MODEL if _CHECKOUT_MODEL.is_dir() else Path(__file__).resolve().parent / "models" / "default"
 
 StreamState = list[np.ndarray]  # one array per state tensor, each with a leading batch dim of 1
 # Calls are cut to about SAMPLES_PER_CALL samples (at most ROWS_PER_CALL streams, more for hops shorter than

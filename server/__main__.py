@@ -46,7 +46,7 @@ class ShowDefaults(argparse.HelpFormatter):
 
 def main(argv: list[str] | None = None) -> int:
     defaults = Settings()
-    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="msssm-serve" if __package__ == "msssm_serve.server" else "python -m server", description=__doc__.splitlines()[0],
                                      formatter_class=ShowDefaults)
 
     def env_flag(*names, shown, **kw):  # a flag that fills an MSSSM_* variable: None unless given
@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     os.environ.setdefault("MSSSM_THREADS", str(max(1, (cores - args.workers) // args.workers)))
     frame_limit = int(os.environ.get("MSSSM_MAX_FRAME_BYTES", 1024 * 1024))
-    uvicorn.run("server.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level, http="server.protocol:HeaderTimeoutProtocol",
+    # By this package's own name: `server` from a checkout, `msssm_serve.server` when installed (msssm-serve).
+    uvicorn.run(f"{__package__}.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_level=args.log_level, http=f"{__package__}.protocol:HeaderTimeoutProtocol",
                 # Above our own limit, so an oversized frame reaches the app and gets an error message with its
                 # 1009 instead of a bare close from the protocol layer.
                 ws_max_size=2 * frame_limit + 64 * 1024)

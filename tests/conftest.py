@@ -31,7 +31,7 @@ def records() -> np.ndarray:
 def model_dir(tmp_path_factory, records) -> Path:
     """A tiny random model exported like a trained one (parity-checked on the real records)."""
     torch = pytest.importorskip("torch")
-    from export.export import export_model
+    from msssm_serve.export.export import export_model
     from msssm_serve.checkpoint import save_checkpoint
     from msssm_serve.config import ModelConfig
     from msssm_serve.model import MSSSMClassifier
@@ -57,7 +57,7 @@ def subset_model_dir(tmp_path_factory, records) -> Path:
     """A tiny random lead-subset model (`lead_mask`: any of the 12 leads may be missing), exported and
     parity-checked on the real records with leads dropped."""
     torch = pytest.importorskip("torch")
-    from export.export import export_model
+    from msssm_serve.export.export import export_model
     from msssm_serve.checkpoint import save_checkpoint
     from msssm_serve.config import ModelConfig
     from msssm_serve.model import MSSSMClassifier

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import wfdb
 
-from training.ptbxl import (
+from msssm_serve.training.ptbxl import (
     LABEL_SETS,
     LEADS,
     DataError,
@@ -20,7 +20,7 @@ from training.ptbxl import (
     load_signals,
     split_folds,
 )
-from training.ucr import load_ucr
+from msssm_serve.training.ucr import load_ucr
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ptbxl"
 LABEL_TABLE = FIXTURE / "labels" / "superdiagnostic.csv"

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import export as exporter
+from msssm_serve.export import export as exporter
 from msssm_serve.checkpoint import save_checkpoint
 from msssm_serve.config import ModelConfig
 from msssm_serve.model import MSSSMClassifier, StreamingGraph

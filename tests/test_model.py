@@ -244,7 +244,7 @@ def test_a_lead_subset_model_streams_with_missing_leads_exactly_and_ignores_what
 
 
 def test_training_lead_masks_draw_device_subsets_and_keep_every_record_usable():
-    from training.augment import keep_leads, mask_leads
+    from msssm_serve.training.augment import keep_leads, mask_leads
 
     leads = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
     xb = np.ones((2000, 5, 12), np.float32)

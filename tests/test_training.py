@@ -146,7 +146,7 @@ def test_ucr_task_writes_test_metrics(tmp_path):
 def test_ucr_defaults_learn_a_small_set_without_flags(tmp_path):
     """~100-series UCR sets must train with the defaults alone: small batches, enough steps, a short-run average."""
     sys.path.insert(0, str(ROOT))
-    from training.fit import parse_args
+    from msssm_serve.training.fit import parse_args
 
     defaults = parse_args(["--task", "ucr", "--data-dir", "x"])
     assert (defaults.batch_size, defaults.epochs) == (16, 150)
@@ -222,7 +222,7 @@ def test_evaluate_model_dir_and_checkpoint_agree(tmp_path, model_dir):
 
 def test_augment_scales_each_record_within_bounds_and_adds_noise():
     sys.path.insert(0, str(ROOT))
-    from training.augment import augment
+    from msssm_serve.training.augment import augment
 
     rng = np.random.default_rng(0)
     x = np.random.default_rng(1).standard_normal((64, 50, 12)).astype(np.float32)
@@ -241,7 +241,7 @@ def test_supervised_steps_picks_the_last_step_or_every_step_from_n():
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from training.loop import supervised_steps
+    from msssm_serve.training.loop import supervised_steps
 
     logits = torch.arange(2 * 10 * 3, dtype=torch.float32).view(2, 10, 3)
     assert torch.equal(supervised_steps(logits, 0), logits[:, 9:])
@@ -256,7 +256,7 @@ def test_supervise_from_trains(tmp_path):
 
 def test_bootstrap_leaves_out_single_valued_classes_and_never_draws_for_ever():
     sys.path.insert(0, str(ROOT))
-    from training.metrics import bootstrap_macro_auroc, macro_auroc
+    from msssm_serve.training.metrics import bootstrap_macro_auroc, macro_auroc
 
     rng = np.random.default_rng(0)
     labels = (rng.random((300, 3)) < 0.3).astype(np.float32)

@@ -14,14 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from msssm_serve.checkpoint import CheckpointError  # noqa: E402
-from training import fit  # noqa: E402
-from training.loop import train  # noqa: E402
-from training.ptbxl import DataError  # noqa: E402
+from msssm_serve.checkpoint import CheckpointError
+from msssm_serve.training import fit
+from msssm_serve.training.loop import train
+from msssm_serve.training.ptbxl import DataError
 
 
 def main(argv=None) -> int:

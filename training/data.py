@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.metrics import one_hot
-from training.ptbxl import LEADS, DataError, load_labels, load_signals, split_folds
-from training.ucr import load_ucr
+from msssm_serve.training.metrics import one_hot
+from msssm_serve.training.ptbxl import LEADS, DataError, load_labels, load_signals, split_folds
+from msssm_serve.training.ucr import load_ucr
 
 PTBXL_DATA = {"name": "PTB-XL", "licence": "CC BY 4.0", "citation": "Wagner et al., Scientific Data 7, 154 (2020)"}
 

@@ -15,16 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from training.augment import keep_leads  # noqa: E402
-from training.inference import load_model, window_probabilities  # noqa: E402
-from training.metrics import bootstrap_macro_auroc, per_class_auroc_by_name  # noqa: E402
-from training.ptbxl import LEADS, DataError, load_labels, load_signals  # noqa: E402
+from msssm_serve.training.augment import keep_leads
+from msssm_serve.training.inference import load_model, window_probabilities
+from msssm_serve.training.metrics import bootstrap_macro_auroc, per_class_auroc_by_name
+from msssm_serve.training.ptbxl import LEADS, DataError, load_labels, load_signals
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

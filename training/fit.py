@@ -12,14 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from a checkout: the repository's packages
-    sys.path.insert(0, str(ROOT))
 
-from msssm_serve.checkpoint import CheckpointError  # noqa: E402
-from training.ptbxl import LABEL_SETS, DataError  # noqa: E402
+from msssm_serve.checkpoint import CheckpointError
+from msssm_serve.training.ptbxl import LABEL_SETS, DataError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -100,7 +96,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from training.loop import train  # torch is imported here, after --help and argument errors
+    from msssm_serve.training.loop import train  # torch is imported here, after --help and argument errors
 
     try:
         metrics = train(args)

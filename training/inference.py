@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.ptbxl import DataError
+from msssm_serve.training.ptbxl import DataError
 
 
 def load_model(path: Path, classes: list[str], sample_rate: int, weights: bool = False, threads: int | None = None):

@@ -26,12 +26,12 @@ from tqdm import tqdm
 from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from msssm_serve.config import ModelConfig
 from msssm_serve.model import MSSSMClassifier
-from training.augment import augment, keep_leads, mask_leads, random_crops
-from training.data import TaskData, fit_normalisation, load_task
-from training.inference import load_model, window_probabilities
-from training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc_by_name
-from training.plots import plot_curves
-from training.ptbxl import DataError
+from msssm_serve.training.augment import augment, keep_leads, mask_leads, random_crops
+from msssm_serve.training.data import TaskData, fit_normalisation, load_task
+from msssm_serve.training.inference import load_model, window_probabilities
+from msssm_serve.training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc_by_name
+from msssm_serve.training.plots import plot_curves
+from msssm_serve.training.ptbxl import DataError
 
 # Lead subsets a lead-subset model is scored on after training (the model card's table).
 SCORED_SUBSETS = (None, ["I", "II"], ["II"])  # None: all leads

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.ptbxl import DataError
+from msssm_serve.training.ptbxl import DataError
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from training import ptbxl  # noqa: E402
+from msssm_serve.training import ptbxl  # noqa: E402
 
 GAIN = 1000  # PTB-XL stores microvolts: physical mV = digital / 1000
 
