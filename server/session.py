@@ -128,8 +128,14 @@ class StreamSession:
         self._room.set()
         return segment
 
+    async def settled(self, stall_timeout_s: float) -> None:
+        """Returns once no batch holds part of this stream: its state, position and pending samples are then one
+        consistent picture (what a snapshot records)."""
+        await self._wait(lambda: not self.in_flight, stall_timeout_s)
+
     def advanced(self, probs: np.ndarray, new_state) -> None:
         """The result of advancing by the last `next_segment`."""
+        self._room.set()  # a snapshot waiting for this batch may go on
         if not np.isfinite(probs).all():
             return self.end(Close(INVALID_DATA, "the model's output is not finite for these samples: values out of "
                                                 "the range the model was trained on"))

@@ -20,6 +20,7 @@ from msssm_serve.runtime import Stream
 from .auth import key_matches, missing_key_detail, offered_key
 from .metrics import Metrics
 from .registry import ServedModel
+from . import snapshot
 from .session import Close, Stalled, StreamGone, StreamSession
 from .settings import Settings
 from .signals import (InvalidJSON, InvalidSignal, encode_json, parse_binary_format, parse_json, parse_sample_rate,
@@ -96,6 +97,7 @@ class Connection:
         self.routes: list[Route] = []  # empty until the stream's config (or first samples) arrived
         self.n_channels = 0  # columns of the client's frames
         self.dtype, self.gain = "float32", 1.0  # how its binary frames are to be read (the config may say int16)
+        self.config: dict = {}  # the stream's config message, as given (a snapshot carries it)
         # What the sender is to write, in order; once the stream exists its session adds predictions to it.
         self.outbox: asyncio.Queue = asyncio.Queue()
 
@@ -170,7 +172,15 @@ class Connection:
             self._ensure_stream({})
             signal = self._decode(lambda: samples_from_json(body["samples"], self.n_channels, "samples"))
             return await self._feed(signal)
+        if "resume" in body:
+            if not first:
+                raise StreamError(UNSUPPORTED, "'resume' must be the first message of a connection")
+            self._resume(body)
+            return self.send(self._config_reply(self.config))
         kind = body.get("type", "config" if first else None)
+        if kind == "snapshot":
+            self._ensure_stream({})
+            return self.send(await self._snapshot())
         if kind == "config" and first:
             self._ensure_stream(body)
             return self.send(self._config_reply(body))
@@ -181,7 +191,8 @@ class Connection:
             return
         if kind == "config":
             raise StreamError(UNSUPPORTED, "the config message must be the first message of a stream")
-        raise StreamError(UNSUPPORTED, f"unknown message type {kind!r} (expected samples, flush or a first config)")
+        raise StreamError(UNSUPPORTED, f"unknown message type {kind!r} (expected samples, flush, snapshot or a first "
+                                       "config)")
 
     def _decode(self, parse) -> np.ndarray:
         try:
@@ -192,6 +203,7 @@ class Connection:
     def _ensure_stream(self, config: dict) -> None:
         if self.routes:
             return
+        self.config = config
         served = self._chosen_models(config)
         try:
             leads = parse_lead_list(config.get("leads"))
@@ -217,6 +229,81 @@ class Connection:
         hop = config.get("hop")
         self.routes = [Route(m, m.batcher.open(Stream(m.model, hop=hop or m.model.default_hop), self.outbox, m.name),
                              resampler, lead_map) for m, resampler, lead_map in zip(served, resamplers, maps)]
+
+    # --- snapshot and resume -----------------------------------------------------------------------------------
+    async def _snapshot(self) -> dict:
+        """The stream's whole state as a sealed token (see server/snapshot.py), once no batch holds part of it."""
+        if len(self.routes) != 1:
+            raise StreamError(UNSUPPORTED, "snapshots are for one-model streams (open one stream per model)")
+        route = self.routes[0]
+        await route.session.settled(self.hub.settings.idle_timeout_s)
+        stream, resampler, model = route.session.stream, route.resampler, route.served.model
+        arrays = {f"state_{i}": s[0] for i, s in enumerate(stream.state)}
+        arrays["pending"] = stream._pending[: stream.pending].copy()
+        if stream._last is not None:
+            arrays["last"] = np.asarray(stream._last, np.float32)
+        if not resampler.identity:
+            arrays["resampler_history"] = resampler._history
+        header = {"model": route.served.name, "version": snapshot.model_version(model),
+                  "config": {k: self.config[k] for k in ("sample_rate", "leads", "hop", "dtype", "gain")
+                             if k in self.config},
+                  "window": stream.window_index, "t": stream.t, "last_made": stream._last_made,
+                  "resampler": [resampler._n_in, resampler._n_out] if not resampler.identity else None}
+        token = snapshot.seal(header, arrays, snapshot.server_secret())
+        return {"type": "snapshot", "token": token, "window": stream.window_index, "t": stream.t,
+                "pending": int(stream.pending)}
+
+    def _resume(self, body: dict) -> None:
+        try:
+            header, arrays = snapshot.open_token(body["resume"], snapshot.server_secret())
+            name = header.get("model")
+            if name not in self.hub.models:
+                raise snapshot.BadToken(1008, f"the resume token is for model {name!r}, which this server does not "
+                                              f"hold ({sorted(self.hub.models)})")
+            model = self.hub.models[name].model
+            if header.get("version") != snapshot.model_version(model):
+                raise snapshot.BadToken(1008, f"the resume token is for another version of model {name!r}: resume "
+                                              "on a replica serving the version that issued it")
+            config = header.get("config")
+            if not isinstance(config, dict):
+                raise snapshot.BadToken(1007, "the resume token has no stream config")
+            self._ensure_stream({**config, "model": name})
+            self._restore(header, arrays)
+        except snapshot.BadToken as err:
+            raise StreamError(err.code, str(err)) from err
+
+    def _restore(self, header: dict, arrays: dict) -> None:
+        route = self.routes[0]
+        stream, resampler, model = route.session.stream, route.resampler, route.served.model
+        window, t = header.get("window"), header.get("t")
+        if not (isinstance(window, int) and window >= 0 and isinstance(t, int) and 0 <= t < model.window):
+            raise snapshot.BadToken(1007, "the resume token's window position is out of range")
+        state = [snapshot.checked_array(arrays, f"state_{i}", shape) for i, shape in enumerate(model.state_shapes)]
+        pending = arrays.get("pending")
+        if pending is None or pending.ndim != 2 or len(pending) > stream.max_pending:
+            raise snapshot.BadToken(1007, "the resume token's pending samples are malformed")
+        pending = snapshot.checked_array(arrays, "pending", (len(pending), model.n_channels),
+                                         allow_nan=model.lead_subsets)
+        last = snapshot.checked_array(arrays, "last", (len(model.labels),)) if "last" in arrays else None
+        if (last is None) != (t == 0):
+            raise snapshot.BadToken(1007, "the resume token's last prediction does not match its position")
+        if not resampler.identity:
+            counts = header.get("resampler")
+            if not (isinstance(counts, list) and len(counts) == 2 and all(isinstance(c, int) and c >= 0
+                                                                            for c in counts)
+                    and counts[0] < resampler.device_window and counts[1] <= model.window):
+                raise snapshot.BadToken(1007, "the resume token's resampler position is out of range")
+            resampler._history = snapshot.checked_array(arrays, "resampler_history", resampler._history.shape,
+                                                        dtype=np.float64)
+            resampler._n_in, resampler._n_out = counts
+        last_made = header.get("last_made")
+        stream.state = [s[None] for s in state]
+        stream.window_index, stream.t = window, t
+        stream._last = last
+        stream._last_made = tuple(last_made) if isinstance(last_made, list) and len(last_made) == 2 else None
+        stream.feed(pending)
+        if stream.pending:
+            route.served.batcher.notify(route.session)
 
     def _chosen_models(self, config: dict) -> list[ServedModel]:
         """The config's `model` (one name) or `models` (a list of names); the server's default model if neither."""
