@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                 raise DataError(f"--leads: unknown {unknown}; PTB-XL's are {LEADS}")
             x = keep_leads(x, LEADS, keep)
         print(f"scoring {len(chosen.ids)} records of fold {args.fold} with {len(models)} model(s)", file=sys.stderr)
-        scores = np.mean([window_probabilities(model, x) for model in models], axis=0)
+        scores = np.mean([window_probabilities(model, x, progress="scoring") for model in models], axis=0)
     except Exception as err:  # every failure is reported as one line, never as a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ step, new state)`; only the array type differs (torch tensors or numpy arrays)."
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +39,25 @@ def load_model(path: Path, classes: list[str], sample_rate: int, weights: bool =
     return model
 
 
-def window_probabilities(model, x: np.ndarray, batch: int = 16, device=None) -> np.ndarray:
+def window_probabilities(model, x: np.ndarray, batch: int = 16, device=None, progress: str | None = None) -> np.ndarray:
     """[N, classes]: each row of x [N, T, C] classified from the zero state, the probabilities after its last step
-    (what the server answers for a window). x may be a memmap; it is read `batch` rows at a time."""
+    (what the server answers for a window). x may be a memmap; it is read `batch` rows at a time. `progress`: a
+    label for a progress bar on stderr (when tqdm is installed)."""
     torch_model = hasattr(model, "parameters")
     if torch_model:
         import torch
 
         device = device or next(model.parameters()).device
         model.eval()
-    out = []
-    for i in range(0, len(x), batch):
+    out, starts = [], range(0, len(x), batch)
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc=progress, unit="batch", leave=False, file=sys.stderr)
+        except ImportError:  # the serving install: no bar
+            pass
+    for i in starts:
         xb = np.array(x[i : i + batch], dtype=np.float32)
         if torch_model:
             with torch.no_grad():

@@ -233,7 +233,8 @@ class Run:
         candidates = {"raw": self.model}
         if self.ema is not None and epoch + 1 > args.epochs // 4:
             candidates["ema"] = self.ema.module
-        scored = {name: window_probabilities(m, data.x_val, args.eval_batch_size, self.device)
+        scored = {name: window_probabilities(m, data.x_val, args.eval_batch_size, self.device,
+                                             progress=f"validation ({name} weights)")
                   for name, m in candidates.items()}
         aurocs = {name: macro_auroc(y_val, p) for name, p in scored.items()}
         losses = {name: validation_loss(p, y_val, data.multi_label) for name, p in scored.items()}
