@@ -26,8 +26,8 @@ def free_port() -> int:
 class LocalServer:
     def __init__(self, model_dir: str | Path, log_path: str | Path, workers: int = 1,
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None, start_timeout_s: float = 120,
-                 repository: bool = False):
-        self.port = free_port()
+                 repository: bool = False, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/stream"
         self.log_path = Path(log_path)

@@ -90,10 +90,10 @@ class ServerProcess(LocalServer):
     """A test server: one onnxruntime thread (tests share two cores), log beside the model."""
 
     def __init__(self, model_dir: Path, env: dict[str, str], extra_args: list[str] | None = None,
-                 repository: bool = False):
+                 repository: bool = False, port: int | None = None):
         log = model_dir.parent / f"server-{time.monotonic_ns()}.log"
         super().__init__(model_dir, log, env={"MSSSM_THREADS": "1", **env}, extra_args=extra_args,
-                         start_timeout_s=SERVER_START_TIMEOUT_S, repository=repository)
+                         start_timeout_s=SERVER_START_TIMEOUT_S, repository=repository, port=port)
 
 
 @pytest.fixture(scope="session")

@@ -137,3 +137,41 @@ def test_resume_only_as_the_first_message_and_snapshots_only_of_one_model(resume
     received, close = asyncio.run(closing(resume_server.ws_url, [json.dumps({"models": ["default", "rhythm"]}),
                                                                  json.dumps({"type": "snapshot"})]))
     assert close == 1003 and "one-model" in received[-1]["detail"]
+
+
+def test_the_client_helper_survives_a_killed_replica_with_every_prediction_unchanged(model_dir, records):
+    """msssm_serve.client streams paced frames; the server is killed (SIGKILL) mid-stream and another replica with
+    the same secret starts on the same address; the client reconnects, resumes from its last snapshot, and every
+    prediction equals an uninterrupted stream's."""
+    import signal as signals
+    import threading
+
+    from msssm_serve.client import ResumableStream
+    from server.launcher import free_port
+
+    signal_ = np.concatenate([records[0], records[1], records[2][:400]]).astype("<f4")
+    port = free_port()
+    first = ServerProcess(model_dir, {"MSSSM_STATE_SECRET": SECRET}, port=port)
+    url = f"ws://127.0.0.1:{port}/stream"
+    reference = asyncio.run(ResumableStream(url, {"hop": 50}, frame_samples=50).send(signal_))
+    replicas = [first]
+
+    def kill_and_replace():
+        first.process.send_signal(signals.SIGKILL)
+        first.process.wait()
+        replicas.append(ServerProcess(model_dir, {"MSSSM_STATE_SECRET": SECRET}, port=port))
+
+    client = ResumableStream(url, {"hop": 50}, frame_samples=50, snapshot_every=4, realtime_rate=600)
+    timer = threading.Timer(1.5, kill_and_replace)  # ~900 of the 2,400 samples sent by then
+    timer.start()
+    try:
+        got = asyncio.run(client.send(signal_))
+    finally:
+        timer.join()
+        for replica in replicas:
+            replica.stop()
+    # re-sent: the frames after the last answered snapshot, at most two snapshot intervals (one request may be lost)
+    assert client.reconnects >= 1 and 0 < client.resent_frames <= 8
+    assert [(m["window"], m["t"]) for m in got] == [(m["window"], m["t"]) for m in reference]
+    for m, r in zip(got, reference):
+        np.testing.assert_allclose(m["probabilities"], r["probabilities"], atol=1e-4)
