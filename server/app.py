@@ -90,6 +90,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/readyz")
     async def readyz(request: Request):
         models = getattr(request.app.state, "models", None)
+        hub = getattr(request.app.state, "hub", None)
+        if hub is not None and hub.draining:  # a load balancer stops sending new streams here
+            return JSONResponse({"status": "draining"}, 503)
         if not models or not all(served.batcher.running for served in models.values()):
             return JSONResponse({"status": "not ready"}, 503)
         return {"status": "ready"}

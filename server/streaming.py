@@ -49,6 +49,7 @@ class StreamHub:
     def __init__(self, models: dict[str, ServedModel], default: str, settings: Settings, metrics: Metrics):
         self.models, self.default, self.settings, self.metrics = models, default, settings, metrics
         self.connections: set[Connection] = set()
+        self.draining = False  # set on SIGTERM: no new streams; open ones get a final snapshot and close 1001
 
     def authorized(self, ws: WebSocket) -> bool:
         key = self.settings.api_key
@@ -59,6 +60,9 @@ class StreamHub:
         conn = Connection(self, ws)
         if not self.authorized(ws):
             return await conn.refuse(Close(POLICY, missing_key_detail("/stream")))
+        if self.draining:
+            return await conn.refuse(Close(TRY_LATER, "server draining for a restart; connect again (another replica "
+                                                      "takes the stream)"))
         if len(self.connections) >= self.settings.max_streams:
             return await conn.refuse(Close(TRY_LATER, "server full, try later"))
         self.connections.add(conn)
@@ -70,8 +74,11 @@ class StreamHub:
             self.metrics.active_streams.set(len(self.connections))
 
     async def close_all(self, code: int, detail: str) -> None:
-        """Graceful shutdown: every connection is told why and closed, waiting (bounded) for them to go."""
+        """Graceful shutdown: no new streams; every one-model stream is sent a final snapshot (so that its client
+        resumes elsewhere and loses nothing), then every connection is told why and closed, waiting (bounded)."""
+        self.draining = True
         for conn in list(self.connections):
+            await conn.final_snapshot()
             conn.send(Close(code, detail))
         deadline = asyncio.get_running_loop().time() + SENDER_DRAIN_S
         while self.connections and asyncio.get_running_loop().time() < deadline:
@@ -229,6 +236,17 @@ class Connection:
         hop = config.get("hop")
         self.routes = [Route(m, m.batcher.open(Stream(m.model, hop=hop or m.model.default_hop), self.outbox, m.name),
                              resampler, lead_map) for m, resampler, lead_map in zip(served, resamplers, maps)]
+
+    async def final_snapshot(self) -> None:
+        """A last snapshot message, when this stream can have one (bounded wait; a stream that cannot is closed
+        all the same)."""
+        if len(self.routes) != 1 or self.routes[0].session.gone:
+            return
+        try:
+            async with asyncio.timeout(SENDER_DRAIN_S):
+                self.send(await self._snapshot())
+        except (TimeoutError, StreamError, Stalled, StreamGone):
+            pass
 
     # --- snapshot and resume -----------------------------------------------------------------------------------
     async def _snapshot(self) -> dict:

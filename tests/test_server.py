@@ -549,10 +549,27 @@ def test_sigterm_closes_streams_with_1001(model_dir, records):
                 return received, ws.close_code
         received, code = asyncio.run(interrupted())
         assert code == 1001 and received[-1] == {"type": "error", "detail": "server shutting down"}
+        # draining: a final snapshot first, so that the client can resume on another replica and lose nothing
+        assert received[-2]["type"] == "snapshot" and received[-2]["window"] * 1000 + received[-2]["t"] + \
+            received[-2]["pending"] == 100
         # uvicorn re-raises the signal it handled once it has shut down cleanly
         assert proc.process.wait(timeout=15) in (0, -signal.SIGTERM)
     finally:
         proc.stop()
+
+
+def test_a_draining_server_is_not_ready_and_takes_no_new_stream(model_dir):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    with TestClient(create_app(Settings(model_dir=model_dir))) as client:
+        assert client.get("/readyz").status_code == 200
+        client.app.state.hub.draining = True
+        assert client.get("/readyz").json() == {"status": "draining"}
+        with client.websocket_connect("/stream") as ws:
+            assert "draining" in ws.receive_json()["detail"]
 
 
 def test_serving_path_never_imports_torch():
