@@ -30,6 +30,7 @@ ENV_FLAGS = {
     "cors_origins": "MSSSM_CORS_ORIGINS",
     "header_timeout_s": "MSSSM_HEADER_TIMEOUT_S",
     "body_timeout_s": "MSSSM_BODY_TIMEOUT_S",
+    "admit_latency_ms": "MSSSM_ADMIT_LATENCY_MS",
 }
 
 
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
              help="a request's headers must arrive within this")
     env_flag("--body-timeout-s", type=float, shown=defaults.body_timeout_s,
              help="a request's body must arrive within this (408)")
+    env_flag("--admit-latency-ms", type=float, shown=defaults.admit_latency_ms,
+             help="refuse new streams (1013) and /classify (503) while real-time streams' p95 server latency over "
+                  "2 s exceeds this (0: admit all)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     args = parser.parse_args(argv)
     if args.workers < 1:

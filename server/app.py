@@ -20,7 +20,7 @@ from .auth import OPEN_ROUTES, key_matches, missing_key_detail, offered_key, red
 from .classify import ClientGone, classify_signal, read_body, read_signal
 from .metrics import Metrics
 from .settings import Settings
-from .streaming import GOING_AWAY, StreamHub
+from .streaming import GOING_AWAY, RETRY_AFTER_S, StreamHub
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        models = registry.load(settings.model_dir, settings.models_dir, metrics, settings.batch_wait_ms)
+        models = registry.load(settings.model_dir, settings.models_dir, metrics, settings.batch_wait_ms,
+                               settings.admit_latency_ms)
         for served in models.values():
             served.batcher.start()
         default = models[registry.default_name(models)]
@@ -126,6 +127,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def classify(request: Request):
         served = _served(request)
         model = served.model
+        overloaded = served.batcher.overloaded()
+        if overloaded is not None:
+            raise HTTPException(503, f"the server is at its latency bound (p95 {overloaded * 1e3:.0f} ms > "
+                                     f"{settings.admit_latency_ms:g} ms); retry after {RETRY_AFTER_S} s",
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         sent, lead_map, rate = read_signal(model, body, request)
         return await classify_signal(served, sent, lead_map, rate, settings, metrics)

@@ -33,15 +33,42 @@ SAMPLES_PER_TURN = 2048
 # /classify windows advanced together in one call: rows share a call's fixed costs (18 vs 27 us/sample for 4 rows
 # vs 1, benchmarks/runtime.py section 4), and the bound keeps a queue of requests from holding streams back for long.
 MAX_CLASSIFY_WINDOWS_PER_CALL = 8
+# Admission: the server-side latency of streams keeping real time (ready -> computed) over the last LATENCY_WINDOW_S;
+# while its 95th percentile exceeds the bound, new streams and /classify requests are refused (retry after the window)
+# instead of every accepted stream slowing down.
+LATENCY_WINDOW_S = 2.0
+MIN_LATENCY_SAMPLES = 20
+
+
+class LatencyWindow:
+    """Recent latencies (seconds) over a sliding window of time: what admission decides on."""
+
+    def __init__(self, window_s: float = LATENCY_WINDOW_S):
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque()
+
+    def add(self, now: float, latency: float) -> None:
+        self._samples.append((now, latency))
+        while self._samples and self._samples[0][0] < now - self.window_s:
+            self._samples.popleft()
+
+    def p95(self, now: float) -> float | None:
+        recent = [lat for t, lat in self._samples if t >= now - self.window_s]
+        if len(recent) < MIN_LATENCY_SAMPLES:
+            return None
+        return float(np.percentile(recent, 95))
 
 
 class Batcher:
-    def __init__(self, model: OnnxModel, metrics: Metrics, batch_wait_ms: float):
+    def __init__(self, model: OnnxModel, metrics: Metrics, batch_wait_ms: float, latency_bound_ms: float = 50.0):
         self.model = model
+        self.latency_bound_s = latency_bound_ms / 1000
+        self.latency = LatencyWindow()
+        self._timed: dict[StreamSession, float] = {}
         self.metrics = metrics
         self.batch_wait_s = batch_wait_ms / 1000
         self.sessions: set[StreamSession] = set()
-        self._ready: dict[StreamSession, None] = {}  # insertion-ordered set: oldest first
+        self._ready: dict[StreamSession, float] = {}  # session -> when it became ready; insertion order: oldest first
         # One thread: one inference at a time per process, all its intra-op threads on that call.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._work = asyncio.Event()
@@ -77,7 +104,7 @@ class Batcher:
     def notify(self, session: StreamSession) -> None:
         """The session may have work. One in flight is looked at again when its result comes back."""
         if not session.in_flight and not session.gone:
-            self._ready[session] = None
+            self._ready.setdefault(session, time.monotonic())
             self._work.set()
 
     async def classify(self, signal: np.ndarray) -> dict:
@@ -112,20 +139,29 @@ class Batcher:
             if self._ready or self._classify_queue:
                 self._work.set()
 
+    def overloaded(self) -> float | None:
+        """The recent p95 latency (s) when it exceeds the admission bound, else None."""
+        p95 = self.latency.p95(time.monotonic())
+        return p95 if p95 is not None and p95 > self.latency_bound_s else None
+
     def _take_turn(self) -> list[tuple[StreamSession, np.ndarray]]:
         """The segments to compute this turn, within SAMPLES_PER_TURN; sessions not reached stay ready."""
         on_time, ahead = [], []
         for s in self._ready:
             (ahead if s.ahead_of_real_time() else on_time).append(s)
+        self._timed = {}  # on-time sessions of this turn -> when they became ready (their latency is measured)
+        keeping_pace = set(on_time)
         jobs, budget = [], SAMPLES_PER_TURN
         for session in on_time + ahead:
             if budget <= 0:
                 break
-            del self._ready[session]
+            ready_since = self._ready.pop(session)
             segment = session.next_segment(MAX_HOPS_PER_BATCH)
             if segment is not None:
                 jobs.append((session, segment))
                 budget -= len(segment)
+                if session in keeping_pace:
+                    self._timed[session] = ready_since
         return jobs
 
     async def _classify_some(self) -> None:
@@ -179,6 +215,10 @@ class Batcher:
         except Exception:  # keep serving the other streams; these are told and closed (1011)
             log.exception("batched inference failed")
             results = None
+        now = time.monotonic()
+        for s in sessions:  # streams keeping real time: how long their samples waited and were computed
+            if s in self._timed:
+                self.latency.add(now, now - self._timed[s])
         for i, s in enumerate(sessions):
             s.in_flight = False
             if s.gone:

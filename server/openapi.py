@@ -95,7 +95,8 @@ def _operations(model: OnnxModel, names: list[str], settings: Settings) -> dict:
                           "404": _error("no model of that name"),
                           "415": _error("a content type other than application/json or application/octet-stream"),
                           "422": _error("the signal, its leads, its sample rate or ?channels= are invalid"),
-                          "503": _error("inference failed; retry")}}},
+                          "503": _error("inference failed, or the server is at its latency bound (then with "
+                                        "Retry-After): retry")}}},
         "/models": {"get": {"summary": "Every model the server holds", "responses": {"200": _json({
             "type": "object", "required": ["default", "models"],
             "properties": {"default": {"type": "string"}, "models": {"type": "array", "items": {

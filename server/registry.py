@@ -58,6 +58,8 @@ def default_name(names) -> str:
     return DEFAULT_NAME if DEFAULT_NAME in names else names[0]
 
 
-def load(model_dir: Path, models_dir: Path | None, metrics: Metrics, batch_wait_ms: float) -> dict[str, ServedModel]:
-    return {name: ServedModel(name, model := OnnxModel(path), Batcher(model, metrics, batch_wait_ms))
+def load(model_dir: Path, models_dir: Path | None, metrics: Metrics, batch_wait_ms: float,
+         admit_latency_ms: float = 0.0) -> dict[str, ServedModel]:
+    bound = admit_latency_ms if admit_latency_ms > 0 else float("inf")
+    return {name: ServedModel(name, model := OnnxModel(path), Batcher(model, metrics, batch_wait_ms, bound))
             for name, path in model_dirs(model_dir, models_dir).items()}

@@ -24,6 +24,9 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     header_timeout_s: float = 10.0  # a connection must send a request's headers within this (slowloris)
     body_timeout_s: float = 30.0  # and its body within this (408)
+    # Admission: while the p95 server-side latency of real-time streams over the last 2 s exceeds this, new streams
+    # get 1013 and /classify 503, both with a retry hint (0: admit everything).
+    admit_latency_ms: float = 100.0
 
     @classmethod
     def from_env(cls, env: os._Environ | dict | None = None) -> "Settings":
@@ -42,4 +45,5 @@ class Settings:
             cors_origins=tuple(o.strip() for o in origins.split(",") if o.strip()),
             header_timeout_s=float(env.get("MSSSM_HEADER_TIMEOUT_S", cls.header_timeout_s)),
             body_timeout_s=float(env.get("MSSSM_BODY_TIMEOUT_S", cls.body_timeout_s)),
+            admit_latency_ms=float(env.get("MSSSM_ADMIT_LATENCY_MS", cls.admit_latency_ms)),
         )

@@ -30,6 +30,7 @@ from .signals import (InvalidJSON, InvalidSignal, encode_json, parse_binary_form
 UNSUPPORTED, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1003, 1007, 1008, 1009, 1011, 1013
 NORMAL, GOING_AWAY = 1000, 1001
 SENDER_DRAIN_S = 5.0  # how long a closing connection may take to deliver what it still owes
+RETRY_AFTER_S = 2  # the hint given with a refusal for load: the admission window's length
 
 
 class StreamError(Exception):
@@ -64,7 +65,12 @@ class StreamHub:
             return await conn.refuse(Close(TRY_LATER, "server draining for a restart; connect again (another replica "
                                                       "takes the stream)"))
         if len(self.connections) >= self.settings.max_streams:
-            return await conn.refuse(Close(TRY_LATER, "server full, try later"))
+            return await conn.refuse(Close(TRY_LATER, "server full, try later"), retry_after_s=RETRY_AFTER_S)
+        loaded = [(m.name, p95) for m in self.models.values() if (p95 := m.batcher.overloaded()) is not None]
+        if loaded:
+            name, p95 = loaded[0]
+            return await conn.refuse(Close(TRY_LATER, f"server at its latency bound (model {name}: p95 "
+                                                      f"{p95 * 1e3:.0f} ms), try later"), retry_after_s=RETRY_AFTER_S)
         self.connections.add(conn)
         self.metrics.active_streams.set(len(self.connections))
         try:
@@ -111,9 +117,10 @@ class Connection:
     def send(self, item: dict | Close) -> None:
         self.outbox.put_nowait(item)
 
-    async def refuse(self, close: Close) -> None:
+    async def refuse(self, close: Close, retry_after_s: float | None = None) -> None:
         self.hub.metrics.stream_closes.labels(str(close.code)).inc()
-        await self.ws.send_json({"type": "error", "detail": close.detail})
+        hint = {} if retry_after_s is None else {"retry_after_s": retry_after_s}
+        await self.ws.send_json({"type": "error", "detail": close.detail, **hint})
         await self.ws.close(close.code, close_reason(close.detail))
 
     async def run(self) -> None:

@@ -226,3 +226,32 @@ def test_finding_8_a_burst_waits_behind_streams_that_keep_real_time(model, recor
     assert all(s in taken for s in steady), "every real-time stream is in the first turn"
     assert sum(len(seg) for _, seg in jobs) <= SAMPLES_PER_TURN + 4 * 25
     assert taken[: len(steady)] == steady
+
+
+def test_past_its_latency_bound_the_server_refuses_new_work_with_a_retry_hint(model_dir, records):
+    """Admission: while the recent p95 latency of real-time streams exceeds the bound, a new stream gets an error
+    with `retry_after_s` and close 1013, /classify 503 with Retry-After; streams already open are served on, and
+    below the bound everything is admitted again."""
+    import time as time_
+
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    with TestClient(create_app(Settings(model_dir=model_dir, admit_latency_ms=50))) as client:
+        batcher = client.app.state.batcher
+        with client.websocket_connect("/stream") as open_stream:
+            now = time_.monotonic()
+            for _ in range(40):  # what the batcher records when its real-time streams wait 0.2 s
+                batcher.latency.add(now, 0.2)
+            refused = client.websocket_connect("/stream")
+            with refused as ws:
+                message = ws.receive_json()
+            assert "latency bound" in message["detail"] and message["retry_after_s"] == 2
+            r = client.post("/classify", json={"signal": records[0][:200].tolist()})
+            assert r.status_code == 503 and r.headers["Retry-After"] == "2" and "latency bound" in r.json()["detail"]
+            open_stream.send_bytes(records[0][:50].astype("<f4").tobytes())  # the open stream goes on
+            assert open_stream.receive_json()["type"] == "prediction"
+            batcher.latency = type(batcher.latency)()  # the window moved on: latencies back under the bound
+            assert client.post("/classify", json={"signal": records[0][:200].tolist()}).status_code == 200
