@@ -24,12 +24,41 @@ def signal_cache_outside_the_fixture(tmp_path, monkeypatch):
     monkeypatch.setenv("MSSSM_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def fit(*args, env=None, check=True):
-    cmd = [sys.executable, str(ROOT / "training" / "fit.py"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+def fit(*args, env=None, check=True, cli=False):
+    """fit.py's main in this process (no interpreter and torch start-up per run); `cli`: the real command, a child
+    process (kept for what only a process shows: exit codes, tracebacks, torchrun)."""
+    if cli:
+        cmd = [sys.executable, str(ROOT / "training" / "fit.py"), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    else:
+        proc = in_process(list(args), env or {})
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def in_process(argv: list[str], env: dict):
+    import contextlib
+    import io
+    import types
+
+    from msssm_serve.training import fit as fit_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_argv = dict(os.environ), sys.argv
+    os.environ.update(env)
+    sys.argv = ["training/fit.py", *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = fit_cli.main(argv)
+            except SystemExit as exit_:  # argparse
+                code = exit_.code if isinstance(exit_.code, int) else 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def ptbxl_args(out, *extra):
@@ -39,7 +68,7 @@ def ptbxl_args(out, *extra):
 
 def test_two_step_run_writes_a_loadable_checkpoint_then_resume_continues(tmp_path):
     out = tmp_path / "run"
-    fit(*ptbxl_args(out, "--epochs", "1", "--steps-per-epoch", "2"))
+    fit(*ptbxl_args(out, "--epochs", "1", "--steps-per-epoch", "2"), cli=True)  # the real command, once
     model, meta, _ = load_checkpoint(out / "checkpoint.pt")
     assert meta["labels"] == ["CD", "HYP", "MI", "NORM", "STTC"]
     assert meta["window"] == 1000 and meta["sample_rate"] == 100 and len(meta["leads"]) == 12
