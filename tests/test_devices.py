@@ -272,3 +272,28 @@ def test_classify_flags_a_signal_below_the_documented_minimum(server, records):
     assert r.status_code == 200 and r.json()["too_short"] is True and "minimum of 100" in r.json()["warning"]
     r = post_json(server.url, records[0][:100])
     assert r.json()["too_short"] is False and "warning" not in r.json()
+
+
+# --- the bundled models --------------------------------------------------------------------------------------------
+def test_the_bundled_rhythm_model_takes_lead_subsets_and_tells_sinus_rhythm_apart():
+    """models/rhythm on the real fixture records (of every fold; a behaviour check, not its validation figure):
+    sinus rhythm is ranked above the other rhythms from 12 leads, from I + II and from lead II alone."""
+    import csv
+
+    import wfdb
+    from sklearn.metrics import roc_auc_score
+
+    from conftest import RECORDS, REPO_ROOT
+
+    model = OnnxModel(REPO_ROOT / "models/rhythm", threads=1)
+    assert model.lead_subsets and model.sample_rate == 100 and "SR" in model.labels
+    with open(REPO_ROOT / "tests/fixtures/ptbxl/labels/rhythm.csv") as f:
+        table = {row["filename_lr"].split("/")[-1]: row for row in csv.DictReader(f)}
+    chosen = [p for p in RECORDS if p.stem in table]
+    sinus = np.array([table[p.stem]["SR"] == "1" for p in chosen])
+    x = np.stack([wfdb.rdsamp(str(p.with_suffix("")))[0] for p in chosen]).astype(np.float32)
+    assert sinus.sum() >= 10 and (~sinus).sum() >= 2  # 29 in sinus rhythm, SBRAD and one other
+    sr = model.labels.index("SR")
+    for keep in (list(range(12)), [0, 1], [1]):
+        scores = np.array([model.classify(with_only(r, keep))["probabilities"][sr] for r in x])
+        assert roc_auc_score(sinus, scores) > 0.7 and (scores[sinus] > 0.5).mean() > 0.8, (keep, scores)
