@@ -327,3 +327,24 @@ def test_evaluate_refuses_a_model_of_another_sample_rate(model_dir, tmp_path):
     assert "runs at 100 Hz" in proc.stderr, proc.stderr[-2000:]
 
 
+
+
+def test_table3_trains_each_label_set_and_prints_it_beside_the_paper(tmp_path):
+    import contextlib
+    import io
+
+    from benchmarks.table3 import main as table3
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        assert table3(["--data-dir", str(FIXTURE), "--out", str(tmp_path), "--label-sets", "superdiagnostic,rhythm",
+                       "--", *TINY, "--epochs", "1", "--steps-per-epoch", "1"]) == 0
+    rows = [line for line in printed.getvalue().splitlines() if line.startswith("| superdiagnostic") or
+            line.startswith("| rhythm")]
+    assert len(rows) == 2 and "0.935" in rows[0] and "0.979" in rows[1]
+    assert (tmp_path / "rhythm" / "metrics.json").is_file()
+    # a second call reads the finished runs instead of training again
+    again = io.StringIO()
+    with contextlib.redirect_stdout(again):
+        table3(["--data-dir", str(FIXTURE), "--out", str(tmp_path), "--label-sets", "rhythm"])
+    assert rows[1] in again.getvalue()
