@@ -30,9 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from msssm_serve.training.ptbxl import TRAIN_FOLDS  # noqa: E402
+from msssm_serve.training.ptbxl import TRAIN_FOLDS
 
 
 def write_subset(labels_csv: Path, k: int, out: Path) -> None:

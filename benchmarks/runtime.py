@@ -17,16 +17,14 @@ Prints, from one run on this machine:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from msssm_serve.runtime import OnnxModel  # noqa: E402
+from msssm_serve.runtime import OnnxModel
 
 
 def best_seconds(fn, min_time: float = 0.5, max_runs: int = 50) -> float:

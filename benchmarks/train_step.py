@@ -9,17 +9,14 @@ All variants run in one process on the same weights and input; ratios are what t
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from msssm_serve import selective  # noqa: E402
-from msssm_serve.config import ModelConfig  # noqa: E402
-from msssm_serve.model import MSSSMClassifier  # noqa: E402
+from msssm_serve import selective
+from msssm_serve.config import ModelConfig
+from msssm_serve.model import MSSSMClassifier
 
 
 def step_seconds(model, x, scan: str, repeats: int) -> float:

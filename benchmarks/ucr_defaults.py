@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from msssm_serve.training.ptbxl import LEADS, load_labels, load_signals  # noqa: E402
+from msssm_serve.training.ptbxl import LEADS, load_labels, load_signals
 
 
 def write_split(path: Path, x: np.ndarray, y: np.ndarray) -> None:

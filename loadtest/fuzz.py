@@ -29,8 +29,7 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from streams import load_records  # noqa: E402
+from streams import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -262,7 +261,7 @@ def main(argv=None) -> int:
                         "reading may hold its slot")
     args = p.parse_args(argv)
 
-    from server.launcher import LocalServer  # on the path through streams
+    from msssm_serve.server.launcher import LocalServer  # on the path through streams
 
     max_frame_bytes = 1024 * 1024
     server = None

@@ -15,12 +15,10 @@ import asyncio
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from streams import SAMPLE_RATE, Server, environment, fmt, load_records, server_arguments, tree_cpu_rss, write_results  # noqa: E402
+from streams import SAMPLE_RATE, Server, environment, fmt, load_records, server_arguments, tree_cpu_rss, write_results
 
 
 def rss_mb(server: Server) -> float:

@@ -10,15 +10,13 @@ failures, server CPU% and RSS) next to locust's own CSVs (…_stats.csv, …_fai
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from streams import REPO_ROOT, RESULTS_DIR, Sampler, Server, environment, server_arguments, write_results  # noqa: E402
+from streams import REPO_ROOT, RESULTS_DIR, Sampler, Server, environment, server_arguments, write_results
 
 
 def parse_duration(text: str) -> float:

@@ -12,16 +12,13 @@ first minute to the end (goal < 50 MB), total failures (goal 0). Writes loadtest
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from streams import Sampler, Server, StreamRun, environment, fmt, load_records, server_arguments, write_results  # noqa: E402
+from streams import Sampler, Server, StreamRun, environment, fmt, load_records, server_arguments, write_results
 
 
 class Timed(list):

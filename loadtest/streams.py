@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from server.launcher import LocalServer  # noqa: E402
+from msssm_serve.server.launcher import LocalServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "loadtest" / "results"

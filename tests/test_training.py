@@ -174,7 +174,6 @@ def test_ucr_task_writes_test_metrics(tmp_path):
 
 def test_ucr_defaults_learn_a_small_set_without_flags(tmp_path):
     """~100-series UCR sets must train with the defaults alone: small batches, enough steps, a short-run average."""
-    sys.path.insert(0, str(ROOT))
     from msssm_serve.training.fit import parse_args
 
     defaults = parse_args(["--task", "ucr", "--data-dir", "x"])
@@ -250,7 +249,6 @@ def test_evaluate_model_dir_and_checkpoint_agree(tmp_path, model_dir):
 
 
 def test_augment_scales_each_record_within_bounds_and_adds_noise():
-    sys.path.insert(0, str(ROOT))
     from msssm_serve.training.augment import augment
 
     rng = np.random.default_rng(0)
@@ -267,7 +265,6 @@ def test_augment_scales_each_record_within_bounds_and_adds_noise():
 
 
 def test_supervised_steps_picks_the_last_step_or_every_step_from_n():
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from msssm_serve.training.loop import supervised_steps
@@ -284,7 +281,6 @@ def test_supervise_from_trains(tmp_path):
 
 
 def test_bootstrap_leaves_out_single_valued_classes_and_never_draws_for_ever():
-    sys.path.insert(0, str(ROOT))
     from msssm_serve.training.metrics import bootstrap_macro_auroc, macro_auroc
 
     rng = np.random.default_rng(0)

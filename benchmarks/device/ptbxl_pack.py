@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import lzma
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from msssm_serve.training import ptbxl  # noqa: E402
+from msssm_serve.training import ptbxl
 
 GAIN = 1000  # PTB-XL stores microvolts: physical mV = digital / 1000
 
