@@ -111,6 +111,8 @@ class Connection:
         self.n_channels = 0  # columns of the client's frames
         self.dtype, self.gain = "float32", 1.0  # how its binary frames are to be read (the config may say int16)
         self.config: dict = {}  # the stream's config message, as given (a snapshot carries it)
+        self._since_snapshot = 0  # device samples received since the last unprompted snapshot
+        self._device_per_model = 1.0  # device samples per model-rate sample
         # What the sender is to write, in order; once the stream exists its session adds predictions to it.
         self.outbox: asyncio.Queue = asyncio.Queue()
 
@@ -236,6 +238,12 @@ class Connection:
             if isinstance(hop, bool) or not isinstance(hop, int) or not 1 <= hop <= model.window:
                 raise StreamError(INVALID_DATA, f"'hop' must be an integer in 1..{model.window}, got {hop!r}")
         self.n_channels = maps[0].n_given
+        every = config.get("snapshot_every")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1
+                                  or len(served) != 1):
+            raise StreamError(INVALID_DATA, f"'snapshot_every' must be a positive number of hops, for a one-model "
+                                            f"stream; got {every!r}")
+        self._device_per_model = resamplers[0].down / resamplers[0].up if not resamplers[0].identity else 1.0
         try:
             self.dtype, self.gain = parse_binary_format(config.get("dtype"), config.get("gain"))
         except InvalidSignal as err:
@@ -270,8 +278,8 @@ class Connection:
         if not resampler.identity:
             arrays["resampler_history"] = resampler._history
         header = {"model": route.served.name, "version": snapshot.model_version(model),
-                  "config": {k: self.config[k] for k in ("sample_rate", "leads", "hop", "dtype", "gain")
-                             if k in self.config},
+                  "config": {k: self.config[k] for k in ("sample_rate", "leads", "hop", "dtype", "gain",
+                                                         "snapshot_every") if k in self.config},
                   "window": stream.window_index, "t": stream.t, "last_made": stream._last_made,
                   "resampler": [resampler._n_in, resampler._n_out] if not resampler.identity else None}
         token = snapshot.seal(header, arrays, snapshot.server_secret())
@@ -363,6 +371,13 @@ class Connection:
     async def _feed(self, samples: np.ndarray) -> None:
         for route in self.routes:
             await route.session.feed(route.model_samples(samples), stall_timeout_s=self.hub.settings.idle_timeout_s)
+        every = self.config.get("snapshot_every")
+        if every is not None and len(self.routes) == 1:
+            # asked for in the config: a snapshot every `every` hops of samples received, unprompted
+            self._since_snapshot += len(samples)
+            if self._since_snapshot >= every * self.routes[0].session.stream.hop * self._device_per_model:
+                self._since_snapshot = 0
+                self.send(await self._snapshot())
 
     # --- sending ------------------------------------------------------------------------------------------------
     async def _send_loop(self) -> None:

@@ -175,3 +175,20 @@ def test_the_client_helper_survives_a_killed_replica_with_every_prediction_uncha
     assert [(m["window"], m["t"]) for m in got] == [(m["window"], m["t"]) for m in reference]
     for m, r in zip(got, reference):
         np.testing.assert_allclose(m["probabilities"], r["probabilities"], atol=1e-4)
+
+
+def test_a_stream_can_ask_for_a_snapshot_every_n_hops(resume_server, records):
+    async def run():
+        async with connect(resume_server.ws_url, max_size=None) as ws:
+            await ws.send(json.dumps({"hop": 50, "snapshot_every": 4}))
+            await ws.recv()
+            for start in range(0, 1000, 100):
+                await ws.send(records[0][start : start + 100].astype("<f4").tobytes())
+            messages = [json.loads(await asyncio.wait_for(ws.recv(), 30)) for _ in range(20 + 5)]
+        return messages
+
+    messages = asyncio.run(run())
+    snaps = [m for m in messages if m["type"] == "snapshot"]
+    assert len(snaps) == 5 and all(m["token"] for m in snaps)  # every 200 samples of the 1,000 sent
+    received, code = asyncio.run(closing(resume_server.ws_url, [json.dumps({"hop": 50, "snapshot_every": 0})]))
+    assert code == 1007 and "snapshot_every" in received[-1]["detail"]
