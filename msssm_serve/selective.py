@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -88,6 +89,8 @@ def _load_extension():
             # (-ffast-math, for glibc's vector exp, measured slower here: 1.88 s vs 1.60 s per benchmark step.)
             cflags = ["-O3", "-fopenmp", "-march=native"]
             digest = hashlib.sha256(source.read_bytes() + " ".join(cflags).encode()).hexdigest()[:10]
+            print("loading the fused CPU scan kernel (compiled on first use, ~30 s; then cached by torch)",
+                  file=sys.stderr, flush=True)
             _extension = load(
                 name=f"msssm_selective_scan_{digest}",
                 sources=[str(source)],
