@@ -61,6 +61,14 @@ class WindowResampler:
         self._n_in = 0  # device samples of this window taken
         self._n_out = 0  # model samples of this window given out
 
+    def carry(self) -> tuple[np.ndarray, int, int] | None:
+        """What it carries between frames (the last inputs, samples in and out of this window); None: identity."""
+        return None if self.identity else (self._history.copy(), self._n_in, self._n_out)
+
+    def restore(self, history: np.ndarray, n_in: int, n_out: int) -> None:
+        """Continue from a `carry()` of a resampler of the same rates, window and channels (checked by the caller)."""
+        self._history, self._n_in, self._n_out = history, n_in, n_out
+
     def push(self, x: np.ndarray) -> np.ndarray:
         """x [T, C] float32 at the device rate -> [T', C] float32 at the model rate (T' may be 0)."""
         if self.identity:

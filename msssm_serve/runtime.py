@@ -303,6 +303,21 @@ class Stream:
                 out += self._advance(n)
         return out
 
+    # --- its whole state, for a snapshot -------------------------------------------------------------------------
+    def position(self) -> dict:
+        """Everything but the model state that the stream carries: where it is, what it holds, what it last said."""
+        return {"window": self.window_index, "t": self.t, "pending": self._pending[: self.pending].copy(),
+                "last": None if self._last is None else np.asarray(self._last, np.float32),
+                "last_made": self._last_made}
+
+    def restore(self, state: StreamState, window: int, t: int, pending: np.ndarray, last: np.ndarray | None,
+                last_made: tuple[int, int] | None) -> None:
+        """Continue from a `position()` and state taken from a stream of the same model (checked by the caller)."""
+        self.state, self.window_index, self.t = state, window, t
+        self._last, self._last_made = last, last_made
+        self.pending = 0
+        self.feed(pending)
+
     def flush_prediction(self) -> Prediction | None:
         """The prediction of the current partial window at its current t (call once nothing is pending), unless
         there is none (t == 0) or it was the last one made (a flush on a hop boundary repeats nothing)."""

@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hub = getattr(request.app.state, "hub", None)
         if hub is not None and hub.draining:  # a load balancer stops sending new streams here
             return JSONResponse({"status": "draining"}, 503)
-        if not models or not all(served.batcher.running for served in models.values()):
+        if not registry.all_running(models):
             return JSONResponse({"status": "not ready"}, 503)
         return {"status": "ready"}
 
@@ -147,13 +147,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _served(request: Request) -> registry.ServedModel:
     """The model `?model=NAME` names (404 listing the others when it names none), else the default."""
-    models = request.app.state.models
     name = request.query_params.get("model")
-    if name is None:
-        return request.app.state.default
-    if name not in models:
-        raise HTTPException(404, f"no model named {name!r}; this server holds {sorted(models)} (GET /models)")
-    return models[name]
+    return request.app.state.default if name is None else registry.served_model(request.app.state.models, name)
 
 
 def _close_streams_on_sigterm(hub: StreamHub):

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from msssm_serve.leads import LeadError, LeadMap, parse_lead_list
 
 from .classify import classify_signal, read_body
-from .registry import ServedModel
+from .registry import ServedModel, all_running, served_model
 from .signals import InvalidSignal, checked, parse_sample_rate
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -38,14 +38,10 @@ def install(app, settings, metrics) -> None:
     router = app  # routes registered on the app itself, so that each is an ordinary route with its path
 
     def served_or_404(request: Request, name: str) -> ServedModel:
-        models = request.app.state.models
-        if name not in models:
-            raise HTTPException(404, f"no model named {name!r}; this server holds {sorted(models)}")
-        return models[name]
+        return served_model(request.app.state.models, name)
 
     def ready(request: Request) -> bool:
-        models = getattr(request.app.state, "models", None)
-        return bool(models) and all(m.batcher.running for m in models.values())
+        return all_running(getattr(request.app.state, "models", None))
 
     @router.get("/v2/health/live")
     async def live():

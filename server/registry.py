@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastapi import HTTPException
+
 from msssm_serve.runtime import ModelDirError, OnnxModel
 
 from .batcher import Batcher
@@ -26,6 +28,18 @@ class ServedModel:
                 "multi_label": m.multi_label, "leads": m.leads, "lead_subsets": m.lead_subsets,
                 "sample_rate": m.sample_rate, "window": m.window, "default_hop": m.default_hop,
                 "state_bytes": m.state_bytes, "validation": validation_summary(m.meta)}
+
+
+def served_model(models: dict[str, ServedModel], name: str) -> ServedModel:
+    """The model called `name`; HTTP 404 naming those the server holds."""
+    if name not in models:
+        raise HTTPException(404, f"no model named {name!r}; this server holds {sorted(models)} (GET /models)")
+    return models[name]
+
+
+def all_running(models: dict[str, ServedModel] | None) -> bool:
+    """Every model's batcher is running: the server is ready."""
+    return bool(models) and all(m.batcher.running for m in models.values())
 
 
 def validation_summary(meta: dict) -> dict | None:

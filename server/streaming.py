@@ -271,20 +271,21 @@ class Connection:
         route = self.routes[0]
         await route.session.settled(self.hub.settings.idle_timeout_s)
         stream, resampler, model = route.session.stream, route.resampler, route.served.model
+        position, carry = stream.position(), resampler.carry()
         arrays = {f"state_{i}": s[0] for i, s in enumerate(stream.state)}
-        arrays["pending"] = stream._pending[: stream.pending].copy()
-        if stream._last is not None:
-            arrays["last"] = np.asarray(stream._last, np.float32)
-        if not resampler.identity:
-            arrays["resampler_history"] = resampler._history
+        arrays["pending"] = position["pending"]
+        if position["last"] is not None:
+            arrays["last"] = position["last"]
+        if carry is not None:
+            arrays["resampler_history"] = carry[0]
         header = {"model": route.served.name, "version": snapshot.model_version(model),
                   "config": {k: self.config[k] for k in ("sample_rate", "leads", "hop", "dtype", "gain",
                                                          "snapshot_every") if k in self.config},
-                  "window": stream.window_index, "t": stream.t, "last_made": stream._last_made,
-                  "resampler": [resampler._n_in, resampler._n_out] if not resampler.identity else None}
+                  "window": position["window"], "t": position["t"], "last_made": position["last_made"],
+                  "resampler": None if carry is None else list(carry[1:])}
         token = snapshot.seal(header, arrays, snapshot.server_secret())
-        return {"type": "snapshot", "token": token, "window": stream.window_index, "t": stream.t,
-                "pending": int(stream.pending)}
+        return {"type": "snapshot", "token": token, "window": position["window"], "t": position["t"],
+                "pending": len(position["pending"])}
 
     def _resume(self, body: dict) -> None:
         try:
@@ -326,15 +327,12 @@ class Connection:
                                                                             for c in counts)
                     and counts[0] < resampler.device_window and counts[1] <= model.window):
                 raise snapshot.BadToken(1007, "the resume token's resampler position is out of range")
-            resampler._history = snapshot.checked_array(arrays, "resampler_history", resampler._history.shape,
-                                                        dtype=np.float64)
-            resampler._n_in, resampler._n_out = counts
+            history = resampler.carry()[0]
+            resampler.restore(snapshot.checked_array(arrays, "resampler_history", history.shape, dtype=history.dtype),
+                              *counts)
         last_made = header.get("last_made")
-        stream.state = [s[None] for s in state]
-        stream.window_index, stream.t = window, t
-        stream._last = last
-        stream._last_made = tuple(last_made) if isinstance(last_made, list) and len(last_made) == 2 else None
-        stream.feed(pending)
+        stream.restore([s[None] for s in state], window, t, pending, last,
+                       tuple(last_made) if isinstance(last_made, list) and len(last_made) == 2 else None)
         if stream.pending:
             route.served.batcher.notify(route.session)
 
