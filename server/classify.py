@@ -71,15 +71,15 @@ def read_signal(model: OnnxModel, body: bytes, request: Request):
     query_rate = invalid_to_422(lambda: parse_sample_rate(query.get("sample_rate"), model.sample_rate))
     query_leads = parse_lead_list(query.get("leads"))
     dtype, gain = invalid_to_422(lambda: parse_binary_format(query.get("dtype"), query.get("gain")))
-    if query_leads is not None:
-        invalid_to_422(lambda: LeadMap(query_leads, model.leads, model.lead_subsets))
+    # checked even when a JSON body names its own leads: every query value is
+    query_map = invalid_to_422(lambda: LeadMap(query_leads, model.leads, model.lead_subsets))
     channels = query.get("channels")
     if channels is not None and (not channels.isdigit() or not 1 <= int(channels) <= model.n_channels):
         raise HTTPException(422, f"?channels= must be the number of leads sent (1..{model.n_channels}), "
                                  f"got {channels!r}")
     if content_type == "application/octet-stream":
-        leads, rate = query_leads, query_rate
-        n_channels = len(leads) if leads else model.n_channels
+        leads, rate, lead_map = query_leads, query_rate, query_map
+        n_channels = lead_map.n_given
         if channels is None:
             raise HTTPException(422, f"binary bodies need ?channels={n_channels} (the number of leads sent)")
         if int(channels) != n_channels:
@@ -115,7 +115,6 @@ def read_signal(model: OnnxModel, body: bytes, request: Request):
             if "sample_rate" in payload else query_rate
     else:
         raise HTTPException(415, "send application/json or application/octet-stream (float32 LE, ?channels=C)")
-    lead_map = invalid_to_422(lambda: LeadMap(leads, model.leads, model.lead_subsets))
     return signal_, lead_map, rate
 
 
