@@ -66,6 +66,10 @@ def model_card(desc: dict) -> str:
         f"- ONNX Runtime streaming vs its own whole-window run: sample by sample "
         f"{parity['onnxruntime_consistency']['sample_by_sample']:.3g}, random chunks "
         f"{parity['onnxruntime_consistency']['random_chunks']:.3g}",
+        *([f"- scale-mixer weights (output `scale_weights`, scales {', '.join(desc['scale_weights']['scales'])}), "
+           "relative to their largest magnitude: "
+           + ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in parity["scale_weights"].items() if k != "relative_to")]
+          if "scale_weights" in parity else []),
         "",
         f"ONNX opset {desc['onnx']['opset']}, {desc['onnx']['exporter']}; `model.onnx` sha256 {desc['onnx']['sha256']}.",
         "",

@@ -33,6 +33,7 @@ import torch
 import msssm_serve
 from msssm_serve.checkpoint import CheckpointError, load_checkpoint
 from msssm_serve.model import MSSSMClassifier, StreamingGraph
+from msssm_serve.runtime import SCALE_WEIGHT_SUMMARY
 from msssm_serve.export.card import model_card
 from msssm_serve.export.meta import jsonable as _jsonable
 from msssm_serve.export.lowering import expand_softplus, lower_selective_scans
@@ -53,7 +54,13 @@ class ExportError(Exception):
 # --- the graph -----------------------------------------------------------------------------------------------------
 def _io_names(model: MSSSMClassifier) -> tuple[list[str], list[str]]:
     states = [name for name, _ in model.state_spec()]
-    return ["x", *states], ["probabilities", *[f"{name}_out" for name in states]]
+    scale_weights = ["scale_weights"] if model.cfg.n_scales > 0 else []  # see StreamingGraph
+    return ["x", *states], ["probabilities", *[f"{name}_out" for name in states], *scale_weights]
+
+
+def scale_names(n_scales: int) -> list[str]:
+    """The scale mixer's sequences, in the order of its weights: the raw input, details 1..S, the coarse trend."""
+    return ["raw", *(f"detail {s}" for s in range(1, n_scales + 1)), "coarse"]
 
 
 def _trace(model: MSSSMClassifier, path: Path, opset: int) -> None:
@@ -61,8 +68,9 @@ def _trace(model: MSSSMClassifier, path: Path, opset: int) -> None:
     ONNX Scan afterwards) in a second or two and keeps batch and T dynamic. (The dynamo exporter's own `scan`
     support failed on this model in torch 2.13 and takes ~40x longer to trace.)"""
     inputs, outputs = _io_names(model)
-    dynamic_axes = {"x": {0: "batch", 1: "T"}, "probabilities": {0: "batch", 1: "T"}}
-    dynamic_axes.update({name: {0: "batch"} for name in inputs[1:] + outputs[1:]})
+    per_step = {"x", "probabilities", "scale_weights"}
+    dynamic_axes = {name: {0: "batch", 1: "T"} for name in inputs + outputs if name in per_step}
+    dynamic_axes.update({name: {0: "batch"} for name in inputs + outputs if name not in per_step})
     # An odd T, neither 1 nor a multiple of the scan block, so no padding or slicing can be traced away as a no-op.
     example = (torch.zeros(2, 37, model.cfg.n_channels), *model.zero_state(2))
     with warnings.catch_warnings():
@@ -83,11 +91,14 @@ def _trace(model: MSSSMClassifier, path: Path, opset: int) -> None:
 
 def _declare_output_shapes(graph_model: onnx.ModelProto, model: MSSSMClassifier) -> None:
     """The tracer cannot see through the scan placeholders, so it leaves the outputs' fixed dims symbolic: the
-    classes of `probabilities` and every non-batch dim of the new states. They are constants, so say so."""
+    classes of `probabilities`, the layers and scales of `scale_weights` and every non-batch dim of the new states.
+    They are constants, so say so."""
+    cfg = model.cfg
     shapes = {f"{name}_out": shape for name, shape in model.state_spec()}
+    per_step = {"probabilities": {2: cfg.n_classes}, "scale_weights": {2: cfg.n_layers, 3: cfg.n_ssm}}
     for output in graph_model.graph.output:
         dims = output.type.tensor_type.shape.dim
-        fixed = {2: model.cfg.n_classes} if output.name == "probabilities" else dict(enumerate(shapes.get(output.name, ()), 1))
+        fixed = per_step.get(output.name) or dict(enumerate(shapes.get(output.name, ()), 1))
         for axis, size in fixed.items():
             dims[axis].Clear()
             dims[axis].dim_value = size
@@ -108,26 +119,34 @@ def parity_schedules(length: int) -> dict[str, list[int]]:
     return {"whole_window": [length], "sample_by_sample": [1] * length, "random_chunks": _random_chunks(length)}
 
 
-def _run_torch(model: MSSSMClassifier, windows: torch.Tensor, chunks: list[int]) -> np.ndarray:
+def _run_torch(model: MSSSMClassifier, windows: torch.Tensor, chunks: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """-> (probabilities [n, T, K], scale-mixer weights [n, T, layers, S+2] or None), fed in `chunks`."""
     state = model.zero_state(windows.shape[0])
-    pieces, start = [], 0
+    pieces, weight_pieces, start = [], [], 0
     with torch.no_grad():
         for size in chunks:
-            probs, state = model.advance(windows[:, start : start + size], state)
+            probs, state, weights = model.advance(windows[:, start : start + size], state, scale_weights=True)
             pieces.append(probs)
+            weight_pieces.append(weights)
             start += size
-    return torch.cat(pieces, dim=1).numpy()
+    weights = None if weight_pieces[0] is None else torch.cat(weight_pieces, dim=1).numpy()
+    return torch.cat(pieces, dim=1).numpy(), weights
 
 
 def _run_onnx(session: ort.InferenceSession, model: MSSSMClassifier, windows: np.ndarray, chunks: list[int]):
-    inputs, _ = _io_names(model)
+    """As `_run_torch`, by the exported graph."""
+    inputs, outputs = _io_names(model)
+    n_state = len(inputs) - 1
     state = [s.numpy() for s in model.zero_state(windows.shape[0])]
-    pieces, start = [], 0
+    pieces, weight_pieces, start = [], [], 0
     for size in chunks:
-        probs, *state = session.run(None, {"x": windows[:, start : start + size], **dict(zip(inputs[1:], state))})
+        probs, *rest = session.run(outputs, {"x": windows[:, start : start + size], **dict(zip(inputs[1:], state))})
+        state, weights = rest[:n_state], rest[n_state:]
         pieces.append(probs)
+        weight_pieces.append(weights[0] if weights else None)
         start += size
-    return np.concatenate(pieces, axis=1)
+    weights = None if weight_pieces[0] is None else np.concatenate(weight_pieces, axis=1)
+    return np.concatenate(pieces, axis=1), weights
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -149,14 +168,21 @@ def _one_thread():
 
 
 def check_parity(model: MSSSMClassifier, onnx_path: Path, windows: torch.Tensor) -> dict:
-    """Max abs probability difference over every step, ONNX Runtime vs eager `advance` fed the same chunks."""
+    """Max abs probability difference over every step, ONNX Runtime vs eager `advance` fed the same chunks (and the
+    same for the scale mixer's weights, in `scale_weights`)."""
     session = _session(onnx_path)
     length = windows.shape[1]
-    parity, onnx_runs = {}, {}
+    parity, onnx_runs, weight_parity = {}, {}, {}
     with _one_thread():
         for kind, chunks in parity_schedules(length).items():
-            onnx_runs[kind] = _run_onnx(session, model, windows.numpy(), chunks)
-            parity[kind] = float(np.abs(onnx_runs[kind] - _run_torch(model, windows, chunks)).max())
+            onnx_runs[kind], onnx_weights = _run_onnx(session, model, windows.numpy(), chunks)
+            torch_probs, torch_weights = _run_torch(model, windows, chunks)
+            parity[kind] = float(np.abs(onnx_runs[kind] - torch_probs).max())
+            if torch_weights is not None:  # raw weights reach ~10: compared relative to their largest magnitude
+                scale = max(1.0, float(np.abs(torch_weights).max()))
+                weight_parity[kind] = float(np.abs(onnx_weights - torch_weights).max()) / scale
+    if weight_parity:
+        parity["scale_weights"] = {**weight_parity, "relative_to": "max(1, max |E|)"}
     # Streaming in any chunking should be the window classifier: ONNX Runtime against itself, recorded.
     whole = onnx_runs["whole_window"]
     parity["onnxruntime_consistency"] = {
@@ -223,6 +249,15 @@ def describe(model: MSSSMClassifier, meta: dict, name: str, parity: dict, onnx_i
         "max_chunk": model.cfg.max_chunk,
         "inputs": inputs,
         "outputs": outputs,
+        **({"scale_weights": {
+            "output": "scale_weights",
+            "shape": ["batch", "T", model.cfg.n_layers, model.cfg.n_ssm],
+            "layers": model.cfg.n_layers,
+            "scales": scale_names(model.cfg.n_scales),
+            "mixer": model.cfg.mixer,
+            "graph": "E_t of every layer's scale mixer (z_t = sum_s E_t[s] y_t[s]), per step, unnormalised",
+            "summary": SCALE_WEIGHT_SUMMARY,
+        }} if model.cfg.n_scales > 0 else {}),
         "config": model.cfg.to_dict(),
         "training": {k: v for k, v in meta.items() if k not in TOP_LEVEL_META and k != "parity_windows"},
         "validation": meta.get("validation"),
@@ -282,9 +317,12 @@ def export_model(checkpoint_path, out_dir, opset: int | None = None, name: str |
         progress(f"graph traced and lowered; checking parity on {len(windows)} real windows (whole, sample by "
                  "sample, random chunks)")
         parity = check_parity(model, onnx_path, windows)
-        failed = [k for k in ("whole_window", "sample_by_sample", "random_chunks") if not parity[k] <= TOLERANCE]
+        checked = {k: parity[k] for k in ("whole_window", "sample_by_sample", "random_chunks")}
+        checked.update({f"scale_weights {k}": v for k, v in parity.get("scale_weights", {}).items()
+                        if k != "relative_to"})
+        failed = {k: v for k, v in checked.items() if not v <= TOLERANCE}
         if failed:
-            figures = ", ".join(f"{k} {parity[k]:.3g}" for k in failed)
+            figures = ", ".join(f"{k} {v:.3g}" for k, v in failed.items())
             raise ExportError(f"exported graph disagrees with the checkpoint beyond {TOLERANCE:g}: {figures}")
 
         exporter = f"torch.onnx TorchScript exporter (dynamo=False), torch {torch.__version__}"
@@ -295,8 +333,8 @@ def export_model(checkpoint_path, out_dir, opset: int | None = None, name: str |
         onnx.save(graph_model, str(onnx_path))
         # Metadata does not touch the computation, but the file installed is the file checked: one last run of it.
         with _one_thread():
-            final = _run_onnx(_session(onnx_path), model, windows.numpy(), [windows.shape[1]])
-            reference = _run_torch(model, windows, [windows.shape[1]])
+            final = _run_onnx(_session(onnx_path), model, windows.numpy(), [windows.shape[1]])[0]
+            reference = _run_torch(model, windows, [windows.shape[1]])[0]
         if not float(np.abs(final - reference).max()) <= TOLERANCE:
             raise ExportError("model.onnx changed while its metadata was written")
 

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python loadtest/streams.py --model models/default [--workers 1] [--duration 30]
     PYTHONPATH=. python loadtest/streams.py --classify --model models/default [--workers 1] [--duration 30]
+    PYTHONPATH=. python loadtest/streams.py --model models/rhythm --sample-rate 360 --leads II,V1   # a Holter's stream
 
 Stream mode: one asyncio process runs N `websockets` clients. Each sends 25-sample binary float32 frames (one hop) at
 the real rate (100 Hz, i.e. a frame every 250 ms) taken from the PTB-XL fixture records (tiled, random start phase in
@@ -10,6 +11,11 @@ a hop to receiving that hop's prediction. For each N in a step search (then a bi
 first fail) it runs a warm-up, then `--duration` seconds of measurement, and records p50/p95/p99, failures (errors,
 closes, predictions missing), server CPU/RSS (server + worker processes) and the load generator's own pacing lag and CPU.
 A step passes when p99 < 100 ms, there are no failures and the generator kept its pacing (send-lag p99 < 50 ms).
+
+Device mode (`--sample-rate`, `--leads`): the same records resampled to the device's rate (scipy's resample_poly) and
+cut to the named leads, sent in frames of one hop at that rate (90 samples at 360 Hz); the server resamples them back.
+A hop's latency then runs from the frame after which the server's resampler holds the hop's last model-rate sample
+(its delay included: the config reply's `resampler_delay_s`), so it measures the server, not the filter's delay.
 
 Classify mode: open-loop POST /classify of real 10 s windows (JSON bodies per the contract, encoded once) at fixed
 rates; a rate passes when p99 < 200 ms with no failures and the generator kept its schedule.
@@ -32,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from msssm_serve.resample import WindowResampler
 from msssm_serve.server.launcher import LocalServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +46,7 @@ RESULTS_DIR = REPO_ROOT / "loadtest" / "results"
 RECORDS_DIR = REPO_ROOT / "tests" / "fixtures" / "ptbxl" / "records100"
 DEFAULT_MODEL = REPO_ROOT / "models" / "default"
 SAMPLE_RATE = 100
+PTBXL_LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]  # the records' columns
 
 
 # ----------------------------------------------------------------------------------------------------------------- helpers
@@ -195,6 +203,35 @@ def fmt(v, nd=1) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- stream mode
+class HopCounter:
+    """Which predictions (window, t) a stream's server can make once it holds a given number of device samples:
+    the hops whose last model-rate sample its resampler has given out (`msssm_serve.resample` counts them)."""
+
+    def __init__(self, window: int, hop: int, device_rate: float, model_rate: int):
+        self.window, self.hop = window, hop
+        self.resampler = WindowResampler(device_rate, model_rate, window, 1)
+
+    def available(self, n_device: int) -> tuple[int, int]:
+        """(window k, model samples of window k out) after n_device device samples of the stream."""
+        rs = self.resampler
+        k, n_in = divmod(n_device, rs.device_window)
+        if rs.identity:
+            return k, n_in
+        return k, max(0, min(self.window, (n_in * rs.up - 1 - rs.delay) // rs.down + 1)) if n_in else 0
+
+    def completed(self, before: int, after: int) -> list[tuple[int, int]]:
+        """Predictions that the device samples before..after complete: hop points and window ends."""
+        (k0, m0), (k1, m1) = self.available(before), self.available(after)
+        keys = []
+        for k in range(k0, k1 + 1):
+            lo = m0 if k == k0 else 0
+            hi = m1 if k == k1 else self.window
+            keys += [(k, t) for t in range((lo // self.hop + 1) * self.hop, hi + 1, self.hop) if t < self.window]
+            if k < k1:
+                keys.append((k, self.window))
+        return keys
+
+
 class StreamClient:
     """One paced real-time stream over `websockets`."""
 
@@ -212,11 +249,11 @@ class StreamClient:
             async with r.connect_sem:
                 self.ws = await websockets.connect(r.ws_url, max_size=2**22, ping_interval=None,
                                                    compression=None, open_timeout=30)
-                await self.ws.send(json.dumps({"hop": r.hop}))
+                await self.ws.send(json.dumps(r.config))
                 cfg = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
                 if cfg.get("type") != "config":
                     raise RuntimeError(f"unexpected first message {cfg}")
-                self.window, self.hop = int(cfg["window"]), int(cfg["hop"])
+                self.counter = HopCounter(int(cfg["window"]), int(cfg["hop"]), r.device_rate, int(cfg["sample_rate"]))
             r.connected += 1
             recv = asyncio.create_task(self.receiver())
             try:
@@ -237,7 +274,7 @@ class StreamClient:
     async def sender(self) -> None:
         r = self.run
         F = r.frame_samples
-        period = F / SAMPLE_RATE
+        period = F / r.device_rate
         # wait for every client to connect, then start at a random phase within one frame period
         await r.all_connected.wait()
         t_next = r.t_start + random.random() * period
@@ -256,14 +293,10 @@ class StreamClient:
             else:
                 frame = np.concatenate([self.signal[self.pos:], self.signal[:F - (n - self.pos)]])
             self.pos = (self.pos + F) % n
-            # hops this frame completes
+            # hops this frame completes: model-rate samples the server's resampler can give out after it
             before, after = self.sent_samples, self.sent_samples + F
-            W, H = self.window, self.hop
-            first = (before // H + 1) * H
             t_send = time.perf_counter()
-            for g in range(first, after + 1, H):
-                k, t = divmod(g, W)
-                key = (k - 1, W) if t == 0 else (k, t)
+            for key in self.counter.completed(before, after):
                 self.pending[key] = t_send
                 if r.measuring(now):
                     r.expected += 1
@@ -292,8 +325,10 @@ class StreamClient:
 
 
 class StreamRun:
-    def __init__(self, ws_url: str, n: int, frame_samples: int, hop: int, warmup: float, duration: float):
-        self.ws_url, self.n, self.frame_samples, self.hop = ws_url, n, frame_samples, hop
+    def __init__(self, ws_url: str, n: int, frame_samples: int, config: dict, device_rate: float, warmup: float,
+                 duration: float):
+        self.ws_url, self.n, self.frame_samples, self.config = ws_url, n, frame_samples, config
+        self.device_rate = device_rate
         self.warmup, self.duration = warmup, duration
         self.latency_ms: list[float] = []
         self.lag_ms: list[float] = []
@@ -347,7 +382,7 @@ class StreamRun:
                "send_lag_p50_ms": pct(self.lag_ms, 50), "send_lag_p99_ms": pct(self.lag_ms, 99),
                "send_lag_max_ms": float(max(self.lag_ms)) if self.lag_ms else None,
                "achieved_frames_per_s": round(len(self.lag_ms) / self.duration, 1),
-               "target_frames_per_s": round(self.n * SAMPLE_RATE / self.frame_samples, 1),
+               "target_frames_per_s": round(self.n * self.device_rate / self.frame_samples, 1),
                **sampler.window(m0, m1)}
         return res
 
@@ -357,9 +392,29 @@ def stream_pass(r: dict, p99_limit: float, lag_limit: float) -> bool:
             and r["send_lag_p99_ms"] is not None and r["send_lag_p99_ms"] < lag_limit)
 
 
+def device_signals(signals: list[np.ndarray], sample_rate: float | None, leads: str | None) -> list[np.ndarray]:
+    """The 100 Hz 12-lead records as a device would send them: resampled to `sample_rate`, cut to `leads`."""
+    from fractions import Fraction
+
+    from scipy.signal import resample_poly
+
+    from msssm_serve.leads import canonical
+
+    out = signals
+    if leads:
+        columns = [canonical(name) for name in leads.split(",")]
+        out = [s[:, [PTBXL_LEADS.index(c) for c in columns]] for s in out]
+    if sample_rate and sample_rate != SAMPLE_RATE:
+        ratio = (Fraction(sample_rate) / SAMPLE_RATE).limit_denominator(1000)
+        out = [resample_poly(s, ratio.numerator, ratio.denominator, axis=0).astype(np.float32) for s in out]
+    return out
+
+
 def run_streams(args) -> None:
     signals = [s for s in load_records()]
     tiled = [np.concatenate([signals[(i + j) % len(signals)] for j in range(6)]) for i in range(len(signals))]
+    tiled = device_signals(tiled, args.sample_rate, args.leads)
+    device_rate = args.sample_rate or SAMPLE_RATE
     steps = [int(x) for x in args.steps.split(",")]
     results: list[dict] = []
     server = Server(args.model, args.workers, extra=["--max-streams", str(max(steps) * 4)],
@@ -367,11 +422,18 @@ def run_streams(args) -> None:
     sampler = Sampler(server)
     print(f"server pid {server.process.pid} on {server.port}, workers {args.workers}", flush=True)
     hop = int(server.model_info.get("default_hop", 25))
+    config = {"hop": hop}
+    if args.sample_rate:
+        config["sample_rate"] = args.sample_rate
+    if args.leads:
+        config["leads"] = args.leads.split(",")
+    # one hop per frame at the device rate unless told otherwise
+    frame_samples = args.frame_samples or round(hop * device_rate / int(server.model_info["sample_rate"]))
     t_begin = time.monotonic()
 
     def one(n: int) -> dict:
         random.seed(n)
-        run = StreamRun(server.ws_url, n, args.frame_samples, hop, args.warmup, args.duration)
+        run = StreamRun(server.ws_url, n, frame_samples, config, device_rate, args.warmup, args.duration)
         r = asyncio.run(run.go(tiled, sampler))
         r["pass"] = stream_pass(r, args.p99_ms, args.lag_ms)
         results.append(r)
@@ -395,8 +457,8 @@ def run_streams(args) -> None:
         server.stop()
 
     data = {"mode": "streams", "model": str(args.model), "workers": args.workers,
-            "msssm_threads_env": os.environ.get("MSSSM_THREADS"), "frame_samples": args.frame_samples,
-            "hop": hop, "warmup_s": args.warmup, "duration_s": args.duration,
+            "msssm_threads_env": os.environ.get("MSSSM_THREADS"), "frame_samples": frame_samples,
+            "sample_rate": device_rate, "leads": config.get("leads", "all"), "hop": hop, "warmup_s": args.warmup, "duration_s": args.duration,
             "criteria": {"p99_ms_below": args.p99_ms, "failures": 0, "send_lag_p99_ms_below": args.lag_ms},
             "capacity_streams": last_pass, "first_failing_streams": first_fail,
             "capacity_note": ("no failing step found within the step list/time budget; capacity is at least this"
@@ -404,7 +466,8 @@ def run_streams(args) -> None:
             "environment": environment(), "steps": sorted(results, key=lambda r: r["streams"])}
     md = [f"# Real-time stream capacity (workers={args.workers}"
           + (f", MSSSM_THREADS={os.environ['MSSSM_THREADS']}" if os.environ.get("MSSSM_THREADS") else "") + ")\n",
-          f"Model `{args.model}`, {args.frame_samples}-sample binary frames at 100 Hz (hop {hop}), "
+          f"Model `{args.model}`, {frame_samples}-sample binary frames at {device_rate:g} Hz "
+          f"(leads {', '.join(config.get('leads', ['all']))}; hop {hop} model-rate samples), "
           f"{args.warmup:g} s warm-up + {args.duration:g} s per step. Pass: p99 < {args.p99_ms:g} ms, no failures, "
           f"load-generator send lag p99 < {args.lag_ms:g} ms.\n",
           f"**Capacity: {last_pass} streams** (first failing step: {first_fail}).\n",
@@ -420,7 +483,8 @@ def run_streams(args) -> None:
     for r in data["steps"]:
         if r["failure_kinds"]:
             md.append(f"\nFailures at {r['streams']} streams: `{json.dumps(r['failure_kinds'])[:400]}`")
-    jp, mp = write_results(f"streams_w{args.workers}{args.tag}", data, "\n".join(md) + "\n")
+    device_tag = f"_{device_rate:g}hz_{len(config['leads'])}leads" if args.sample_rate or args.leads else ""
+    jp, mp = write_results(f"streams_w{args.workers}{device_tag}{args.tag}", data, "\n".join(md) + "\n")
     print(f"capacity {last_pass} streams (first fail {first_fail}); wrote {jp} {mp}", flush=True)
 
 
@@ -533,7 +597,10 @@ def main(argv=None) -> int:
     p.add_argument("--binary", action="store_true", help="classify mode: float32 bodies instead of JSON")
     p.add_argument("--steps", default="50,100,200,300,500,700,1000,1400,2000", help="stream counts to try")
     p.add_argument("--rates", default="0.5,1,2,5,10,25,50,100,150", help="/classify windows per second to try")
-    p.add_argument("--frame-samples", type=int, default=int(os.environ.get("MSSSM_FRAME_SAMPLES", 25)))
+    p.add_argument("--frame-samples", type=int, default=int(os.environ.get("MSSSM_FRAME_SAMPLES", 0)),
+                   help="samples per frame at the device rate (default: one hop, 25 at 100 Hz)")
+    p.add_argument("--sample-rate", type=float, default=None, help="stream mode: the device's rate (default: 100)")
+    p.add_argument("--leads", default=None, help="stream mode: the device's leads, e.g. II,V1 (default: all 12)")
     p.add_argument("--p99-ms", type=float, default=100.0)
     p.add_argument("--classify-p99-ms", type=float, default=200.0)
     p.add_argument("--lag-ms", type=float, default=50.0, help="load generator pacing: send-lag p99 limit")

@@ -174,15 +174,15 @@ class ScaleMixer(nn.Module):
         else:
             raise ValueError(f"unknown mixer {self.kind!r}")
 
-    def forward(self, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """y: [B, L, M, D]; u: [B, L, D] -> [B, L, D]."""
+    def forward(self, y: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """y: [B, L, M, D]; u: [B, L, D] -> (z [B, L, D], the weights E_t [B, L, M] it mixed with)."""
         if self.kind == "static":
-            return (y * self.E[:, None]).sum(2)
+            return (y * self.E[:, None]).sum(2), self.E.expand(*u.shape[:2], -1)
         E = self.proj(u)
         if self.kind == "softmax":
             E = torch.softmax(E, dim=-1)
         # Mul + sum, not einsum: onnxruntime runs the exported Einsum several times slower.
-        return (y * E.unsqueeze(-1)).sum(2)
+        return (y * E.unsqueeze(-1)).sum(2), E
 
 
 class MSSSM(nn.Module):
@@ -201,8 +201,8 @@ class MSSSM(nn.Module):
         else:
             sequences, new_history = self.decompose(u, conv_history)
         y, h = self.ssms(sequences, u, h0, scan)
-        z = y[:, :, 0] if self.mixer is None else self.mixer(y, u)
-        return z, new_history, h
+        z, weights = (y[:, :, 0], None) if self.mixer is None else self.mixer(y, u)
+        return z, new_history, h, weights
 
 
 class ResidualBlock(nn.Module):
@@ -217,9 +217,10 @@ class ResidualBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, conv_history, h0, scan):
+        """-> (x + block output, new conv history, new SSM state, scale-mixer weights [B, L, M] or None)."""
         u, gate = self.in_proj(self.norm(x)).chunk(2, dim=-1)
-        z, new_history, h = self.msssm(F.silu(u), conv_history, h0, scan)
-        return x + self.dropout(self.out_proj(z * F.silu(gate))), new_history, h
+        z, new_history, h, weights = self.msssm(F.silu(u), conv_history, h0, scan)
+        return x + self.dropout(self.out_proj(z * F.silu(gate))), new_history, h, weights
 
 
 class MSSSMClassifier(nn.Module):
@@ -274,22 +275,26 @@ class MSSSMClassifier(nn.Module):
         return torch.cat([torch.where(present, z, torch.zeros_like(z)), present.to(z.dtype)], dim=-1)
 
     # --- the one computation ------------------------------------------------------------------------------------
-    def run(self, x: torch.Tensor, state: State, scan: str = "auto") -> tuple[torch.Tensor, State]:
-        """x: [B, T, C] raw signal from `state` on -> (logits [B, T, classes], new state).
-        `scan` picks the recurrence's implementation (see `selective.selective_scan`); all compute the same."""
+    def run(self, x: torch.Tensor, state: State, scan: str = "auto"):
+        """x: [B, T, C] raw signal from `state` on -> (logits [B, T, classes], new state, scale-mixer weights
+        [B, T, layers, S+2] or None without scales). `scan` picks the recurrence's implementation (see
+        `selective.selective_scan`); all compute the same."""
         h = self.embed(self.input_features(x))
         new_state: list[torch.Tensor] = []
+        mixer_weights = []
         for block, (conv_history, ssm_h) in zip(self.blocks, self.layer_states(state)):
-            h, conv_history, ssm_h = block(h, conv_history, ssm_h, scan)
+            h, conv_history, ssm_h, weights = block(h, conv_history, ssm_h, scan)
             new_state.extend(conv_history)
             new_state.append(ssm_h)
+            mixer_weights.append(weights)
         pool_sum, pool_count = state[-2], state[-1]
         feats = self.norm_f(h)
         sums = pool_sum.unsqueeze(1) + torch.cumsum(feats, dim=1)
         counts = pool_count.unsqueeze(1) + torch.cumsum(torch.ones_like(feats[..., :1]), dim=1)
         logits = self.head(sums / counts)
         new_state.extend([sums[:, -1], counts[:, -1]])
-        return logits, tuple(new_state)
+        scale_weights = torch.stack(mixer_weights, dim=2) if self.cfg.n_scales > 0 else None
+        return logits, tuple(new_state), scale_weights
 
     def forward(self, x: torch.Tensor, scan: str = "auto") -> torch.Tensor:
         """Training form: x [B, L, C] from the zero state -> logits at every step [B, L, classes]."""
@@ -298,20 +303,23 @@ class MSSSMClassifier(nn.Module):
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.cfg.multi_label else torch.softmax(logits, dim=-1)
 
-    def advance(self, x: torch.Tensor, state: State, scan: str = "auto") -> tuple[torch.Tensor, State]:
-        """Streaming form: x [B, T, C] (T >= 1) -> (class probabilities at each step [B, T, classes], new state)."""
-        logits, new_state = self.run(x, state, scan)
-        return self.probabilities(logits), new_state
+    def advance(self, x: torch.Tensor, state: State, scan: str = "auto", scale_weights: bool = False):
+        """Streaming form: x [B, T, C] (T >= 1) -> (class probabilities at each step [B, T, classes], new state),
+        and with `scale_weights` the scale mixer's weights at each step [B, T, layers, S+2] third (as `run`)."""
+        logits, new_state, weights = self.run(x, state, scan)
+        return (self.probabilities(logits), new_state, weights) if scale_weights else (self.probabilities(logits), new_state)
 
 
 class StreamingGraph(nn.Module):
-    """What export traces: (x, *state) -> (probabilities, *new_state); the recurrence as one placeholder node per
-    layer that export lowers to an ONNX Scan (see `selective.selective_scan`, scan="onnx")."""
+    """What export traces: (x, *state) -> (probabilities, *new_state, scale_weights); the recurrence as one
+    placeholder node per layer that export lowers to an ONNX Scan (see `selective.selective_scan`, scan="onnx").
+    The scale mixer's raw weights are the graph's last output (a model without scales has none): they are computed
+    for the mixing anyway, so the output costs one small Concat; summaries are the runtime's."""
 
     def __init__(self, model: MSSSMClassifier):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor, *state: torch.Tensor):
-        probs, new_state = self.model.advance(x, state, scan="onnx")
-        return (probs, *new_state)
+        probs, new_state, weights = self.model.advance(x, state, scan="onnx", scale_weights=True)
+        return (probs, *new_state) if weights is None else (probs, *new_state, weights)

@@ -6,6 +6,10 @@
   * `advance_streams(segments, states)`: many streams by different numbers of samples, grouped into as few calls
     as there are distinct lengths (the server's batched primitive).
 `Stream` holds one stream's state, its pending samples and its position in the current window.
+
+The graph's last output, `scale_weights`, is every layer's scale-mixer weights E_t per step; with `scale_weights=True`
+the calls above also return them, and `summarise_scale_weights` turns them into one share per scale (model.json
+`scale_weights.summary` says how).
 """
 
 from __future__ import annotations
@@ -33,6 +37,19 @@ ROWS_PER_CALL = 16
 SAMPLES_PER_CALL = 512
 
 
+SCALE_WEIGHT_SUMMARY = ("per scale, its share |E_t[s]| / sum_s' |E_t[s']| of the scale mixer's weights, averaged "
+                        "over the layers and over the samples a prediction covers: a stream prediction at t the "
+                        "samples since the previous multiple of hop (the hop it completes), a /classify window its "
+                        "whole window, /classify's top level the whole signal")
+
+
+def summarise_scale_weights(weights: np.ndarray) -> np.ndarray:
+    """Raw mixer weights [..., layers, scales] -> each scale's share per step [..., scales] (see SCALE_WEIGHT_SUMMARY):
+    how much each resolution contributes, comparable across layers whatever the sign or size of E."""
+    magnitude = np.abs(weights)
+    return (magnitude / np.maximum(magnitude.sum(-1, keepdims=True), 1e-12)).mean(-2)
+
+
 class ModelDirError(Exception):
     """A model directory that cannot be served; the message names the file at fault."""
 
@@ -43,6 +60,7 @@ class Prediction:
     t: int  # samples of window k seen so far
     probabilities: np.ndarray  # [classes]
     final: bool
+    scale_weights: np.ndarray | None = None  # [scales]: the shares over the hop it completes, when asked for
 
 
 def _read_model_json(path: Path) -> dict:
@@ -100,6 +118,8 @@ class OnnxModel:
         if got_inputs != expected_inputs:
             raise ModelDirError(f"{onnx_path}: inputs {got_inputs} do not match model.json state {expected_inputs}")
         self.output_names = ["probabilities", *(f"{n}_out" for n in self.state_names)]
+        # Graphs exported before the scale mixer was an output lack it; they serve as before, without the option.
+        self.has_scale_weights = any(o.name == "scale_weights" for o in self.session.get_outputs())
         self.n_channels = int(self.session.get_inputs()[0].shape[-1])
         if self.n_channels != len(self.leads):
             raise ModelDirError(f"{self.dir}: graph takes {self.n_channels} channels, model.json lists {self.leads}")
@@ -140,6 +160,7 @@ class OnnxModel:
     min_samples = property(lambda self: int(self.meta.get("min_samples", min(self.window, self.sample_rate))))
     default_hop = property(lambda self: int(self.meta.get("default_hop", 25)))
     max_chunk = property(lambda self: int(self.meta["max_chunk"]))
+    scales = property(lambda self: list(self.meta.get("scale_weights", {}).get("scales", [])))
     providers = property(lambda self: self.session.get_providers())
 
     @property
@@ -150,37 +171,48 @@ class OnnxModel:
     def zero_state(self, batch: int = 1) -> list[np.ndarray]:
         return [np.zeros((batch, *shape), np.float32) for shape in self.state_shapes]
 
-    def advance(self, x: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """x [B, T, C] float32 -> (probabilities [B, T, K], new state), on the CPU in calls of about SAMPLES_PER_CALL
-        samples (see ROWS_PER_CALL), never beyond the graph's scan depth."""
+    def advance(self, x: np.ndarray, state: list[np.ndarray], scale_weights: bool = False):
+        """x [B, T, C] float32 -> (probabilities [B, T, K], new state), and with `scale_weights` the mixer's weights
+        [B, T, layers, scales] third; on the CPU in calls of about SAMPLES_PER_CALL samples (see ROWS_PER_CALL),
+        never beyond the graph's scan depth."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 3 or x.shape[2] != self.n_channels or x.shape[1] == 0:
             raise ValueError(f"x must be [batch, T>=1, {self.n_channels}], got {list(x.shape)}")
+        if scale_weights and not self.has_scale_weights:
+            raise ValueError(f"{self.dir}: this graph has no scale_weights output (exported before it was one)")
+        outputs = self.output_names + (["scale_weights"] if scale_weights else [])
+        n_state = len(self.state_names)
         batch, length = x.shape[:2]
         if self._cut_calls:
             rows_per_call = min(batch, max(ROWS_PER_CALL, SAMPLES_PER_CALL // length))  # short hops: more rows
             steps = min(self.max_chunk, max(1, SAMPLES_PER_CALL // rows_per_call))
         else:  # a GPU wants the largest calls: 256 streams x 25 samples cost 1.5 us/sample on an H100, 16 x 25 19
             rows_per_call, steps = batch, self.max_chunk
-        row_blocks, new_state_blocks = [], []
+        row_blocks, weight_blocks, new_state_blocks = [], [], []
         for r0 in range(0, batch, rows_per_call):
             rows = slice(r0, r0 + rows_per_call)
             block_state = [s[rows] for s in state]
-            pieces = []
+            pieces, weight_pieces = [], []
             for t0 in range(0, length, steps):
                 feeds = {"x": x[rows, t0 : t0 + steps], **dict(zip(self.state_names, block_state))}
-                probs, *block_state = self.session.run(self.output_names, feeds)
+                probs, *rest = self.session.run(outputs, feeds)
+                block_state = rest[:n_state]
                 pieces.append(probs)
-            row_blocks.append(pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1))
+                weight_pieces.extend(rest[n_state:])
+            row_blocks.append(_join(pieces, axis=1))
+            weight_blocks.append(_join(weight_pieces, axis=1) if scale_weights else None)
             new_state_blocks.append(block_state)
-        if len(row_blocks) == 1:
-            return row_blocks[0], new_state_blocks[0]
-        new_state = [np.concatenate(parts) for parts in zip(*new_state_blocks)]
-        return np.concatenate(row_blocks), new_state
+        new_state = new_state_blocks[0] if len(row_blocks) == 1 else [np.concatenate(parts)
+                                                                     for parts in zip(*new_state_blocks)]
+        probs = _join(row_blocks, axis=0)
+        if scale_weights:
+            return probs, new_state, _join(weight_blocks, axis=0)
+        return probs, new_state
 
-    def advance_streams(self, segments: list[np.ndarray], states: list[StreamState]):
+    def advance_streams(self, segments: list[np.ndarray], states: list[StreamState], scale_weights: bool = False):
         """Advance stream i by segments[i] [T_i, C] from states[i]; streams of equal T_i share one call.
-        -> list of (probabilities [T_i, K], new StreamState), in input order."""
+        -> list of (probabilities [T_i, K], new StreamState), in input order; with `scale_weights` the mixer's
+        weights [T_i, layers, scales] third, as `advance`."""
         groups: dict[int, list[int]] = defaultdict(list)
         for i, seg in enumerate(segments):
             groups[len(seg)].append(i)
@@ -188,18 +220,20 @@ class OnnxModel:
         for members in groups.values():
             x = np.stack([segments[i] for i in members])
             batch_state = [np.concatenate([states[i][j] for i in members]) for j in range(len(self.state_names))]
-            probs, new_state = self.advance(x, batch_state)
+            probs, new_state, *weights = self.advance(x, batch_state, scale_weights)
             for row, i in enumerate(members):
                 # copies, so a stream's state does not pin the whole batch's arrays in memory
-                results[i] = (probs[row], [s[row : row + 1].copy() for s in new_state])
+                results[i] = (probs[row], [s[row : row + 1].copy() for s in new_state],
+                              *(w[row] for w in weights))
         return results
 
-    def classify(self, signal: np.ndarray) -> dict:
+    def classify(self, signal: np.ndarray, scale_weights: bool = False) -> dict:
         """signal [T, C] at the model's rate -> per-window probabilities (windows of `window` samples, the last
-        may be shorter, each from the zero state) and their element-wise max."""
-        return self.classify_many([signal])[0]
+        may be shorter, each from the zero state) and their element-wise max; with `scale_weights`, each window's
+        mean scale shares and the whole signal's (see SCALE_WEIGHT_SUMMARY)."""
+        return self.classify_many([signal], scale_weights)[0]
 
-    def classify_many(self, signals: list[np.ndarray]) -> list[dict]:
+    def classify_many(self, signals: list[np.ndarray], scale_weights: bool = False) -> list[dict]:
         """`classify` of each signal, with the windows of all signals advanced together (one batch per window
         length): rows of a batch cost less per sample than a window alone."""
         w = self.window
@@ -212,11 +246,29 @@ class OnnxModel:
                 starts.append(start)
                 segments.append(signal[start : start + w])
                 owner.append(k)
-        results = self.advance_streams(segments, [self.zero_state(1)] * len(segments))
+        results = self.advance_streams(segments, [self.zero_state(1)] * len(segments), scale_weights)
         windows: list[list[dict]] = [[] for _ in signals]
-        for k, start, (probs, _) in zip(owner, starts, results):
-            windows[k].append({"start": start, "probabilities": probs[-1]})
-        return [{"windows": ws, "probabilities": np.max([w_["probabilities"] for w_ in ws], axis=0)} for ws in windows]
+        for k, start, (probs, _, *weights) in zip(owner, starts, results):
+            window = {"start": start, "probabilities": probs[-1]}
+            if scale_weights:
+                window.update(scale_weights=summarise_scale_weights(weights[0]).mean(0), samples=len(probs))
+            windows[k].append(window)
+        return [merge_windows(ws) for ws in windows]
+
+
+def merge_windows(windows: list[dict]) -> dict:
+    """Windows of one signal -> its result: the element-wise max of their probabilities and, where they carry scale
+    shares, the signal's mean share (each window weighted by its samples)."""
+    result = {"windows": windows, "probabilities": np.max([w["probabilities"] for w in windows], axis=0)}
+    if windows and "scale_weights" in windows[0]:
+        lengths = np.array([w["samples"] for w in windows], np.float64)
+        shares = np.stack([w["scale_weights"] for w in windows])
+        result["scale_weights"] = (shares * lengths[:, None]).sum(0) / lengths.sum()
+    return result
+
+
+def _join(parts: list[np.ndarray], axis: int) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
 class Stream:
@@ -224,11 +276,18 @@ class Stream:
     at its end, after which the next window starts from the zero state. Memory: the model state plus at most
     `max_pending` buffered samples, whatever the stream's length."""
 
-    def __init__(self, model: OnnxModel, hop: int | None = None, max_pending: int | None = None):
+    def __init__(self, model: OnnxModel, hop: int | None = None, max_pending: int | None = None,
+                 scale_weights: bool = False):
         self.model = model
         self.hop = hop or model.default_hop
         if not 1 <= self.hop <= model.window:
             raise ValueError(f"hop must be in 1..{model.window}, got {self.hop}")
+        if scale_weights and not model.has_scale_weights:
+            raise ValueError(f"model {model.name} has no scale_weights output (exported before it was one)")
+        self.scale_weights = scale_weights
+        # scale shares summed over the samples of the current hop so far, and how many (a hop may span segments)
+        self._hop_share_sum = np.zeros(len(model.scales))
+        self._hop_share_n = 0
         self.max_pending = max_pending or 4 * model.window
         self.state: StreamState = model.zero_state(1)
         self.window_index = 0
@@ -268,17 +327,28 @@ class Stream:
         self.pending -= n
         return segment
 
-    def apply(self, probs: np.ndarray, new_state: StreamState) -> list[Prediction]:
-        """Take the result of advancing by the last `take` (probs [n, K]) -> the predictions it completes."""
+    def apply(self, probs: np.ndarray, new_state: StreamState, weights: np.ndarray | None = None) -> list[Prediction]:
+        """Take the result of advancing by the last `take` (probs [n, K]; with `scale_weights`, the mixer's weights
+        [n, layers, scales]) -> the predictions it completes."""
         out = []
         t0 = self.t
         self.t += len(probs)
-        for t in range((t0 // self.hop + 1) * self.hop, self.t + 1, self.hop):
-            if t < self.model.window:
-                out.append(Prediction(self.window_index, t, probs[t - t0 - 1], False))
+        shares = summarise_scale_weights(weights) if self.scale_weights else None
+        done = t0  # samples of the window whose shares are in the hop's sum
+        points = [t for t in range((t0 // self.hop + 1) * self.hop, self.t + 1, self.hop) if t < self.model.window]
+        for t in points + ([self.t] if self.t == self.model.window else []):
+            hop_weights = None
+            if shares is not None:
+                self._hop_share_sum += shares[done - t0 : t - t0].sum(0)
+                self._hop_share_n += t - done
+                hop_weights = self._hop_share_sum / self._hop_share_n
+                self._hop_share_sum, self._hop_share_n, done = np.zeros_like(self._hop_share_sum), 0, t
+            out.append(Prediction(self.window_index, t, probs[t - t0 - 1], t == self.model.window, hop_weights))
+        if shares is not None and done < self.t:
+            self._hop_share_sum += shares[done - t0 :].sum(0)
+            self._hop_share_n += self.t - done
         self._last = probs[-1]
         if self.t == self.model.window:
-            out.append(Prediction(self.window_index, self.t, probs[-1], True))
             self.window_index += 1
             self.t = 0
             self.state = self.model.zero_state(1)
@@ -290,8 +360,8 @@ class Stream:
         return out
 
     def _advance(self, n: int) -> list[Prediction]:
-        (probs, new_state), = self.model.advance_streams([self.take(n)], [self.state])
-        return self.apply(probs, new_state)
+        (result,) = self.model.advance_streams([self.take(n)], [self.state], self.scale_weights)
+        return self.apply(*result)
 
     def push(self, samples: np.ndarray) -> list[Prediction]:
         """Feed samples and advance as far as they go (single-stream use; the server batches instead)."""
@@ -308,13 +378,15 @@ class Stream:
         """Everything but the model state that the stream carries: where it is, what it holds, what it last said."""
         return {"window": self.window_index, "t": self.t, "pending": self._pending[: self.pending].copy(),
                 "last": None if self._last is None else np.asarray(self._last, np.float32),
-                "last_made": self._last_made}
+                "last_made": self._last_made, "hop_shares": (self._hop_share_sum.copy(), self._hop_share_n)}
 
     def restore(self, state: StreamState, window: int, t: int, pending: np.ndarray, last: np.ndarray | None,
-                last_made: tuple[int, int] | None) -> None:
+                last_made: tuple[int, int] | None, hop_shares: tuple[np.ndarray, int] | None = None) -> None:
         """Continue from a `position()` and state taken from a stream of the same model (checked by the caller)."""
         self.state, self.window_index, self.t = state, window, t
         self._last, self._last_made = last, last_made
+        if hop_shares is not None:
+            self._hop_share_sum, self._hop_share_n = np.asarray(hop_shares[0], np.float64), int(hop_shares[1])
         self.pending = 0
         self.feed(pending)
 
@@ -324,7 +396,8 @@ class Stream:
         if self.t == 0 or self._last_made == (self.window_index, self.t):
             return None
         self._last_made = (self.window_index, self.t)
-        return Prediction(self.window_index, self.t, self._last, False)
+        shares = self._hop_share_sum / self._hop_share_n if self.scale_weights and self._hop_share_n else None
+        return Prediction(self.window_index, self.t, self._last, False, shares)
 
     def flush(self) -> list[Prediction]:
         """Advance whatever is pending, then `flush_prediction` (single-stream use; the server batches both)."""

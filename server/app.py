@@ -13,11 +13,12 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import kserve, openapi, registry
-from .auth import OPEN_ROUTES, key_matches, missing_key_detail, offered_key, redact_keys_in_logs
-from .classify import ClientGone, classify_signal, read_body, read_signal
+from .auth import is_open, key_matches, missing_key_detail, offered_key, redact_keys_in_logs
+from .classify import ClientGone, classify_signal, mixer_requested, read_body, read_signal
 from .metrics import Metrics
 from .settings import Settings
 from .streaming import GOING_AWAY, RETRY_AFTER_S, StreamHub
@@ -25,7 +26,7 @@ from .streaming import GOING_AWAY, RETRY_AFTER_S, StreamHub
 log = logging.getLogger(__name__)
 
 
-MONITOR_PAGE = Path(__file__).with_name("monitor.html")
+STATIC_DIR = Path(__file__).with_name("static")  # the monitor page, its script and the records it offers
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -60,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         @app.middleware("http")
         async def require_api_key(request: Request, call_next):
             path = request.url.path
-            if path in OPEN_ROUTES or key_matches(offered_key(request.headers, request.query_params, path),
+            if is_open(path) or key_matches(offered_key(request.headers, request.query_params, path),
                                                   settings.api_key):
                 return await call_next(request)
             return JSONResponse({"detail": missing_key_detail(path)}, 401, headers={"WWW-Authenticate": "Bearer"})
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "leads": model.leads, "lead_subsets": model.lead_subsets, "window": model.window,
                 "default_hop": model.default_hop, "state_bytes": model.state_bytes, "providers": model.providers,
                 "validation": registry.validation_summary(model.meta),
+                "scale_weights": registry.scale_weights_summary(model),
                 "active_streams": len(request.app.state.hub.connections), "max_streams": settings.max_streams}
 
     @app.get("/models")
@@ -121,7 +123,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def monitor():
-        return MONITOR_PAGE.read_text()
+        return (STATIC_DIR / "index.html").read_text()
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.post("/classify")
     async def classify(request: Request):
@@ -134,7 +138,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         sent, lead_map, rate = read_signal(model, body, request)
-        return await classify_signal(served, sent, lead_map, rate, settings, metrics)
+        return await classify_signal(served, sent, lead_map, rate, settings, metrics,
+                                     scale_weights=mixer_requested(model, request))
 
     kserve.install(app, settings, metrics)
 

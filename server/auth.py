@@ -12,6 +12,13 @@ from starlette.datastructures import Headers, QueryParams
 
 QUERY_KEY_ROUTES = ("/stream",)
 OPEN_ROUTES = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")  # probes carry no secrets
+# The monitor page and its static files hold no data: the page asks for the key and sends it with its API calls.
+OPEN_PAGES = ("/",)
+OPEN_PREFIXES = ("/static/",)
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_ROUTES or path in OPEN_PAGES or path.startswith(OPEN_PREFIXES)
 
 
 def offered_key(headers: Headers, query: QueryParams, path: str) -> str | None:

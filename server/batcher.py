@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from msssm_serve.runtime import OnnxModel
+from msssm_serve.runtime import OnnxModel, merge_windows
 
 from .metrics import Metrics
 from .session import StreamSession
@@ -73,7 +73,8 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._work = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._classify_queue: deque[tuple[np.ndarray, asyncio.Future]] = deque()
+        # (signal piece, its future, whether it asked for the scale mixer's weights)
+        self._classify_queue: deque[tuple[np.ndarray, asyncio.Future, bool]] = deque()
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -107,19 +108,19 @@ class Batcher:
             self._ready.setdefault(session, time.monotonic())
             self._work.set()
 
-    async def classify(self, signal: np.ndarray) -> dict:
-        """`OnnxModel.classify(signal)`, batched by the consumer with other requests waiting at the same time. A long
+    async def classify(self, signal: np.ndarray, scale_weights: bool = False) -> dict:
+        """`OnnxModel.classify(signal, scale_weights)`, batched by the consumer with other requests waiting at the same time. A long
         signal is queued as pieces of at most MAX_CLASSIFY_WINDOWS_PER_CALL windows, so that streams advance between
         its calls (an hour-long recording is ~360 windows: seconds of compute that would stall every stream)."""
         piece = MAX_CLASSIFY_WINDOWS_PER_CALL * self.model.window
         loop = asyncio.get_running_loop()
         starts = range(0, max(len(signal), 1), piece)  # an empty signal still goes in, to get the model's error
         futures = [loop.create_future() for _ in starts]
-        self._classify_queue.extend((signal[start : start + piece], f) for start, f in zip(starts, futures))
+        self._classify_queue.extend((signal[start : start + piece], f, scale_weights) for start, f in zip(starts, futures))
         self._work.set()
         parts = await asyncio.gather(*futures)  # cancelled with the request: the batcher then skips what is left
-        windows = [{**w, "start": start + w["start"]} for start, part in zip(starts, parts) for w in part["windows"]]
-        return {"windows": windows, "probabilities": np.max([w["probabilities"] for w in windows], axis=0)}
+        return merge_windows([{**w, "start": start + w["start"]} for start, part in zip(starts, parts)
+                              for w in part["windows"]])
 
     # --- the consumer -------------------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -174,7 +175,7 @@ class Batcher:
             taken.append(self._classify_queue.popleft())
             windows += n_windows
         self._work.set()  # the rest, and any streams, on the next turn
-        taken = [(signal, future) for signal, future in taken if not future.done()]  # clients gone: skip
+        taken = [request for request in taken if not request[1].done()]  # clients gone: skip
         if not taken:
             return
         try:
@@ -188,11 +189,13 @@ class Batcher:
                 except Exception as own_err:  # the request answers with its own error; the server goes on
                     self._answer(request[1], error=own_err)
 
-    async def _classify_batch(self, requests: list[tuple[np.ndarray, asyncio.Future]]) -> None:
+    async def _classify_batch(self, requests: list[tuple[np.ndarray, asyncio.Future, bool]]) -> None:
+        # The mixer's weights come out of the same call (they cost a copy): fetched for all if one asked.
         results = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.model.classify_many, [signal for signal, _ in requests])
-        for (_, future), result in zip(requests, results):
-            self._answer(future, result)
+            self.executor, self.model.classify_many, [signal for signal, _, _ in requests],
+            any(wants for _, _, wants in requests))
+        for (_, future, wants), result in zip(requests, results):
+            self._answer(future, result if wants else _without_scale_weights(result))
 
     @staticmethod
     def _answer(future: asyncio.Future, result=None, error: Exception | None = None) -> None:
@@ -209,9 +212,10 @@ class Batcher:
             s.in_flight = True
         self.metrics.batch_size.observe(len(jobs))
         self.metrics.samples.labels("stream").inc(sum(map(len, segments)))
+        scale_weights = any(s.stream.scale_weights for s in sessions)
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._compute, segments, [s.stream.state for s in sessions])
+                self.executor, self._compute, segments, [s.stream.state for s in sessions], scale_weights)
         except Exception:  # keep serving the other streams; these are told and closed (1011)
             log.exception("batched inference failed")
             results = None
@@ -232,9 +236,15 @@ class Batcher:
                 log.exception("stream result could not be applied")
                 s.failed()
 
-    def _compute(self, segments, states):
+    def _compute(self, segments, states, scale_weights: bool):
         """On the inference thread."""
         started = time.perf_counter()
-        results = self.model.advance_streams(segments, states)
+        results = self.model.advance_streams(segments, states, scale_weights)
         self.metrics.inference_seconds.labels("stream").observe(time.perf_counter() - started)
         return results
+
+
+def _without_scale_weights(result: dict) -> dict:
+    """A classify result as asked for without the mixer's weights (computed for a request batched with it)."""
+    windows = [{k: v for k, v in w.items() if k not in ("scale_weights", "samples")} for w in result["windows"]]
+    return {"windows": windows, "probabilities": result["probabilities"]}

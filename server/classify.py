@@ -118,6 +118,20 @@ def read_signal(model: OnnxModel, body: bytes, request: Request):
     return signal_, lead_map, rate
 
 
+def mixer_requested(model: OnnxModel, request: Request) -> bool:
+    """`?mixer=1` (or true / 0 / false): add the scale mixer's weights to the answer; 422 for other values or for
+    a model whose graph has no mixer output."""
+    value = request.query_params.get("mixer")
+    if value is None:
+        return False
+    if value.lower() not in ("1", "true", "0", "false"):
+        raise HTTPException(422, f"?mixer= must be 1 or 0 (true or false), got {value!r}")
+    wanted = value.lower() in ("1", "true")
+    if wanted and not model.has_scale_weights:
+        raise HTTPException(422, f"model {model.name} has no scale-mixer output (a graph exported before it was one)")
+    return wanted
+
+
 def _json_signal(value, lead_map: LeadMap, leads_implied: bool):
     try:
         return samples_from_json(value, lead_map.n_given)
@@ -129,7 +143,7 @@ def _json_signal(value, lead_map: LeadMap, leads_implied: bool):
 
 
 async def classify_signal(served: ServedModel, sent: np.ndarray, lead_map: LeadMap, rate, settings: Settings,
-                          metrics: Metrics) -> dict:
+                          metrics: Metrics, scale_weights: bool = False) -> dict:
     """The /classify answer for a checked signal [T, leads sent] at `rate` (also what the KServe endpoint runs);
     HTTPException for what the client must change or retry."""
     model = served.model
@@ -141,7 +155,7 @@ async def classify_signal(served: ServedModel, sent: np.ndarray, lead_map: LeadM
     signal_ = await asyncio.to_thread(lambda: lead_map(resample_recording(sent, rate, model.sample_rate, model.window)))
     started = time.perf_counter()
     try:
-        result = await served.batcher.classify(signal_)
+        result = await served.batcher.classify(signal_, scale_weights)
     except Exception as err:  # the model failed, not the request (the signal was checked): JSON, not a bare 500
         log.exception("classify failed")
         raise HTTPException(503, f"inference failed ({type(err).__name__}); please retry") from None
@@ -162,6 +176,9 @@ async def classify_signal(served: ServedModel, sent: np.ndarray, lead_map: LeadM
         f"signal of {len(signal_)} samples at {model.sample_rate} Hz is below this model's minimum of "
         f"{model.min_samples} ({model.min_samples / model.sample_rate:g} s): not a prediction to rely on")} \
         if short else {"too_short": False}
+    mixer = {"scales": model.scales, "scale_weights": result["scale_weights"].tolist()} if scale_weights else {}
     return {"model": model.name, "labels": model.labels, "probabilities": probabilities.tolist(),
-            "predicted": predicted, "samples": len(signal_), **flags,
-            "windows": [{"start": w["start"], "probabilities": w["probabilities"].tolist()} for w in result["windows"]]}
+            "predicted": predicted, "samples": len(signal_), **flags, **mixer,
+            "windows": [{"start": w["start"], "probabilities": w["probabilities"].tolist(),
+                         **({"scale_weights": w["scale_weights"].tolist()} if scale_weights else {})}
+                        for w in result["windows"]]}

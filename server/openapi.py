@@ -9,7 +9,7 @@ from fastapi.openapi.utils import get_openapi
 
 from msssm_serve.runtime import OnnxModel
 
-from .auth import OPEN_ROUTES
+from .auth import is_open
 from .settings import Settings
 from .signals import MAX_ABS_VALUE, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 
@@ -45,6 +45,9 @@ def _operations(model: OnnxModel, names: list[str], settings: Settings) -> dict:
         "properties": {"signal": {"type": "array", "items": row, "minItems": 1, "maxItems": 4 * model.window,
                                   "description": "time-major samples in mV: one row of channel values per sample"},
                        "sample_rate": sample_rate, "leads": leads}}
+    shares = {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1},
+              "minItems": len(model.scales), "maxItems": len(model.scales),
+              "description": "with ?mixer=1: each scale's share of the scale mixer's weights (GET /model)"}
     classify_answer = {
         "type": "object", "required": ["model", "labels", "probabilities", "predicted", "samples", "windows"],
         "properties": {
@@ -55,9 +58,13 @@ def _operations(model: OnnxModel, names: list[str], settings: Settings) -> dict:
             "too_short": {"type": "boolean", "description": f"fewer than the model's minimum of {model.min_samples} "
                                                             "samples: answered, but not to be relied on"},
             "warning": {"type": "string", "description": "why the answer is flagged, when it is"},
+            **({"scales": {"type": "array", "items": {"type": "string", "enum": model.scales},
+                           "description": "with ?mixer=1: the scales of `scale_weights`, in order"},
+                "scale_weights": shares} if model.has_scale_weights else {}),
             "windows": {"type": "array", "minItems": 1, "items": {
                 "type": "object", "required": ["start", "probabilities"],
-                "properties": {"start": {"type": "integer", "minimum": 0}, "probabilities": probabilities}}}}}
+                "properties": {"start": {"type": "integer", "minimum": 0}, "probabilities": probabilities,
+                               **({"scale_weights": shares} if model.has_scale_weights else {})}}}}}
     query = [
         {"name": "channels", "in": "query", "required": False,
          "schema": {"type": "integer", "minimum": fewest, "maximum": c},
@@ -71,6 +78,10 @@ def _operations(model: OnnxModel, names: list[str], settings: Settings) -> dict:
          "description": "binary bodies only: float32 in mV, or int16 ADC counts (then with ?gain=)"},
         {"name": "gain", "in": "query", "required": False, "schema": {"type": "number", "exclusiveMinimum": 0},
          "description": "with dtype=int16: counts per mV"},
+        *([{"name": "mixer", "in": "query", "required": False,
+            "schema": {"type": "string", "enum": ["1", "0", "true", "false"], "default": "0"},
+            "description": "1: add the scale mixer's weights (`scale_weights`) per window and for the signal"}]
+          if model.has_scale_weights else []),
     ]
     model_param = {"name": "model", "in": "query", "required": False, "schema": {"type": "string", "enum": names},
                    "description": "which of the server's models (default: the default model; GET /models)"}
@@ -141,7 +152,7 @@ def install(app: FastAPI, settings: Settings) -> None:
                 document.setdefault("components", {})["securitySchemes"] = {
                     "bearer": {"type": "http", "scheme": "bearer"}}
                 for path, operations in document["paths"].items():
-                    if path in OPEN_ROUTES:
+                    if is_open(path):
                         continue
                     for operation in operations.values():
                         operation["security"] = [{"bearer": []}]

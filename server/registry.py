@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fastapi import HTTPException
 
-from msssm_serve.runtime import ModelDirError, OnnxModel
+from msssm_serve.runtime import SCALE_WEIGHT_SUMMARY, ModelDirError, OnnxModel
 
 from .batcher import Batcher
 from .metrics import Metrics
@@ -27,7 +27,17 @@ class ServedModel:
         return {"name": self.name, "model": m.name, "version": m.meta.get("version"), "labels": m.labels,
                 "multi_label": m.multi_label, "leads": m.leads, "lead_subsets": m.lead_subsets,
                 "sample_rate": m.sample_rate, "window": m.window, "default_hop": m.default_hop,
-                "state_bytes": m.state_bytes, "validation": validation_summary(m.meta)}
+                "state_bytes": m.state_bytes, "validation": validation_summary(m.meta),
+                "scale_weights": scale_weights_summary(m)}
+
+
+def scale_weights_summary(model: OnnxModel) -> dict | None:
+    """What `scale_weights` in predictions means for this model (None: its graph has no mixer output)."""
+    if not model.has_scale_weights:
+        return None
+    return {"scales": model.scales, "definition": SCALE_WEIGHT_SUMMARY,
+            "layers": model.meta.get("scale_weights", {}).get("layers"),
+            "mixer": model.meta.get("scale_weights", {}).get("mixer")}
 
 
 def served_model(models: dict[str, ServedModel], name: str) -> ServedModel:

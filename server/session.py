@@ -42,8 +42,11 @@ class Close:
 
 
 def prediction_message(p: Prediction, model: str) -> dict:
-    return {"type": "prediction", "model": model, "window": p.window, "t": p.t,
-            "probabilities": p.probabilities.tolist(), "final": p.final}
+    message = {"type": "prediction", "model": model, "window": p.window, "t": p.t,
+               "probabilities": p.probabilities.tolist(), "final": p.final}
+    if p.scale_weights is not None:
+        message["scale_weights"] = p.scale_weights.tolist()
+    return message
 
 
 class StreamSession:
@@ -133,13 +136,13 @@ class StreamSession:
         consistent picture (what a snapshot records)."""
         await self._wait(lambda: not self.in_flight, stall_timeout_s)
 
-    def advanced(self, probs: np.ndarray, new_state) -> None:
-        """The result of advancing by the last `next_segment`."""
+    def advanced(self, probs: np.ndarray, new_state, weights: np.ndarray | None = None) -> None:
+        """The result of advancing by the last `next_segment` (the mixer's weights too, when the batch has them)."""
         self._room.set()  # a snapshot waiting for this batch may go on
         if not np.isfinite(probs).all():
             return self.end(Close(INVALID_DATA, "the model's output is not finite for these samples: values out of "
                                                 "the range the model was trained on"))
-        self._deliver(self.stream.apply(probs, new_state))
+        self._deliver(self.stream.apply(probs, new_state, weights))
         if self.has_work():
             self.batcher.notify(self)
 

@@ -248,8 +248,16 @@ class Connection:
             self.dtype, self.gain = parse_binary_format(config.get("dtype"), config.get("gain"))
         except InvalidSignal as err:
             raise StreamError(INVALID_DATA, str(err)) from err
+        scale_weights = config.get("scale_weights", False)
+        if not isinstance(scale_weights, bool):
+            raise StreamError(INVALID_DATA, f"'scale_weights' must be true or false, got {scale_weights!r}")
+        lacking = [m.name for m in served if scale_weights and not m.model.has_scale_weights]
+        if lacking:
+            raise StreamError(INVALID_DATA, f"model {lacking} has no scale-mixer output (a graph exported before it "
+                                            "was one): stream without 'scale_weights'")
         hop = config.get("hop")
-        self.routes = [Route(m, m.batcher.open(Stream(m.model, hop=hop or m.model.default_hop), self.outbox, m.name),
+        self.routes = [Route(m, m.batcher.open(Stream(m.model, hop=hop or m.model.default_hop,
+                                                      scale_weights=scale_weights), self.outbox, m.name),
                              resampler, lead_map) for m, resampler, lead_map in zip(served, resamplers, maps)]
 
     async def final_snapshot(self) -> None:
@@ -278,10 +286,14 @@ class Connection:
             arrays["last"] = position["last"]
         if carry is not None:
             arrays["resampler_history"] = carry[0]
+        share_sum, share_n = position["hop_shares"]
+        if stream.scale_weights:
+            arrays["hop_share_sum"] = share_sum
         header = {"model": route.served.name, "version": snapshot.model_version(model),
                   "config": {k: self.config[k] for k in ("sample_rate", "leads", "hop", "dtype", "gain",
-                                                         "snapshot_every") if k in self.config},
+                                                         "snapshot_every", "scale_weights") if k in self.config},
                   "window": position["window"], "t": position["t"], "last_made": position["last_made"],
+                  "hop_share_n": share_n,
                   "resampler": None if carry is None else list(carry[1:])}
         token = snapshot.seal(header, arrays, snapshot.server_secret())
         return {"type": "snapshot", "token": token, "window": position["window"], "t": position["t"],
@@ -330,9 +342,16 @@ class Connection:
             history = resampler.carry()[0]
             resampler.restore(snapshot.checked_array(arrays, "resampler_history", history.shape, dtype=history.dtype),
                               *counts)
+        hop_shares = None
+        if stream.scale_weights:
+            share_n = header.get("hop_share_n")
+            if share_n != t % stream.hop:  # the samples of the hop in progress
+                raise snapshot.BadToken(1007, "the resume token's scale-weight position is out of range")
+            hop_shares = (snapshot.checked_array(arrays, "hop_share_sum", (len(model.scales),), dtype=np.float64),
+                          share_n)
         last_made = header.get("last_made")
         stream.restore([s[None] for s in state], window, t, pending, last,
-                       tuple(last_made) if isinstance(last_made, list) and len(last_made) == 2 else None)
+                       tuple(last_made) if isinstance(last_made, list) and len(last_made) == 2 else None, hop_shares)
         if stream.pending:
             route.served.batcher.notify(route.session)
 
@@ -357,13 +376,18 @@ class Connection:
         per_model = [{"model": r.served.name, "labels": r.served.model.labels, "window": r.served.model.window,
                       "hop": r.session.stream.hop, "sample_rate": r.served.model.sample_rate,
                       "device_window": r.resampler.device_window, "resampler_delay_s": r.resampler.delay_seconds,
-                      "leads": r.served.model.leads, "missing_leads": r.leads.missing} for r in self.routes]
+                      "leads": r.served.model.leads, "missing_leads": r.leads.missing,
+                      **({"scales": r.served.model.scales} if r.session.stream.scale_weights else {})}
+                     for r in self.routes]
         rate = config.get("sample_rate", first.served.model.sample_rate)
         return {"type": "config", "model": first.served.name, "labels": first.served.model.labels,
                 "window": first.served.model.window, "hop": first.session.stream.hop,
                 "sample_rate": first.served.model.sample_rate, "device_rate": rate,
-                "counted_in": "model-rate samples", "dtype": self.dtype, **({"gain": self.gain}
-                                                                               if self.dtype != "float32" else {}), "leads": config.get("leads") or first.served.model.leads,
+                "counted_in": "model-rate samples", "dtype": self.dtype,
+                **({"gain": self.gain} if self.dtype != "float32" else {}),
+                "leads": config.get("leads") or first.served.model.leads,
+                "scale_weights": first.session.stream.scale_weights,
+                **({"scales": first.served.model.scales} if first.session.stream.scale_weights else {}),
                 "models": per_model}
 
     async def _feed(self, samples: np.ndarray) -> None:

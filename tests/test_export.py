@@ -97,9 +97,11 @@ def test_graph_io_names_and_dynamic_dims(exported):
     graph = onnx.load(str(out / "model.onnx")).graph
     states = [n for n, _ in model.state_spec()]
     assert [i.name for i in graph.input] == ["x", *states] == desc["inputs"]
-    assert [o.name for o in graph.output] == ["probabilities", *[f"{n}_out" for n in states]] == desc["outputs"]
+    assert [o.name for o in graph.output] == ["probabilities", *[f"{n}_out" for n in states],
+                                              "scale_weights"] == desc["outputs"]
     assert dims(graph.input[0]) == ["batch", "T", 12]
     assert dims(graph.output[0]) == ["batch", "T", 5]
+    assert dims(graph.output[-1]) == ["batch", "T", model.cfg.n_layers, model.cfg.n_ssm]
     for name, shape in model.state_spec():
         assert dims(next(i for i in graph.input if i.name == name)) == ["batch", *shape]
         assert dims(next(o for o in graph.output if o.name == f"{name}_out")) == ["batch", *shape]
@@ -121,12 +123,39 @@ def test_graph_takes_one_sample_and_more_than_max_chunk(exported):
         assert np.abs(probs - expected).max() <= 1e-4
 
 
+def test_the_scale_mixer_output_is_the_models_in_any_chunking(exported, windows):
+    """The graph's scale_weights are the eager model's mixer weights E_t at every step, however the window is fed;
+    export recorded the same check, and model.json describes the output."""
+    model, desc, out = exported
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = windows[:2, :300]
+    with torch.no_grad():
+        _, _, expected = model.advance(x, model.zero_state(2), scale_weights=True)
+    for chunks in ([300], [1] * 7 + [93, 200], [37, 263]):
+        state, pieces, start = [s.numpy() for s in model.zero_state(2)], [], 0
+        for size in chunks:
+            feeds = {"x": x[:, start : start + size].numpy(), **dict(zip(desc["inputs"][1:], state))}
+            _, *state, weights = session.run(desc["outputs"], feeds)
+            pieces.append(weights)
+            start += size
+        got = np.concatenate(pieces, axis=1)
+        assert got.shape == (2, 300, model.cfg.n_layers, model.cfg.n_ssm)
+        assert np.abs(got - expected.numpy()).max() <= 1e-4 * max(1.0, float(expected.abs().max()))
+    parity = desc["parity"]["scale_weights"]
+    assert max(parity[k] for k in ("whole_window", "sample_by_sample", "random_chunks")) <= 1e-4
+    S = model.cfg.n_scales
+    assert desc["scale_weights"]["scales"] == ["raw", *(f"detail {s}" for s in range(1, S + 1)), "coarse"]
+    assert desc["scale_weights"]["layers"] == model.cfg.n_layers
+
+
 @pytest.mark.parametrize("overrides", [{"ssm": "s4"}, {"n_scales": 0}, {"multi_label": False}])
 def test_variants_export(tmp_path, windows, overrides):
     make_checkpoint(tmp_path / "checkpoint.pt", windows[:2], **overrides)
     desc = exporter.export_model(tmp_path / "checkpoint.pt", tmp_path / "model")
     assert max(desc["parity"][k] for k in ("whole_window", "sample_by_sample", "random_chunks")) <= 1e-4
     assert desc["config"] == {**desc["config"], **overrides}
+    # a plain SSM (no scales) has no mixer, so no scale_weights output
+    assert ("scale_weights" in desc["outputs"]) == (desc["config"]["n_scales"] > 0)
 
 
 class SkewedGraph(StreamingGraph):

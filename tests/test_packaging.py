@@ -23,7 +23,8 @@ def test_the_wheel_installs_one_import_name_with_the_models_and_console_scripts(
     assert top == {"msssm_serve"}, top
     for needed in ("msssm_serve/server/app.py", "msssm_serve/training/fit.py", "msssm_serve/export/export.py",
                    "msssm_serve/models/default/model.onnx", "msssm_serve/models/default/model.json",
-                   "msssm_serve/server/monitor.html"):
+                   "msssm_serve/server/static/index.html", "msssm_serve/server/static/monitor.js",
+                   "msssm_serve/server/static/records/index.json"):
         assert needed in names, needed
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -155,9 +155,9 @@ def test_a_long_classify_request_is_computed_in_pieces_that_streams_can_come_bet
         def __init__(self, inner):
             self.inner = inner
 
-        def classify_many(self, signals):
+        def classify_many(self, signals, scale_weights=False):
             calls.append(sum(-(-len(s) // model.window) for s in signals))
-            return self.inner.classify_many(signals)
+            return self.inner.classify_many(signals, scale_weights)
 
         def __getattr__(self, name):
             return getattr(self.inner, name)
@@ -200,11 +200,11 @@ def test_a_flush_in_a_failing_batch_is_released_and_the_batcher_goes_on(model, r
         def __init__(self, inner):
             self.inner, self.failed = inner, False
 
-        def advance_streams(self, segments, states):
+        def advance_streams(self, segments, states, scale_weights=False):
             if not self.failed:
                 self.failed = True
                 raise RuntimeError("simulated inference failure")
-            return self.inner.advance_streams(segments, states)
+            return self.inner.advance_streams(segments, states, scale_weights)
 
         def __getattr__(self, name):
             return getattr(self.inner, name)
@@ -490,13 +490,16 @@ def test_model_health_ready_metrics_monitor(server, model):
 # --- limits and auth (a second server: API key, 2 streams, small frames and bodies, 1 s idle) -------------------
 def test_api_key_required_except_probes(strict_server, records):
     url = strict_server.url
-    for route in ("/model", "/metrics", "/"):
+    for route in ("/model", "/metrics"):
         assert httpx.get(url + route).status_code == 401
         assert httpx.get(url + route, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(url + route, headers=KEY).status_code == 200
     assert post_json(url, records[0][:100]).status_code == 401
     assert post_json(url, records[0][:100], headers=KEY).status_code == 200
     assert httpx.get(url + "/healthz").status_code == 200 and httpx.get(url + "/readyz").status_code == 200
+    # the monitor page and its files hold no data: open, and the page asks for the key itself
+    assert httpx.get(url + "/").status_code == 200 and httpx.get(url + "/static/monitor.js").status_code == 200
+    assert httpx.get(url + "/static/records/index.json").status_code == 200
 
     ws = strict_server.ws_url
     assert asyncio.run(closing(ws, []))[1] == 1008
