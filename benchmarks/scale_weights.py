@@ -15,6 +15,7 @@ Prints each in us per sample and the ratios to `without output`. Results: benchm
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="model directory")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=25)
     args = parser.parse_args()
     model_dir = Path(args.model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +60,8 @@ def main() -> None:
         "requested": lambda m, x, s: summarise_scale_weights(full.advance(x, s, scale_weights=True)[2]),
     }
     lines = ["# The scale mixer's output: cost per sample", "",
-             f"`python benchmarks/scale_weights.py --model {args.model} --threads {args.threads}`: median of "
+             f"`python benchmarks/scale_weights.py --model {os.path.relpath(args.model)} --threads {args.threads}`: "
+             f"median of "
              f"{args.rounds} interleaved rounds, onnxruntime intra-op threads {args.threads}.", "",
              "| call shape | " + " | ".join(f"{v} us/sample" for v in variants) + " | not requested / without | "
              "requested / without |", "|---|" + "---|" * (len(variants) + 2)]

@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""The UCR defaults on every dataset of a folder, beside ROCKET's published accuracy.
+
+    python benchmarks/ucr.py --data-dir ../shared/data/ucr [--jobs 2] [--only CBF,Beef] [-- extra fit.py flags]
+
+For each dataset DIR/NAME (UCR 2018 format) it runs `python training/fit.py --task ucr --data-dir DIR/NAME` with no
+tuning flag (anything after `--` is passed on, for experiments), one torch thread per run and `--jobs` runs at a
+time, and reads the run's metrics.json: TEST accuracy of the checkpoint chosen on validation carved from TRAIN, and
+the wall time. ROCKET's accuracy is read from the folder's README table (`| name | train | test | length | classes |
+ROCKET |`). Prints the table with the ratio accuracy / ROCKET per dataset and their mean, and writes it to
+benchmarks/results/ucr.md (and .json). Run directories go under --runs (default: a temporary directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+
+
+def rocket_table(readme: Path) -> dict[str, dict]:
+    """name -> {train, test, length, classes, rocket} from the README's markdown table."""
+    rows = {}
+    for line in readme.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and re.fullmatch(r"0?\.\d+|1\.0+|1", cells[5]) and cells[1].isdigit():
+            rows[cells[0]] = {"train": int(cells[1]), "test": int(cells[2]), "length": int(cells[3]),
+                              "classes": int(cells[4]), "rocket": float(cells[5])}
+    return rows
+
+
+def run_one(name: str, data_dir: Path, runs: Path, extra: list[str]) -> dict:
+    out = runs / name
+    command = [sys.executable, str(REPO_ROOT / "training" / "fit.py"), "--task", "ucr", "--data-dir",
+               str(data_dir / name), "--out", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = time.time()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    seconds = time.time() - started
+    if done.returncode != 0:
+        return {"name": name, "error": done.stderr[-1500:], "seconds": seconds}
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"name": name, "test_accuracy": metrics["test_accuracy"], "seconds": seconds,
+            "val_macro_auroc": metrics["best"]["macro_auroc"], "epoch": metrics["best"]["epoch"],
+            "epochs": len(metrics["epochs"]), "config": {k: metrics["config"][k] for k in ("d_model", "n_layers")},
+            "recipe": metrics.get("ucr_recipe")}
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True, help="a folder of UCR datasets with a README table of ROCKET")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
+    parser.add_argument("--only", default="", help="comma-separated dataset names (default: all in the table)")
+    parser.add_argument("--runs", default=None, help="where the run directories go (default: a temporary one)")
+    parser.add_argument("--tag", default="", help="suffix of the result files")
+    args = parser.parse_args(argv)
+    data_dir = Path(args.data_dir)
+    table = rocket_table(data_dir / "README.md")
+    names = [n for n in (args.only.split(",") if args.only else table) if (data_dir / n).is_dir()]
+    if not names:
+        raise SystemExit(f"no UCR datasets of the README table under {data_dir}")
+    runs = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="msssm-ucr-"))
+    started = time.time()
+    # The longest first, so that the pool ends together.
+    order = sorted(names, key=lambda n: -table[n]["train"] * table[n]["length"])
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = {r["name"]: r for r in pool.map(lambda n: run_one(n, data_dir, runs, extra), order)}
+    wall = time.time() - started
+    flags = " ".join(extra)
+    lines = ["# UCR: the defaults against ROCKET", "",
+             f"`python benchmarks/ucr.py --data-dir {os.path.relpath(data_dir)} --jobs {args.jobs}"
+             + (f" -- {flags}" if flags else "") + f"`: {len(names)} datasets, {wall / 60:.1f} min wall on "
+             f"{os.cpu_count()} cores ({args.jobs} runs at a time, one thread each). TEST accuracy of the checkpoint "
+             "chosen on validation carved from TRAIN; ROCKET: its authors' mean of 10 runs.", "",
+             "| dataset | train | length | classes | model | epochs | accuracy | ROCKET | ratio | train time s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    ratios = []
+    for name in names:
+        t, r = table[name], results[name]
+        if "error" in r:
+            lines.append(f"| {name} | {t['train']} | {t['length']} | {t['classes']} | failed | | | {t['rocket']:.3f} "
+                         f"| | {r['seconds']:.0f} |")
+            print(f"{name} failed:\n{r['error']}", file=sys.stderr)
+            continue
+        ratio = r["test_accuracy"] / t["rocket"]
+        ratios.append(ratio)
+        model = f"{r['config']['n_layers']}x{r['config']['d_model']}"
+        lines.append(f"| {name} | {t['train']} | {t['length']} | {t['classes']} | {model} | {r['epochs']} "
+                     f"| {r['test_accuracy']:.3f} | {t['rocket']:.3f} | {ratio:.3f} | {r['seconds']:.0f} |")
+    mean = sum(ratios) / len(ratios) if ratios else float("nan")
+    lines += ["", f"**Mean ratio {mean:.3f}** over {len(ratios)} datasets; lowest "
+                  f"{min(ratios):.3f}; {sum(r < 0.85 for r in ratios)} below 0.85." if ratios else "no results"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"ucr{args.tag}.md").write_text(text)
+    (RESULTS / f"ucr{args.tag}.json").write_text(json.dumps({"flags": extra, "wall_seconds": wall,
+                                                             "mean_ratio": mean, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
