@@ -170,22 +170,34 @@ def test_ucr_task_writes_test_metrics(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["test_accuracy"] <= 1 and 0 <= metrics["test_macro_auroc"] <= 1
     assert load_checkpoint(out / "checkpoint.pt")[1]["multi_label"] is False
+    # refit (the default for ucr): the selection run kept beside it; the model trained on all 24 TRAIN series
+    selection = json.loads((out / "selection" / "metrics.json").read_text())
+    assert metrics["best"] == selection["best"] and "test_accuracy" in metrics["selection"]
+    assert len(metrics["epochs"]) == max(selection["best"]["epoch"], 0) and "refit" in \
+        load_checkpoint(out / "checkpoint.pt")[1]["validation"]
 
 
 def test_ucr_defaults_learn_a_small_set_without_flags(tmp_path):
-    """~100-series UCR sets must train with the defaults alone: small batches, enough steps, a short-run average."""
+    """Small UCR sets must train with the defaults alone: batch size and epochs follow the training size."""
     from msssm_serve.training.fit import parse_args
+    from msssm_serve.training.recipe import ucr_recipe
 
     defaults = parse_args(["--task", "ucr", "--data-dir", "x"])
-    assert (defaults.batch_size, defaults.epochs) == (16, 150)
+    assert (defaults.batch_size, defaults.epochs, defaults.refit) == (None, None, "auto")  # set from the data
     ptbxl = parse_args(["--task", "ptbxl", "--data-dir", "x"])
     assert (ptbxl.batch_size, ptbxl.epochs, ptbxl.supervise_from) == (48, 30, 100)  # the bundled recipe
+    # 16 series: batches of 4, 4 steps per epoch, 500 epochs; 400: batches of 32, 12 steps, 167 epochs
+    assert ucr_recipe(16) == {"batch_size": 4, "epochs": 500}
+    assert ucr_recipe(400) == {"batch_size": 32, "epochs": 167}
+    assert ucr_recipe(5000) == {"batch_size": 32, "epochs": 100}
     data = write_ucr(tmp_path, n_train=40, n_test=40)
     out = tmp_path / "run"
-    fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--device", "cpu", "--n-boot", "20")
+    fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--device", "cpu", "--n-boot", "20",
+        "--refit", "off")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.9, metrics["test_accuracy"]
-    assert metrics["ema_decay"] == pytest.approx(1 - 5 / (2 * 150))  # 32 training series: 2 steps per epoch
+    assert metrics["ucr_recipe"] == {"batch_size": 4, "epochs": 250}  # 32 training series: 8 steps per epoch
+    assert metrics["ema_decay"] == pytest.approx(1 - 5 / (8 * 250))
 
 
 @pytest.mark.parametrize(

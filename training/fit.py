@@ -49,8 +49,10 @@ def parse_args(argv=None):
                        help="train on random lead subsets (missing leads as NaN, seen by the model as absent) so the "
                             "exported model serves any subset of the leads")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=None, help="unset: 30 for ptbxl, 150 for ucr")
-    opt.add_argument("--batch-size", type=int, default=None, help="unset: 48 for ptbxl, 16 for ucr")
+    opt.add_argument("--epochs", type=int, default=None,
+                     help="unset: 30 for ptbxl; for ucr, ~2,000 optimiser steps' worth (100-600, training/recipe.py)")
+    opt.add_argument("--batch-size", type=int, default=None,
+                     help="unset: 48 for ptbxl; for ucr, an eighth of the training series (4-32)")
     opt.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, warm-up then cosine)")
     opt.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms, biases, "
                      "SSM dynamics)")
@@ -70,6 +72,9 @@ def parse_args(argv=None):
     opt.add_argument("--seed", type=int, default=0, help="weights, crops and order")
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/latest", help="run directory")
+    run.add_argument("--refit", choices=["auto", "on", "off"], default="auto",
+                     help="train again on all of TRAIN for the epochs chosen on validation (auto: on for ucr); the "
+                          "selection run is kept in RUN_DIR/selection")
     run.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt (same flags)")
     run.add_argument("--init", help="warm start from this checkpoint's weights and architecture (new optimiser, "
                      "schedule)")
@@ -81,16 +86,14 @@ def parse_args(argv=None):
     run.add_argument("--parity-windows", type=int, default=8, help="validation windows kept for export's parity check")
     run.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the final interval")
     args = p.parse_args(argv)
-    # A UCR ECG set has ~100 short training series: batches of 64 would give one optimiser step per epoch, so small
-    # sets get small batches and more epochs (ECG200: 5 steps per epoch, 750 in all). PTB-XL: the bundled recipe,
-    # batches of 48 and the loss on every step from the 100th sample (1 s), as a stream is served every hop.
-    small = args.task == "ucr"
-    if args.epochs is None:
-        args.epochs = 150 if small else 30
-    if args.batch_size is None:
-        args.batch_size = 16 if small else 48
+    # PTB-XL: the bundled recipe, batches of 48 and the loss on every step from the 100th sample (1 s), as a stream
+    # is served every hop. UCR: batch size and epochs follow the training set's size once it is read
+    # (training/recipe.py); the loss on the last step (a series is classified whole).
+    if args.task == "ptbxl":
+        args.epochs = 30 if args.epochs is None else args.epochs
+        args.batch_size = 48 if args.batch_size is None else args.batch_size
     if args.supervise_from is None:
-        args.supervise_from = 0 if small else 100
+        args.supervise_from = 0 if args.task == "ucr" else 100
     return args
 
 

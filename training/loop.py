@@ -8,6 +8,7 @@ Under torchrun each process trains its share of every batch (DDP); rank 0 alone 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from msssm_serve.training.data import TaskData, fit_normalisation, load_task
 from msssm_serve.training.inference import load_model, window_probabilities
 from msssm_serve.training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc_by_name
 from msssm_serve.training.plots import plot_curves
+from msssm_serve.training.recipe import apply_ucr_recipe
 from msssm_serve.training.ptbxl import DataError
 
 # Lead subsets a lead-subset model is scored on after training (the model card's table).
@@ -102,8 +104,11 @@ def make_optimizer(model: MSSSMClassifier, args) -> torch.optim.AdamW:
 
 
 class Run:
-    def __init__(self, args):
+    def __init__(self, args, refit: dict | None = None):
+        """`refit`: this run trains on the whole of TRAIN (validation included) for `refit["epochs"]` epochs and
+        keeps its last `refit["weights"]` (raw or averaged), as chosen on validation by an earlier run."""
         self.args = args
+        self.refit = refit
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
@@ -125,6 +130,11 @@ class Run:
         self.data = data = load_task(args)
         if world > 1 and self.is_main:
             dist.barrier()
+        self.recipe = apply_ucr_recipe(args, len(data.x_train)) if args.task == "ucr" else None
+        if self.refit is not None:
+            data.x_train = np.concatenate([data.x_train, data.x_val])
+            data.y_train = np.concatenate([data.y_train, data.y_val])
+            args.epochs = self.refit["epochs"]
         self.crop = args.crop if args.crop is not None else (250 if args.task == "ptbxl" else 0)
         self.model = model = build_model(args, data)
         mean, std = fit_normalisation(data.x_train)
@@ -222,8 +232,24 @@ class Run:
             losses.append(loss.item())
             seen += len(idx) * self.world
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", rec_s=f"{seen / (time.time() - started):.0f}")
-        if self.is_main:
+        if self.is_main and self.refit is not None:
+            self._keep_last(epoch, float(np.mean(losses)), started)
+        elif self.is_main:
             self._select(epoch, float(np.mean(losses)), started, seen)
+
+    def _keep_last(self, epoch: int, train_loss: float, started: float) -> None:
+        """A refit has nothing held out to select on: its weights after the chosen number of epochs are the model."""
+        kept = self.ema.module if self.refit["weights"] == "ema" and self.ema is not None else self.model
+        self.history.append({"epoch": epoch + 1, "train_loss": train_loss, "lr": self.scheduler.get_last_lr()[0],
+                             "seconds": time.time() - started})
+        if epoch + 1 == self.args.epochs:
+            self.meta["validation"] = {**self.refit["validation"], "refit": "retrained on all of TRAIN for the "
+                                       "epochs chosen on validation; these figures are the selection run's"}
+            save_checkpoint(self.out / "checkpoint.pt", kept, self.meta)
+        save_checkpoint(self.out / "last.pt", self.model, self.meta, optimizer=self.optimizer.state_dict(),
+                        scheduler=self.scheduler.state_dict(), epoch=epoch + 1, best=self.best, history=self.history,
+                        ema=self.ema.state_dict() if self.ema is not None else None, schedule=self.schedule,
+                        torch_rng=torch.get_rng_state(), train_seconds=self.train_seconds())
 
     def _select(self, epoch: int, train_loss: float, started: float, seen: int) -> None:
         """Score the raw and averaged weights on validation; keep the better as checkpoint.pt if it beats the best;
@@ -272,16 +298,19 @@ class Run:
         y_val = data.y_val.astype(np.float32)
         best_model, best_meta, _ = load_checkpoint(self.out / "checkpoint.pt")
         best_model.to(self.device)
-        print("scoring the best checkpoint on validation (bootstrap interval)", file=sys.stderr)
-        p_val = window_probabilities(best_model, data.x_val, args.eval_batch_size, self.device)
         metrics = {
             "task": args.task, "classes": data.classes, "config": best_model.cfg.to_dict(), "data": data.info,
             "command": self.meta["command"], "device": str(self.device), "world_size": self.world,
-            "ema_decay": self.ema_decay, "epochs": self.history,
-            "best": {**best_meta["validation"], **{f"bootstrap_{k}": v for k, v in
-                     bootstrap_macro_auroc(y_val, p_val, n_boot=args.n_boot).items()}},
-            "train_wall_seconds": self.train_seconds(),
+            "ema_decay": self.ema_decay, "epochs": self.history, "train_wall_seconds": self.train_seconds(),
+            **({"ucr_recipe": self.recipe} if self.recipe else {}),
         }
+        if self.refit is not None:  # validation is in its training data: the selection run's figures stand
+            metrics["best"] = self.refit["best"]
+        else:
+            print("scoring the best checkpoint on validation (bootstrap interval)", file=sys.stderr)
+            p_val = window_probabilities(best_model, data.x_val, args.eval_batch_size, self.device)
+            metrics["best"] = {**best_meta["validation"], **{f"bootstrap_{k}": v for k, v in
+                               bootstrap_macro_auroc(y_val, p_val, n_boot=args.n_boot).items()}}
         if best_model.cfg.lead_mask:
             metrics["lead_subsets"] = best_meta["validation"]["lead_subsets"] = self._score_subsets(best_model, y_val)
             save_checkpoint(self.out / "checkpoint.pt", best_model.cpu(), best_meta)
@@ -290,7 +319,8 @@ class Run:
             metrics["test_accuracy"] = float((p_test.argmax(-1) == data.y_test.argmax(-1)).mean())
             metrics["test_macro_auroc"] = macro_auroc(data.y_test, p_test)
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        plot_curves(self.out, self.history, data.classes, y_val, p_val)
+        if self.refit is None:
+            plot_curves(self.out, self.history, data.classes, y_val, p_val)
         return metrics
 
     def _score_subsets(self, model: MSSSMClassifier, y_val: np.ndarray) -> dict:
@@ -307,12 +337,36 @@ class Run:
         return subsets
 
 
+def refit_wanted(args) -> bool:
+    return args.refit == "on" or (args.refit == "auto" and args.task == "ucr")
+
+
 def train(args) -> dict:
-    """The whole run; -> metrics (rank 0; {} on the other ranks)."""
-    run = Run(args)
+    """The whole run; -> metrics (rank 0; {} on the other ranks). With a refit (see recipe.py): the selection run
+    in RUN_DIR/selection, then the model trained on all of TRAIN in RUN_DIR, its metrics holding both."""
+    if not refit_wanted(args):
+        return _train_once(Run(args))
+    final_out = Path(args.out)
+    selection_args = argparse.Namespace(**{**vars(args), "out": str(final_out / "selection")})
+    selection = _train_once(Run(selection_args))
+    if not selection:
+        return {}
+    best = selection["best"]
+    refit_args = argparse.Namespace(**{**vars(selection_args), "out": str(final_out)})
+    # At least a quarter of the selection run: on a validation split of a few series, an early epoch can tie the best.
+    epochs = max(int(best["epoch"]), selection_args.epochs // 4)
+    metrics = _train_once(Run(refit_args, refit={"epochs": epochs, "weights": best.get("weights", "raw"),
+                                                 "validation": best, "best": best}))
+    metrics["selection"] = {k: selection[k] for k in ("test_accuracy", "test_macro_auroc") if k in selection}
+    metrics["selection"]["epochs_run"] = len(selection["epochs"])
+    (final_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _train_once(run: Run) -> dict:
     run.start()
     run.t_start = time.time()
-    for epoch in range(run.start_epoch, args.epochs):
+    for epoch in range(run.start_epoch, run.args.epochs):
         run.epoch(epoch)
     if run.world > 1:
         dist.barrier()

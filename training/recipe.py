@@ -1,0 +1,35 @@
+"""Defaults by rules of the data, for flags left unset: what a user bringing any labelled series (`--task ucr`) gets
+without tuning. PTB-XL's defaults are its bundled recipe and are set in fit.py.
+
+UCR sets hold 16 to a few thousand training series. A fixed batch and epoch count either starves the smallest (16
+series in batches of 16: one optimiser step per epoch) or overtrains the largest, so both follow the training size:
+batches of about an eighth of the set (4 to 32 series), and as many epochs as give about STEPS optimiser steps
+(between MIN_EPOCHS and MAX_EPOCHS). A set this small also loses much by holding a fifth out for validation, so by
+default the run is done twice: once on the split to choose the epoch (and raw or averaged weights) on validation, then
+again on the whole of TRAIN for that many epochs (`--refit`).
+"""
+
+from __future__ import annotations
+
+import math
+
+STEPS = 2000
+MIN_EPOCHS, MAX_EPOCHS = 100, 600
+MIN_BATCH, MAX_BATCH = 4, 32
+
+
+def ucr_recipe(n_train: int) -> dict:
+    """Batch size and epochs for a training split of n_train series."""
+    batch = max(MIN_BATCH, min(MAX_BATCH, n_train // 8))
+    steps_per_epoch = max(1, n_train // batch)
+    epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, math.ceil(STEPS / steps_per_epoch)))
+    return {"batch_size": batch, "epochs": epochs}
+
+
+def apply_ucr_recipe(args, n_train: int) -> dict:
+    """Fill the unset (None) batch size and epochs of `args` from the rules; -> what the rules chose."""
+    chosen = ucr_recipe(n_train)
+    for name, value in chosen.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return {name: getattr(args, name) for name in chosen}
