@@ -99,3 +99,60 @@ def checked_array(arrays: dict, name: str, shape: tuple, dtype=np.float32, allow
     if value.dtype.kind == "f" and not finite.all():
         raise BadToken(1007, f"the resume token's {name!r} holds non-finite values")
     return value
+
+
+# --- what a stream's snapshot holds ------------------------------------------------------------------------------
+CONFIG_KEYS = ("sample_rate", "leads", "hop", "dtype", "gain", "snapshot_every", "scale_weights")
+
+
+def capture(stream, resampler, served, config: dict) -> tuple[dict, dict[str, np.ndarray]]:
+    """A settled stream's whole state (model state, position, pending samples, resampler carry, hop shares) as the
+    header and arrays of a token."""
+    position, carry = stream.position(), resampler.carry()
+    arrays = {f"state_{i}": s[0] for i, s in enumerate(stream.state)}
+    arrays["pending"] = position["pending"]
+    if position["last"] is not None:
+        arrays["last"] = position["last"]
+    if carry is not None:
+        arrays["resampler_history"] = carry[0]
+    share_sum, share_n = position["hop_shares"]
+    if stream.scale_weights:
+        arrays["hop_share_sum"] = share_sum
+    header = {"model": served.name, "version": model_version(served.model),
+              "config": {k: config[k] for k in CONFIG_KEYS if k in config},
+              "window": position["window"], "t": position["t"], "last_made": position["last_made"],
+              "hop_share_n": share_n, "resampler": None if carry is None else list(carry[1:])}
+    return header, arrays
+
+
+def restore(stream, resampler, header: dict, arrays: dict) -> None:
+    """Put a token's state into a new stream and resampler of the same model and config, every field checked first
+    (BadToken 1007 naming the field that is out of range)."""
+    model = stream.model
+    window, t = header.get("window"), header.get("t")
+    if not (isinstance(window, int) and window >= 0 and isinstance(t, int) and 0 <= t < model.window):
+        raise BadToken(1007, "the resume token's window position is out of range")
+    state = [checked_array(arrays, f"state_{i}", shape) for i, shape in enumerate(model.state_shapes)]
+    pending = arrays.get("pending")
+    if pending is None or pending.ndim != 2 or len(pending) > stream.max_pending:
+        raise BadToken(1007, "the resume token's pending samples are malformed")
+    pending = checked_array(arrays, "pending", (len(pending), model.n_channels), allow_nan=model.lead_subsets)
+    last = checked_array(arrays, "last", (len(model.labels),)) if "last" in arrays else None
+    if (last is None) != (t == 0):
+        raise BadToken(1007, "the resume token's last prediction does not match its position")
+    if not resampler.identity:
+        counts = header.get("resampler")
+        if not (isinstance(counts, list) and len(counts) == 2 and all(isinstance(c, int) and c >= 0 for c in counts)
+                and counts[0] < resampler.device_window and counts[1] <= model.window):
+            raise BadToken(1007, "the resume token's resampler position is out of range")
+        history = resampler.carry()[0]
+        resampler.restore(checked_array(arrays, "resampler_history", history.shape, dtype=history.dtype), *counts)
+    hop_shares = None
+    if stream.scale_weights:
+        share_n = header.get("hop_share_n")
+        if share_n != t % stream.hop:  # the samples of the hop in progress
+            raise BadToken(1007, "the resume token's scale-weight position is out of range")
+        hop_shares = (checked_array(arrays, "hop_share_sum", (len(model.scales),), dtype=np.float64), share_n)
+    last_made = header.get("last_made")
+    stream.restore([s[None] for s in state], window, t, pending, last,
+                   tuple(last_made) if isinstance(last_made, list) and len(last_made) == 2 else None, hop_shares)

@@ -278,26 +278,10 @@ class Connection:
             raise StreamError(UNSUPPORTED, "snapshots are for one-model streams (open one stream per model)")
         route = self.routes[0]
         await route.session.settled(self.hub.settings.idle_timeout_s)
-        stream, resampler, model = route.session.stream, route.resampler, route.served.model
-        position, carry = stream.position(), resampler.carry()
-        arrays = {f"state_{i}": s[0] for i, s in enumerate(stream.state)}
-        arrays["pending"] = position["pending"]
-        if position["last"] is not None:
-            arrays["last"] = position["last"]
-        if carry is not None:
-            arrays["resampler_history"] = carry[0]
-        share_sum, share_n = position["hop_shares"]
-        if stream.scale_weights:
-            arrays["hop_share_sum"] = share_sum
-        header = {"model": route.served.name, "version": snapshot.model_version(model),
-                  "config": {k: self.config[k] for k in ("sample_rate", "leads", "hop", "dtype", "gain",
-                                                         "snapshot_every", "scale_weights") if k in self.config},
-                  "window": position["window"], "t": position["t"], "last_made": position["last_made"],
-                  "hop_share_n": share_n,
-                  "resampler": None if carry is None else list(carry[1:])}
+        header, arrays = snapshot.capture(route.session.stream, route.resampler, route.served, self.config)
         token = snapshot.seal(header, arrays, snapshot.server_secret())
-        return {"type": "snapshot", "token": token, "window": position["window"], "t": position["t"],
-                "pending": len(position["pending"])}
+        return {"type": "snapshot", "token": token, "window": header["window"], "t": header["t"],
+                "pending": len(arrays["pending"])}
 
     def _resume(self, body: dict) -> None:
         try:
@@ -314,46 +298,12 @@ class Connection:
             if not isinstance(config, dict):
                 raise snapshot.BadToken(1007, "the resume token has no stream config")
             self._ensure_stream({**config, "model": name})
-            self._restore(header, arrays)
+            route = self.routes[0]
+            snapshot.restore(route.session.stream, route.resampler, header, arrays)
+            if route.session.stream.pending:
+                route.served.batcher.notify(route.session)
         except snapshot.BadToken as err:
             raise StreamError(err.code, str(err)) from err
-
-    def _restore(self, header: dict, arrays: dict) -> None:
-        route = self.routes[0]
-        stream, resampler, model = route.session.stream, route.resampler, route.served.model
-        window, t = header.get("window"), header.get("t")
-        if not (isinstance(window, int) and window >= 0 and isinstance(t, int) and 0 <= t < model.window):
-            raise snapshot.BadToken(1007, "the resume token's window position is out of range")
-        state = [snapshot.checked_array(arrays, f"state_{i}", shape) for i, shape in enumerate(model.state_shapes)]
-        pending = arrays.get("pending")
-        if pending is None or pending.ndim != 2 or len(pending) > stream.max_pending:
-            raise snapshot.BadToken(1007, "the resume token's pending samples are malformed")
-        pending = snapshot.checked_array(arrays, "pending", (len(pending), model.n_channels),
-                                         allow_nan=model.lead_subsets)
-        last = snapshot.checked_array(arrays, "last", (len(model.labels),)) if "last" in arrays else None
-        if (last is None) != (t == 0):
-            raise snapshot.BadToken(1007, "the resume token's last prediction does not match its position")
-        if not resampler.identity:
-            counts = header.get("resampler")
-            if not (isinstance(counts, list) and len(counts) == 2 and all(isinstance(c, int) and c >= 0
-                                                                            for c in counts)
-                    and counts[0] < resampler.device_window and counts[1] <= model.window):
-                raise snapshot.BadToken(1007, "the resume token's resampler position is out of range")
-            history = resampler.carry()[0]
-            resampler.restore(snapshot.checked_array(arrays, "resampler_history", history.shape, dtype=history.dtype),
-                              *counts)
-        hop_shares = None
-        if stream.scale_weights:
-            share_n = header.get("hop_share_n")
-            if share_n != t % stream.hop:  # the samples of the hop in progress
-                raise snapshot.BadToken(1007, "the resume token's scale-weight position is out of range")
-            hop_shares = (snapshot.checked_array(arrays, "hop_share_sum", (len(model.scales),), dtype=np.float64),
-                          share_n)
-        last_made = header.get("last_made")
-        stream.restore([s[None] for s in state], window, t, pending, last,
-                       tuple(last_made) if isinstance(last_made, list) and len(last_made) == 2 else None, hop_shares)
-        if stream.pending:
-            route.served.batcher.notify(route.session)
 
     def _chosen_models(self, config: dict) -> list[ServedModel]:
         """The config's `model` (one name) or `models` (a list of names); the server's default model if neither."""
