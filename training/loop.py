@@ -169,7 +169,7 @@ class Run:
         self.net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         self.meta = {
             "labels": data.classes, "multi_label": data.multi_label, "sample_rate": data.sample_rate,
-            "leads": data.leads, "window": int(data.x_val.shape[1]), "default_hop": 25, "task": args.task,
+            "leads": data.leads, "window": int(data.x_val.shape[1]), "default_hop": min(25, int(data.x_val.shape[1])), "task": args.task,
             "label_set": args.label_set if args.task == "ptbxl" else None, "data": data.info,
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "train_crop": self.crop,
             "parity_windows": torch.from_numpy(np.array(data.x_val[: args.parity_windows], dtype=np.float32)),
