@@ -176,3 +176,20 @@ def test_an_uploaded_two_lead_npy_at_360_hz(browser, page_server, tmp_path):
     assert "1007" in page.inner_text("#connection")
     assert "V2" in page.inner_text("#errors")  # names leads the 12-lead model needs
     assert not errors, errors
+
+
+def test_an_uploaded_csv_with_lead_names_plays_on_the_default_model(browser, page_server, tmp_path):
+    record = json.loads((RECORDS / "ptbxl_00022.json").read_text())
+    order = [5, 0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]  # the columns in another order: the header names them
+    path = tmp_path / "record.csv"
+    path.write_text(",".join(record["leads"][i].lower() for i in order) + "\n"
+                    + "\n".join(",".join(str(row[i]) for i in order) for row in record["signal"]) + "\n")
+    page, errors = open_page(browser, page_server)
+    page.set_input_files("#upload", str(path))
+    page.wait_for_function("window.monitor.source.name === 'record.csv'")
+    assert "100 Hz" in page.inner_text("#source-info")  # no rate in a CSV: the model's
+    play_and_wait(page, windows=1)
+    expected = classify(page_server, {"signal": record["signal"], "leads": record["leads"]}, "default")
+    (shown,) = shown_windows(page)
+    assert np.abs(np.array(shown["shown"]) - np.array(expected["windows"][0]["probabilities"])).max() <= 1.5e-4
+    assert not errors, errors
