@@ -52,8 +52,17 @@ def run_one(name: str, data_dir: Path, runs: Path, extra: list[str]) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     return {"name": name, "test_accuracy": metrics["test_accuracy"], "seconds": seconds,
             "val_macro_auroc": metrics["best"]["macro_auroc"], "epoch": metrics["best"]["epoch"],
+            "val_accuracy": metrics["best"].get("accuracy"), "val_loss": _best_val_loss(out),
             "epochs": len(metrics["epochs"]), "config": {k: metrics["config"][k] for k in ("d_model", "n_layers")},
             "recipe": metrics.get("ucr_recipe")}
+
+
+def _best_val_loss(out: Path) -> float | None:
+    """The selection run's validation loss at its chosen epoch (what comparing recipes may look at; TEST never)."""
+    path = out / "selection" / "metrics.json" if (out / "selection").is_dir() else out / "metrics.json"
+    m = json.loads(path.read_text())
+    best = m["best"]["epoch"]
+    return next((e.get("val_loss") for e in m["epochs"] if e["epoch"] == best), None)
 
 
 def main() -> None:
@@ -101,8 +110,14 @@ def main() -> None:
         lines.append(f"| {name} | {t['train']} | {t['length']} | {t['classes']} | {model} | {r['epochs']} "
                      f"| {r['test_accuracy']:.3f} | {t['rocket']:.3f} | {ratio:.3f} | {r['seconds']:.0f} |")
     mean = sum(ratios) / len(ratios) if ratios else float("nan")
+    ok = [r for r in results.values() if "error" not in r]
+    val_acc = [r["val_accuracy"] for r in ok if r.get("val_accuracy") is not None]
+    val_loss = [r["val_loss"] for r in ok if r.get("val_loss") is not None]
     lines += ["", f"**Mean ratio {mean:.3f}** over {len(ratios)} datasets; lowest "
                   f"{min(ratios):.3f}; {sum(r < 0.85 for r in ratios)} below 0.85." if ratios else "no results"]
+    if val_acc and val_loss:  # what recipes are compared on: validation carved from TRAIN, never TEST
+        lines += ["", f"Validation (selection runs, chosen epoch): mean accuracy {sum(val_acc) / len(val_acc):.3f}, "
+                      f"mean loss {sum(val_loss) / len(val_loss):.3f}."]
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)

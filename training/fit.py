@@ -61,8 +61,9 @@ def parse_args(argv=None):
     opt.add_argument("--ema", type=float, default=0.998,
                      help="decay of the moving average of the weights scored beside them (0: off); short runs use "
                           "less, so that the average spans at most a fifth of the run")
-    opt.add_argument("--crop", type=int, default=None,
-                     help="training crop in samples (unset: 250 for ptbxl, the whole series for ucr)")
+    opt.add_argument("--crop", type=float, default=None,
+                     help="training crop in samples, or below 1 a fraction of the series (unset: 250 for ptbxl, "
+                          "the whole series for ucr)")
     opt.add_argument("--supervise-from", type=int, default=None,
                      help="loss on every step from this many samples on (0: the last step of the crop only; "
                           "unset: 100 for ptbxl, 0 for ucr)")

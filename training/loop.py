@@ -135,7 +135,9 @@ class Run:
             data.x_train = np.concatenate([data.x_train, data.x_val])
             data.y_train = np.concatenate([data.y_train, data.y_val])
             args.epochs = self.refit["epochs"]
-        self.crop = args.crop if args.crop is not None else (250 if args.task == "ptbxl" else 0)
+        crop = args.crop if args.crop is not None else (250 if args.task == "ptbxl" else 0)
+        # below 1: a fraction of the series (window slicing, for sets of series of one length)
+        self.crop = max(1, round(crop * data.x_train.shape[1])) if 0 < crop < 1 else int(crop)
         self.model = model = build_model(args, data)
         mean, std = fit_normalisation(data.x_train)
         model.input_mean.copy_(torch.from_numpy(mean))
@@ -263,6 +265,8 @@ class Run:
                                              progress=f"validation ({name} weights)")
                   for name, m in candidates.items()}
         aurocs = {name: macro_auroc(y_val, p) for name, p in scored.items()}
+        accuracy = None if data.multi_label else {
+            name: float((p.argmax(-1) == y_val.argmax(-1)).mean()) for name, p in scored.items()}
         losses = {name: validation_loss(p, y_val, data.multi_label) for name, p in scored.items()}
         # Ties in AUROC (a small set separated perfectly from the first epoch on) go to the lower loss: otherwise an
         # untrained model that merely ranks right would be kept.
@@ -271,6 +275,7 @@ class Run:
         record = {
             "epoch": epoch + 1, "train_loss": train_loss, "val_loss": losses[chosen],
             "val_macro_auroc": aurocs[chosen], "weights": chosen,
+            **({"val_accuracy": accuracy[chosen]} if accuracy else {}),
             **{f"val_macro_auroc_{name}": value for name, value in aurocs.items()},
             "val_per_class_auroc": per_class_auroc_by_name(data.classes, y_val, scored[chosen]),
             "lr": self.scheduler.get_last_lr()[0], "seconds": time.time() - started,
@@ -281,6 +286,7 @@ class Run:
         if rank_of[chosen] > self.best:
             self.best = rank_of[chosen]
             self.meta["validation"] = {"macro_auroc": aurocs[chosen], "epoch": epoch + 1, "weights": chosen,
+                                       **({"accuracy": accuracy[chosen]} if accuracy else {}),
                                        "per_class_auroc": record["val_per_class_auroc"]}
             save_checkpoint(self.out / "checkpoint.pt", candidates[chosen], self.meta)
         save_checkpoint(

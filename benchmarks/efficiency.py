@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Serving efficiency: what the server delivers against what its graph alone can do, on the same cores, in one run.
+
+    python benchmarks/efficiency.py [--model models/default] [--workers 2] [--duration 20] [--write-readme]
+
+1. The bare graph: `--workers` processes, each one onnxruntime thread (as the server's workers run), calling the
+   graph at every shape of a batch x T sweep from the zero state for `--shape-seconds` each; its best summed
+   samples/s is the ceiling.
+2. Stream capacity (`loadtest/streams.py`: real-time 100 Hz streams, p99 < 100 ms, no failures, generator kept
+   pace) -> served samples/s = streams x 100.
+3. /classify capacity (`loadtest/streams.py --classify --binary`: 10 s windows, p99 < 200 ms) -> windows/s x 1000.
+Prints each, and serving efficiency = served samples/s / bare-graph samples/s for streams and for /classify; writes
+benchmarks/results/efficiency.md (and .json) and, with --write-readme, the figures between the README's
+`<!-- efficiency -->` markers. The load generator shares the machine's cores with the server, as in every load test
+here; its CPU is in the load tests' own result files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+LOADTEST = REPO_ROOT / "loadtest" / "results"
+BATCHES, LENGTHS = (1, 4, 16, 64, 256), (25, 100, 250, 1000)
+
+
+def _graph_worker(model_dir: str, batch: int, length: int, seconds: float, start, queue) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from msssm_serve.runtime import OnnxModel
+
+    model = OnnxModel(model_dir, threads=1)
+    x = np.random.default_rng(0).normal(0, 0.3, (batch, length, model.n_channels)).astype(np.float32)
+    feeds = {"x": x, **dict(zip(model.state_names, model.zero_state(batch)))}
+    model.session.run(model.output_names, feeds)  # warm-up
+    start.wait()
+    t0, calls = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        model.session.run(model.output_names, feeds)
+        calls += 1
+    queue.put(calls * batch * length / (time.perf_counter() - t0))
+
+
+def bare_graph(model_dir: str, workers: int, seconds: float) -> dict:
+    """samples/s summed over `workers` one-thread processes, per (batch, T); the best."""
+    ctx = mp.get_context("spawn")
+    table = {}
+    for batch in BATCHES:
+        for length in LENGTHS:
+            start, queue = ctx.Event(), ctx.Queue()
+            procs = [ctx.Process(target=_graph_worker, args=(model_dir, batch, length, seconds, start, queue))
+                     for _ in range(workers)]
+            for p in procs:
+                p.start()
+            time.sleep(3)  # every process loaded and warm before the clock starts
+            start.set()
+            rate = sum(queue.get(timeout=seconds + 120) for _ in procs)
+            for p in procs:
+                p.join()
+            table[f"{batch}x{length}"] = rate
+            print(f"bare graph {batch:>3} rows x {length:>4} samples: {rate:,.0f} samples/s", flush=True)
+    best = max(table, key=table.get)
+    return {"samples_per_s": table[best], "best_shape": best, "table": table}
+
+
+def load_test(extra: list[str], result: str) -> dict:
+    cmd = [sys.executable, str(REPO_ROOT / "loadtest" / "streams.py"), *extra, "--tag", "_efficiency"]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO_ROOT)
+    return json.loads((LOADTEST / result).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(REPO_ROOT / "models" / "default"))
+    parser.add_argument("--workers", type=int, default=2, help="server workers, and bare-graph processes")
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per load-test step")
+    parser.add_argument("--shape-seconds", type=float, default=3.0, help="bare graph: seconds per call shape")
+    parser.add_argument("--steps", default="300,400,500,600,700,800")
+    parser.add_argument("--rates", default="20,40,60,80,100,120")
+    parser.add_argument("--write-readme", action="store_true")
+    args = parser.parse_args()
+    started = time.time()
+    bare = bare_graph(args.model, args.workers, args.shape_seconds)
+    common = ["--model", args.model, "--workers", str(args.workers), "--duration", str(args.duration)]
+    streams = load_test([*common, "--steps", args.steps], f"streams_w{args.workers}_efficiency.json")
+    classify = load_test([*common, "--classify", "--binary", "--rates", args.rates],
+                         f"classify_w{args.workers}_binary_efficiency.json")
+    stream_rate = (streams["capacity_streams"] or 0) * 100.0
+    classify_rate = (classify["capacity_windows_per_s"] or 0) * 1000.0
+    result = {"model": os.path.relpath(args.model, REPO_ROOT), "workers": args.workers, "bare_graph": bare,
+              "streams": {"capacity": streams["capacity_streams"], "samples_per_s": stream_rate,
+                          "efficiency": stream_rate / bare["samples_per_s"]},
+              "classify": {"windows_per_s": classify["capacity_windows_per_s"], "samples_per_s": classify_rate,
+                           "efficiency": classify_rate / bare["samples_per_s"]},
+              "wall_seconds": time.time() - started, "cpus": os.cpu_count()}
+    text = (f"Serving efficiency (`python benchmarks/efficiency.py --workers {args.workers}`, "
+            f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores): bare graph "
+            f"**{bare['samples_per_s']:,.0f} samples/s** ({args.workers} one-thread processes, best shape "
+            f"{bare['best_shape']}); streams **{streams['capacity_streams']}** × 100 Hz = {stream_rate:,.0f} samples/s, "
+            f"**efficiency {result['streams']['efficiency']:.2f}**; /classify "
+            f"**{classify['capacity_windows_per_s']:g} windows/s** = {classify_rate:,.0f} samples/s, "
+            f"**efficiency {result['classify']['efficiency']:.2f}**.")
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "efficiency.json").write_text(json.dumps(result, indent=2))
+    rows = "\n".join(f"| {shape} | {rate:,.0f} |" for shape, rate in bare["table"].items())
+    (RESULTS / "efficiency.md").write_text(f"# Serving efficiency\n\n{text}\n\n| bare graph, rows x samples per call "
+                                           f"| samples/s |\n|---|---|\n{rows}\n")
+    if args.write_readme:
+        readme = REPO_ROOT / "README.md"
+        body = readme.read_text()
+        marked = re.sub(r"<!-- efficiency -->.*?<!-- /efficiency -->", f"<!-- efficiency -->{text}<!-- /efficiency -->",
+                        body, flags=re.S)
+        if marked == body and "<!-- efficiency -->" not in body:
+            raise SystemExit("README.md has no <!-- efficiency --> markers")
+        readme.write_text(marked)
+
+
+if __name__ == "__main__":
+    main()
