@@ -21,7 +21,8 @@ from .auth import is_open, key_matches, missing_key_detail, offered_key, redact_
 from .classify import ClientGone, classify_signal, mixer_requested, read_body, read_signal
 from .metrics import Metrics
 from .settings import Settings
-from .streaming import GOING_AWAY, RETRY_AFTER_S, StreamHub
+from .hub import StreamHub
+from .streaming import GOING_AWAY, RETRY_AFTER_S
 
 log = logging.getLogger(__name__)
 

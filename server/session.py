@@ -36,9 +36,11 @@ class Stalled(Exception):
 
 @dataclass(frozen=True)
 class Close:
-    """The last message of a stream: an error message with `detail`, then the close frame with `code`."""
+    """The last message of a stream: an error message with `detail` (and a retry hint, when there is one), then
+    the close frame with `code`."""
     code: int
     detail: str
+    retry_after_s: float | None = None
 
 
 def prediction_message(p: Prediction, model: str) -> dict:

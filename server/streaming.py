@@ -1,4 +1,4 @@
-"""WS /stream: one connection = one `Stream` registered with the batcher.
+"""WS /stream: one connection = one `Stream` registered with the batcher (server/hub.py admits and sheds them).
 
 Two tasks per connection: the receive loop (parses frames, feeds its `StreamSession`, which waits for room when the
 stream's buffer is full) and the sender (the only writer on the socket: config, predictions, errors and the close,
@@ -17,12 +17,9 @@ from msssm_serve.leads import LeadError, LeadMap, parse_lead_list
 from msssm_serve.resample import WindowResampler
 from msssm_serve.runtime import Stream
 
-from .auth import key_matches, missing_key_detail, offered_key
-from .metrics import Metrics
 from .registry import ServedModel
 from . import snapshot
 from .session import Close, Stalled, StreamGone, StreamSession
-from .settings import Settings
 from .signals import (InvalidJSON, InvalidSignal, encode_json, parse_binary_format, parse_json, parse_sample_rate,
                       samples_from_bytes, samples_from_json)
 
@@ -31,8 +28,6 @@ UNSUPPORTED, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1003, 1007, 10
 NORMAL, GOING_AWAY = 1000, 1001
 SENDER_DRAIN_S = 5.0  # how long a closing connection may take to deliver what it still owes
 RETRY_AFTER_S = 2  # the hint given with a refusal for load: the admission window's length
-
-
 class StreamError(Exception):
     def __init__(self, code: int, detail: str):
         super().__init__(detail)
@@ -42,53 +37,6 @@ class StreamError(Exception):
 def close_reason(detail: str) -> str:
     """A close frame's reason is at most 123 bytes of UTF-8: cut there, never inside a character."""
     return detail.encode()[:123].decode(errors="ignore")
-
-
-class StreamHub:
-    """The open connections of one app: admission (max streams), the active-streams gauge, shutdown."""
-
-    def __init__(self, models: dict[str, ServedModel], default: str, settings: Settings, metrics: Metrics):
-        self.models, self.default, self.settings, self.metrics = models, default, settings, metrics
-        self.connections: set[Connection] = set()
-        self.draining = False  # set on SIGTERM: no new streams; open ones get a final snapshot and close 1001
-
-    def authorized(self, ws: WebSocket) -> bool:
-        key = self.settings.api_key
-        return key is None or key_matches(offered_key(ws.headers, ws.query_params, "/stream"), key)
-
-    async def serve(self, ws: WebSocket) -> None:
-        await ws.accept()  # a close code and an error message can only be sent on an accepted socket
-        conn = Connection(self, ws)
-        if not self.authorized(ws):
-            return await conn.refuse(Close(POLICY, missing_key_detail("/stream")))
-        if self.draining:
-            return await conn.refuse(Close(TRY_LATER, "server draining for a restart; connect again (another replica "
-                                                      "takes the stream)"))
-        if len(self.connections) >= self.settings.max_streams:
-            return await conn.refuse(Close(TRY_LATER, "server full, try later"), retry_after_s=RETRY_AFTER_S)
-        loaded = [(m.name, p95) for m in self.models.values() if (p95 := m.batcher.overloaded()) is not None]
-        if loaded:
-            name, p95 = loaded[0]
-            return await conn.refuse(Close(TRY_LATER, f"server at its latency bound (model {name}: p95 "
-                                                      f"{p95 * 1e3:.0f} ms), try later"), retry_after_s=RETRY_AFTER_S)
-        self.connections.add(conn)
-        self.metrics.active_streams.set(len(self.connections))
-        try:
-            await conn.run()
-        finally:
-            self.connections.discard(conn)
-            self.metrics.active_streams.set(len(self.connections))
-
-    async def close_all(self, code: int, detail: str) -> None:
-        """Graceful shutdown: no new streams; every one-model stream is sent a final snapshot (so that its client
-        resumes elsewhere and loses nothing), then every connection is told why and closed, waiting (bounded)."""
-        self.draining = True
-        for conn in list(self.connections):
-            await conn.final_snapshot()
-            conn.send(Close(code, detail))
-        deadline = asyncio.get_running_loop().time() + SENDER_DRAIN_S
-        while self.connections and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -371,5 +319,6 @@ class Connection:
 
     async def _close(self, close: Close) -> None:
         self.hub.metrics.stream_closes.labels(str(close.code)).inc()
-        await self.ws.send_text(encode_json({"type": "error", "detail": close.detail}))
+        hint = {} if close.retry_after_s is None else {"retry_after_s": close.retry_after_s}
+        await self.ws.send_text(encode_json({"type": "error", "detail": close.detail, **hint}))
         await self.ws.close(close.code, close_reason(close.detail))

@@ -255,3 +255,41 @@ def test_past_its_latency_bound_the_server_refuses_new_work_with_a_retry_hint(mo
             assert open_stream.receive_json()["type"] == "prediction"
             batcher.latency = type(batcher.latency)()  # the window moved on: latencies back under the bound
             assert client.post("/classify", json={"signal": records[0][:200].tolist()}).status_code == 200
+
+
+def test_streams_admitted_together_past_the_bound_are_shed_newest_first(model_dir, records, monkeypatch):
+    """Streams that connect together are all admitted before their load shows; while the latency stays over the
+    bound the newest quarter is shed (a final snapshot, then an error with `retry_after_s` and close 1013) and the
+    oldest stream goes on."""
+    import time as time_
+
+    from fastapi.testclient import TestClient
+
+    from server import hub
+    from server.app import create_app
+    from server.settings import Settings
+
+    monkeypatch.setattr(hub, "SHED_EVERY_S", 0.05)
+    monkeypatch.setattr(hub, "SHED_SETTLE_S", 30.0)  # one shed only in this test
+    frame = records[0][:25].astype("<f4").tobytes()
+    with TestClient(create_app(Settings(model_dir=model_dir, admit_latency_ms=50))) as client:
+        batcher = client.app.state.batcher
+        streams = [client.websocket_connect("/stream") for _ in range(8)]
+        opened = [s.__enter__() for s in streams]
+        for ws in opened:
+            ws.send_bytes(frame)
+            assert ws.receive_json()["type"] == "prediction"
+        now = time_.monotonic()
+        for _ in range(40):  # the load shows: real-time streams wait 0.2 s (p95 4x the bound)
+            batcher.latency.add(now, 0.2)
+        for ws in opened[-2:]:  # floor(8 x min(0.25, 1 - 50/200)) = 2, the newest
+            snap = ws.receive_json()
+            assert snap["type"] == "snapshot" and snap["token"]
+            error = ws.receive_json()
+            assert error["retry_after_s"] == 2 and "shed" in error["detail"]
+        batcher.latency = type(batcher.latency)()
+        opened[0].send_bytes(frame)  # the oldest is served on
+        assert opened[0].receive_json()["type"] == "prediction"
+        assert client.app.state.metrics.streams_shed._value.get() == 2
+        for s in streams:
+            s.__exit__(None, None, None)
