@@ -240,6 +240,8 @@ class StreamClient:
         self.sent_samples = 0
         self.pending: dict[tuple[int, int], float] = {}  # (window, t) -> send time of completing frame
         self.ws = None
+        self.shed = False
+        self.latency_ms: list[float] = []
 
     async def main(self) -> None:
         import websockets
@@ -251,6 +253,9 @@ class StreamClient:
                                                    compression=None, open_timeout=30)
                 await self.ws.send(json.dumps(r.config))
                 cfg = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
+                if cfg.get("type") == "error" and "retry_after_s" in cfg:
+                    r.refused += 1  # admission said no, with a retry hint: not a failure of an accepted stream
+                    return
                 if cfg.get("type") != "config":
                     raise RuntimeError(f"unexpected first message {cfg}")
                 self.counter = HopCounter(int(cfg["window"]), int(cfg["hop"]), r.device_rate, int(cfg["sample_rate"]))
@@ -280,7 +285,7 @@ class StreamClient:
         t_next = r.t_start + random.random() * period
         loop = asyncio.get_running_loop()
         n = len(self.signal)
-        while not r.stop_sending:
+        while not r.stop_sending and not self.shed:
             delay = t_next - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -318,9 +323,15 @@ class StreamClient:
                 if t0 is not None and (self.idx, key) in r.measured_keys:
                     r.measured_keys.discard((self.idx, key))
                     r.latency_ms.append((time.perf_counter() - t0) * 1000)
+                    self.latency_ms.append(r.latency_ms[-1])
+            elif typ == "error" and "retry_after_s" in m:  # shed for load: its missing hops are not failures
+                r.shed += 1
+                self.shed = True
+                r.measured_keys -= {k for k in r.measured_keys if k[0] == self.idx}
+                return
             elif typ == "error":
                 r.fail(f"error message: {m.get('detail')}")
-        if not self.run.stop_sending:
+        if not self.run.stop_sending and not self.shed:
             r.fail(f"closed by server: {self.ws.close_code} {self.ws.close_reason}")
 
 
@@ -336,6 +347,7 @@ class StreamRun:
         self.expected = 0
         self.measured_keys: set = set()
         self.connected = 0
+        self.refused = self.shed = 0  # refused at admission / shed later, each with a retry hint
         self.stop_sending = False
         self.t_start = 0.0
         self.t_measure0 = self.t_measure1 = float("inf")
@@ -356,7 +368,7 @@ class StreamRun:
             clients.append(StreamClient(self, i, sig, random.randrange(len(sig))))
         tasks = [asyncio.create_task(c.main()) for c in clients]
         t_conn = loop.time()
-        while self.connected + sum(self.failures.values()) < self.n and loop.time() - t_conn < 120:
+        while self.connected + self.refused + sum(self.failures.values()) < self.n and loop.time() - t_conn < 120:
             await asyncio.sleep(0.05)
         connect_s = loop.time() - t_conn
         self.t_start = loop.time() + 0.1
@@ -376,7 +388,10 @@ class StreamRun:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        kept = [ms for c in clients if not c.shed for ms in c.latency_ms]
         res = {"streams": self.n, "connected": self.connected, "connect_s": round(connect_s, 2),
+               "refused": self.refused, "shed": self.shed, "kept_streams": self.connected - self.shed,
+               "kept_p99_ms": pct(kept, 99), "kept_p50_ms": pct(kept, 50),
                "expected_hops": self.expected, "failures": sum(self.failures.values()),
                "failure_kinds": self.failures, **latency_summary(self.latency_ms),
                "send_lag_p50_ms": pct(self.lag_ms, 50), "send_lag_p99_ms": pct(self.lag_ms, 99),
@@ -408,6 +423,38 @@ def device_signals(signals: list[np.ndarray], sample_rate: float | None, leads: 
         ratio = (Fraction(sample_rate) / SAMPLE_RATE).limit_denominator(1000)
         out = [resample_poly(s, ratio.numerator, ratio.denominator, axis=0).astype(np.float32) for s in out]
     return out
+
+
+def run_overload(args) -> None:
+    """One step of `--overload N` real-time streams (say twice the capacity): how many are refused or shed, and the
+    latency of those kept."""
+    signals = [s for s in load_records()]
+    tiled = [np.concatenate([signals[(i + j) % len(signals)] for j in range(6)]) for i in range(len(signals))]
+    server = Server(args.model, args.workers, extra=["--max-streams", str(args.overload * 2)],
+                    log_name=f"overload-w{args.workers}-server")
+    sampler = Sampler(server)
+    hop = int(server.model_info.get("default_hop", 25))
+    try:
+        random.seed(args.overload)
+        run = StreamRun(server.ws_url, args.overload, args.frame_samples or hop, {"hop": hop}, SAMPLE_RATE,
+                        args.warmup, args.duration)
+        r = asyncio.run(run.go(tiled, sampler))
+    finally:
+        sampler.stop()
+        server.stop()
+    print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+    md = [f"# Overload: {args.overload} real-time streams try to connect (workers={args.workers})\n",
+          f"`python loadtest/streams.py --overload {args.overload} --workers {args.workers}`: model `{args.model}`, "
+          f"{args.warmup:g} s warm-up + {args.duration:g} s measured.\n",
+          "| tried | refused at admission | shed later | kept | kept p50 ms | kept p99 ms | all p99 ms | failures |",
+          "|---|---|---|---|---|---|---|---|",
+          f"| {r['streams']} | {r['refused']} | {r['shed']} | {r['kept_streams']} | {fmt(r['kept_p50_ms'])} | "
+          f"{fmt(r['kept_p99_ms'])} | {fmt(r['p99_ms'])} | {r['failures']} |"]
+    if r["failure_kinds"]:
+        md.append(f"\nFailures: `{json.dumps(r['failure_kinds'])[:400]}`")
+    jp, mp = write_results(f"overload_w{args.workers}{args.tag}", {**r, "environment": environment()},
+                           "\n".join(md) + "\n")
+    print(f"wrote {jp} {mp}", flush=True)
 
 
 def run_streams(args) -> None:
@@ -606,6 +653,9 @@ def main(argv=None) -> int:
     p.add_argument("--lag-ms", type=float, default=50.0, help="load generator pacing: send-lag p99 limit")
     p.add_argument("--tag", default="", help="suffix for the result file names, e.g. _threads1")
     p.add_argument("--budget-s", type=float, default=420.0, help="stop searching after this long")
+    p.add_argument("--overload", type=int, default=0,
+                   help="instead of a search: one step of this many streams (e.g. twice the capacity), reporting "
+                        "those refused or shed and the latency of those kept")
     args = p.parse_args(argv)
     try:
         import uvloop
@@ -614,6 +664,8 @@ def main(argv=None) -> int:
         pass
     if args.classify:
         run_classify(args)
+    elif args.overload:
+        run_overload(args)
     else:
         run_streams(args)
     return 0
