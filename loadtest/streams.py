@@ -268,7 +268,13 @@ class StreamClient:
         except asyncio.CancelledError:
             pass
         except Exception as e:  # connection refused / closed / server error
-            r.fail(f"{type(e).__name__}: {str(e)[:120]}")
+            if getattr(getattr(e, "rcvd", None), "code", None) == 1013 and r.connected:  # shed for load, mid-send
+                if not self.shed:
+                    r.shed += 1
+                    self.shed = True
+                    r.measured_keys -= {k for k in r.measured_keys if k[0] == self.idx}
+            else:
+                r.fail(f"{type(e).__name__}: {str(e)[:120]}")
         finally:
             if self.ws is not None:
                 try:
