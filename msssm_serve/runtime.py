@@ -285,9 +285,9 @@ class Stream:
         if scale_weights and not model.has_scale_weights:
             raise ValueError(f"model {model.name} has no scale_weights output (exported before it was one)")
         self.scale_weights = scale_weights
-        # scale shares summed over the samples of the current hop so far, and how many (a hop may span segments)
+        # scale shares summed over the samples of the current hop so far (a hop may span segments); how many samples
+        # that is follows from t (`_hop_samples`)
         self._hop_share_sum = np.zeros(len(model.scales))
-        self._hop_share_n = 0
         self.max_pending = max_pending or 4 * model.window
         self.state: StreamState = model.zero_state(1)
         self.window_index = 0
@@ -340,13 +340,11 @@ class Stream:
             hop_weights = None
             if shares is not None:
                 self._hop_share_sum += shares[done - t0 : t - t0].sum(0)
-                self._hop_share_n += t - done
-                hop_weights = self._hop_share_sum / self._hop_share_n
-                self._hop_share_sum, self._hop_share_n, done = np.zeros_like(self._hop_share_sum), 0, t
+                hop_weights = self._hop_share_sum / self._hop_samples(t)
+                self._hop_share_sum, done = np.zeros_like(self._hop_share_sum), t
             out.append(Prediction(self.window_index, t, probs[t - t0 - 1], t == self.model.window, hop_weights))
         if shares is not None and done < self.t:
             self._hop_share_sum += shares[done - t0 :].sum(0)
-            self._hop_share_n += self.t - done
         self._last = probs[-1]
         if self.t == self.model.window:
             self.window_index += 1
@@ -358,6 +356,10 @@ class Stream:
         if out:
             self._last_made = (out[-1].window, out[-1].t)
         return out
+
+    def _hop_samples(self, t: int) -> int:
+        """Samples of the hop that a prediction at t (>= 1) covers: those after the previous multiple of hop."""
+        return t - (t - 1) // self.hop * self.hop
 
     def _advance(self, n: int) -> list[Prediction]:
         (result,) = self.model.advance_streams([self.take(n)], [self.state], self.scale_weights)
@@ -378,15 +380,15 @@ class Stream:
         """Everything but the model state that the stream carries: where it is, what it holds, what it last said."""
         return {"window": self.window_index, "t": self.t, "pending": self._pending[: self.pending].copy(),
                 "last": None if self._last is None else np.asarray(self._last, np.float32),
-                "last_made": self._last_made, "hop_shares": (self._hop_share_sum.copy(), self._hop_share_n)}
+                "last_made": self._last_made, "hop_share_sum": self._hop_share_sum.copy()}
 
     def restore(self, state: StreamState, window: int, t: int, pending: np.ndarray, last: np.ndarray | None,
-                last_made: tuple[int, int] | None, hop_shares: tuple[np.ndarray, int] | None = None) -> None:
+                last_made: tuple[int, int] | None, hop_share_sum: np.ndarray | None = None) -> None:
         """Continue from a `position()` and state taken from a stream of the same model (checked by the caller)."""
         self.state, self.window_index, self.t = state, window, t
         self._last, self._last_made = last, last_made
-        if hop_shares is not None:
-            self._hop_share_sum, self._hop_share_n = np.asarray(hop_shares[0], np.float64), int(hop_shares[1])
+        if hop_share_sum is not None:
+            self._hop_share_sum = np.asarray(hop_share_sum, np.float64)
         self.pending = 0
         self.feed(pending)
 
@@ -396,7 +398,7 @@ class Stream:
         if self.t == 0 or self._last_made == (self.window_index, self.t):
             return None
         self._last_made = (self.window_index, self.t)
-        shares = self._hop_share_sum / self._hop_share_n if self.scale_weights and self._hop_share_n else None
+        shares = self._hop_share_sum / self._hop_samples(self.t) if self.scale_weights else None
         return Prediction(self.window_index, self.t, self._last, False, shares)
 
     def flush(self) -> list[Prediction]:

@@ -115,13 +115,12 @@ def capture(stream, resampler, served, config: dict) -> tuple[dict, dict[str, np
         arrays["last"] = position["last"]
     if carry is not None:
         arrays["resampler_history"] = carry[0]
-    share_sum, share_n = position["hop_shares"]
     if stream.scale_weights:
-        arrays["hop_share_sum"] = share_sum
+        arrays["hop_share_sum"] = position["hop_share_sum"]
     header = {"model": served.name, "version": model_version(served.model),
               "config": {k: config[k] for k in CONFIG_KEYS if k in config},
               "window": position["window"], "t": position["t"], "last_made": position["last_made"],
-              "hop_share_n": share_n, "resampler": None if carry is None else list(carry[1:])}
+              "resampler": None if carry is None else list(carry[1:])}
     return header, arrays
 
 
@@ -147,12 +146,9 @@ def restore(stream, resampler, header: dict, arrays: dict) -> None:
             raise BadToken(1007, "the resume token's resampler position is out of range")
         history = resampler.carry()[0]
         resampler.restore(checked_array(arrays, "resampler_history", history.shape, dtype=history.dtype), *counts)
-    hop_shares = None
-    if stream.scale_weights:
-        share_n = header.get("hop_share_n")
-        if share_n != t % stream.hop:  # the samples of the hop in progress
-            raise BadToken(1007, "the resume token's scale-weight position is out of range")
-        hop_shares = (checked_array(arrays, "hop_share_sum", (len(model.scales),), dtype=np.float64), share_n)
+    hop_share_sum = None
+    if stream.scale_weights:  # the shares of the hop in progress, summed over its t % hop samples so far
+        hop_share_sum = checked_array(arrays, "hop_share_sum", (len(model.scales),), dtype=np.float64)
     last_made = header.get("last_made")
     stream.restore([s[None] for s in state], window, t, pending, last,
-                   tuple(last_made) if isinstance(last_made, list) and len(last_made) == 2 else None, hop_shares)
+                   tuple(last_made) if isinstance(last_made, list) and len(last_made) == 2 else None, hop_share_sum)
