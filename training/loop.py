@@ -106,7 +106,8 @@ def make_optimizer(model: MSSSMClassifier, args) -> torch.optim.AdamW:
 class Run:
     def __init__(self, args, refit: dict | None = None):
         """`refit`: this run trains on the whole of TRAIN (validation included) for `refit["epochs"]` epochs and
-        keeps its last `refit["weights"]` (raw or averaged), as chosen on validation by an earlier run."""
+        keeps its last `refit["weights"]` (raw or averaged), as chosen on validation by an earlier run whose
+        validation figures are `refit["best"]`."""
         self.args = args
         self.refit = refit
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -171,7 +172,8 @@ class Run:
         self.net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         self.meta = {
             "labels": data.classes, "multi_label": data.multi_label, "sample_rate": data.sample_rate,
-            "leads": data.leads, "window": int(data.x_val.shape[1]), "default_hop": min(25, int(data.x_val.shape[1])), "task": args.task,
+            "leads": data.leads, "window": int(data.x_val.shape[1]),
+            "default_hop": min(25, int(data.x_val.shape[1])), "task": args.task,
             "label_set": args.label_set if args.task == "ptbxl" else None, "data": data.info,
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "train_crop": self.crop,
             "parity_windows": torch.from_numpy(np.array(data.x_val[: args.parity_windows], dtype=np.float32)),
@@ -245,13 +247,18 @@ class Run:
         self.history.append({"epoch": epoch + 1, "train_loss": train_loss, "lr": self.scheduler.get_last_lr()[0],
                              "seconds": time.time() - started})
         if epoch + 1 == self.args.epochs:
-            self.meta["validation"] = {**self.refit["validation"], "refit": "retrained on all of TRAIN for the "
+            self.meta["validation"] = {**self.refit["best"], "refit": "retrained on all of TRAIN for the "
                                        "epochs chosen on validation; these figures are the selection run's"}
             save_checkpoint(self.out / "checkpoint.pt", kept, self.meta)
-        save_checkpoint(self.out / "last.pt", self.model, self.meta, optimizer=self.optimizer.state_dict(),
-                        scheduler=self.scheduler.state_dict(), epoch=epoch + 1, best=self.best, history=self.history,
-                        ema=self.ema.state_dict() if self.ema is not None else None, schedule=self.schedule,
-                        torch_rng=torch.get_rng_state(), train_seconds=self.train_seconds())
+        self._save_resume_state(epoch)
+
+    def _save_resume_state(self, epoch: int) -> None:
+        """last.pt: everything `--resume` needs to continue after `epoch`."""
+        save_checkpoint(
+            self.out / "last.pt", self.model, self.meta, optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), epoch=epoch + 1, best=self.best, history=self.history,
+            ema=self.ema.state_dict() if self.ema is not None else None, schedule=self.schedule,
+            torch_rng=torch.get_rng_state(), train_seconds=self.train_seconds())
 
     def _select(self, epoch: int, train_loss: float, started: float, seen: int) -> None:
         """Score the raw and averaged weights on validation; keep the better as checkpoint.pt if it beats the best;
@@ -289,11 +296,7 @@ class Run:
                                        **({"accuracy": accuracy[chosen]} if accuracy else {}),
                                        "per_class_auroc": record["val_per_class_auroc"]}
             save_checkpoint(self.out / "checkpoint.pt", candidates[chosen], self.meta)
-        save_checkpoint(
-            self.out / "last.pt", self.model, self.meta, optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(), epoch=epoch + 1, best=self.best, history=self.history,
-            ema=self.ema.state_dict() if self.ema is not None else None, schedule=self.schedule,
-            torch_rng=torch.get_rng_state(), train_seconds=self.train_seconds())
+        self._save_resume_state(epoch)
 
     def train_seconds(self) -> float:
         return self.seconds_before + time.time() - self.t_start
@@ -362,7 +365,7 @@ def train(args) -> dict:
     # At least a quarter of the selection run: on a validation split of a few series, an early epoch can tie the best.
     epochs = max(int(best["epoch"]), selection_args.epochs // 4)
     metrics = _train_once(Run(refit_args, refit={"epochs": epochs, "weights": best.get("weights", "raw"),
-                                                 "validation": best, "best": best}))
+                                                 "best": best}))
     metrics["selection"] = {k: selection[k] for k in ("test_accuracy", "test_macro_auroc") if k in selection}
     metrics["selection"]["epochs_run"] = len(selection["epochs"])
     (final_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
