@@ -243,6 +243,14 @@ class StreamClient:
         self.shed = False
         self.latency_ms: list[float] = []
 
+    def mark_shed(self) -> None:
+        """The server shed this stream for load (1013 with a retry hint): counted once, its unanswered hops dropped
+        from what is expected of the server."""
+        if not self.shed:
+            self.shed = True
+            self.run.shed += 1
+            self.run.measured_keys -= {k for k in self.run.measured_keys if k[0] == self.idx}
+
     async def main(self) -> None:
         import websockets
 
@@ -269,10 +277,7 @@ class StreamClient:
             pass
         except Exception as e:  # connection refused / closed / server error
             if getattr(getattr(e, "rcvd", None), "code", None) == 1013 and r.connected:  # shed for load, mid-send
-                if not self.shed:
-                    r.shed += 1
-                    self.shed = True
-                    r.measured_keys -= {k for k in r.measured_keys if k[0] == self.idx}
+                self.mark_shed()
             else:
                 r.fail(f"{type(e).__name__}: {str(e)[:120]}")
         finally:
@@ -331,9 +336,7 @@ class StreamClient:
                     r.latency_ms.append((time.perf_counter() - t0) * 1000)
                     self.latency_ms.append(r.latency_ms[-1])
             elif typ == "error" and "retry_after_s" in m:  # shed for load: its missing hops are not failures
-                r.shed += 1
-                self.shed = True
-                r.measured_keys -= {k for k in r.measured_keys if k[0] == self.idx}
+                self.mark_shed()
                 return
             elif typ == "error":
                 r.fail(f"error message: {m.get('detail')}")

@@ -24,9 +24,8 @@ SHED_SETTLE_S = 2.0  # after a shed: the batcher's latency window, so that it ha
 SHED_MAX_FRACTION = 0.25
 
 
-
 class StreamHub:
-    """The open connections of one app: admission (max streams), the active-streams gauge, shutdown."""
+    """The open connections of one app: admission, shedding, the active-streams gauge, shutdown."""
 
     def __init__(self, models: dict[str, ServedModel], default: str, settings: Settings, metrics: Metrics):
         self.models, self.default, self.settings, self.metrics = models, default, settings, metrics

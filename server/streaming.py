@@ -28,6 +28,8 @@ UNSUPPORTED, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1003, 1007, 10
 NORMAL, GOING_AWAY = 1000, 1001
 SENDER_DRAIN_S = 5.0  # how long a closing connection may take to deliver what it still owes
 RETRY_AFTER_S = 2  # the hint given with a refusal for load: the admission window's length
+
+
 class StreamError(Exception):
     def __init__(self, code: int, detail: str):
         super().__init__(detail)

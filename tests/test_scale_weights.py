@@ -100,21 +100,21 @@ def test_a_snapshot_mid_hop_resumes_the_hops_shares(resume_server, records):  # 
     config = {"model": "default", "hop": 50, "scale_weights": True}
     cut = 1337
 
+    async def up_to_the_cut_then_flush(ws):
+        await ws.send(json.dumps(config))
+        await ws.recv()
+        await ws.send(signal_[:cut].tobytes())
+        await ws.send(json.dumps({"type": "flush"}))
+
     async def reference():
         async with connect(resume_server.ws_url, max_size=None) as ws:
-            await ws.send(json.dumps(config))
-            await ws.recv()
-            await ws.send(signal_[:cut].tobytes())
-            await ws.send(json.dumps({"type": "flush"}))
+            await up_to_the_cut_then_flush(ws)
             await ws.send(signal_[cut:].tobytes())
             return await predictions(ws, 2)
 
     async def resumed():
         async with connect(resume_server.ws_url, max_size=None) as ws:
-            await ws.send(json.dumps(config))
-            await ws.recv()
-            await ws.send(signal_[:cut].tobytes())
-            await ws.send(json.dumps({"type": "flush"}))
+            await up_to_the_cut_then_flush(ws)
             await ws.send(json.dumps({"type": "snapshot"}))
             before = []
             while (m := json.loads(await ws.recv()))["type"] != "snapshot":
