@@ -35,9 +35,11 @@ SAMPLES_PER_TURN = 2048
 MAX_CLASSIFY_WINDOWS_PER_CALL = 8
 # Admission: the server-side latency of streams keeping real time (ready -> computed) over the last LATENCY_WINDOW_S;
 # while its 95th percentile exceeds the bound, new streams and /classify requests are refused (retry after the window)
-# instead of every accepted stream slowing down.
+# instead of every accepted stream slowing down. Completed latencies lag a sudden load by up to the window, so how long
+# the oldest real-time stream has waited so far counts too: it grows the moment the batcher falls behind.
 LATENCY_WINDOW_S = 2.0
 MIN_LATENCY_SAMPLES = 20
+OLDEST_LOOKED_AT = 32  # ready streams looked at for the oldest real-time one (those ahead of real time are skipped)
 
 
 class LatencyWindow:
@@ -59,11 +61,32 @@ class LatencyWindow:
         return float(np.percentile(recent, 95))
 
 
+class RateWindow:
+    """Samples counted over a sliding window of time: what arrives and what is computed, so that shedding knows
+    which share of the arriving load the batcher keeps up with."""
+
+    def __init__(self, window_s: float = LATENCY_WINDOW_S):
+        self.window_s = window_s
+        self._counts: deque[tuple[float, int]] = deque()
+        self._total = 0
+
+    def add(self, now: float, n: int) -> None:
+        self._counts.append((now, n))
+        self._total += n
+        self.total(now)  # drop what left the window, so that the window's memory stays bounded
+
+    def total(self, now: float) -> int:
+        while self._counts and self._counts[0][0] < now - self.window_s:
+            self._total -= self._counts.popleft()[1]
+        return self._total
+
+
 class Batcher:
     def __init__(self, model: OnnxModel, metrics: Metrics, batch_wait_ms: float, latency_bound_ms: float = 50.0):
         self.model = model
         self.latency_bound_s = latency_bound_ms / 1000
         self.latency = LatencyWindow()
+        self.arrived, self.computed = RateWindow(), RateWindow()  # samples, for the share kept up with
         self._timed: dict[StreamSession, float] = {}
         self.metrics = metrics
         self.batch_wait_s = batch_wait_ms / 1000
@@ -101,6 +124,9 @@ class Batcher:
         self.sessions.discard(session)
         self._ready.pop(session, None)
         session.stop()
+
+    def arrived_samples(self, n: int) -> None:
+        self.arrived.add(time.monotonic(), n)
 
     def notify(self, session: StreamSession) -> None:
         """The session may have work. One in flight is looked at again when its result comes back."""
@@ -141,9 +167,26 @@ class Batcher:
                 self._work.set()
 
     def overloaded(self) -> float | None:
-        """The recent p95 latency (s) when it exceeds the admission bound, else None."""
-        p95 = self.latency.p95(time.monotonic())
-        return p95 if p95 is not None and p95 > self.latency_bound_s else None
+        """The recent p95 latency (s), or the wait so far of the oldest real-time stream if longer, when it exceeds
+        the admission bound; else None."""
+        now = time.monotonic()
+        worst = max(self.latency.p95(now) or 0.0, self._oldest_wait(now))
+        return worst if worst > self.latency_bound_s else None
+
+    def kept_up_share(self) -> float:
+        """Samples computed over the window / samples arrived (at most 1): below 1 the batcher falls behind, and the
+        share says how much of today's load it carries."""
+        now = time.monotonic()
+        arrived = self.arrived.total(now)
+        return 1.0 if arrived == 0 else min(1.0, self.computed.total(now) / arrived)
+
+    def _oldest_wait(self, now: float) -> float:
+        for i, (session, since) in enumerate(self._ready.items()):  # oldest first
+            if i == OLDEST_LOOKED_AT:
+                break
+            if not session.ahead_of_real_time():
+                return now - since
+        return 0.0
 
     def _take_turn(self) -> list[tuple[StreamSession, np.ndarray]]:
         """The segments to compute this turn, within SAMPLES_PER_TURN; sessions not reached stay ready."""
@@ -220,6 +263,7 @@ class Batcher:
             log.exception("batched inference failed")
             results = None
         now = time.monotonic()
+        self.computed.add(now, sum(map(len, segments)))
         for s in sessions:  # streams keeping real time: how long their samples waited and were computed
             if s in self._timed:
                 self.latency.add(now, now - self._timed[s])

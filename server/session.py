@@ -74,6 +74,7 @@ class StreamSession:
             n = min(self.stream.free, len(samples) - start)
             self.stream.feed(samples[start : start + n])
             self._received += n
+            self.batcher.arrived_samples(n)
             start += n
             self.batcher.notify(self)
 

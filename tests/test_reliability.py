@@ -228,6 +228,34 @@ def test_finding_8_a_burst_waits_behind_streams_that_keep_real_time(model, recor
     assert taken[: len(steady)] == steady
 
 
+def test_a_falling_behind_batcher_is_over_its_bound_before_any_latency_completes(model, records):
+    """Completed latencies lag a sudden load; how long the oldest real-time stream has waited so far does not. A
+    stream ahead of real time waiting is by design and does not count."""
+    from msssm_serve.runtime import Stream
+    from server.batcher import Batcher
+    from server.metrics import Metrics
+
+    async def scenario():
+        batcher = Batcher(model, Metrics(), batch_wait_ms=0, latency_bound_ms=50)  # not started: nothing computes
+        pushing = batcher.open(Stream(model, hop=25), asyncio.Queue())
+        pushing.stream.feed(records[0][:1000])
+        pushing._received += 10_000  # far ahead of real time
+        batcher.notify(pushing)
+        await asyncio.sleep(0.1)
+        ahead_only = batcher.overloaded()
+        steady = batcher.open(Stream(model, hop=25), asyncio.Queue())
+        steady.stream.feed(records[0][:25])
+        steady._received += 25
+        batcher.notify(steady)
+        fresh = batcher.overloaded()
+        await asyncio.sleep(0.1)
+        return ahead_only, fresh, batcher.overloaded()
+
+    ahead_only, fresh, waited = asyncio.run(scenario())
+    assert ahead_only is None and fresh is None
+    assert waited is not None and 0.1 <= waited < 1.0
+
+
 def test_past_its_latency_bound_the_server_refuses_new_work_with_a_retry_hint(model_dir, records):
     """Admission: while the recent p95 latency of real-time streams exceeds the bound, a new stream gets an error
     with `retry_after_s` and close 1013, /classify 503 with Retry-After; streams already open are served on, and
@@ -259,8 +287,8 @@ def test_past_its_latency_bound_the_server_refuses_new_work_with_a_retry_hint(mo
 
 def test_streams_admitted_together_past_the_bound_are_shed_newest_first(model_dir, records, monkeypatch):
     """Streams that connect together are all admitted before their load shows; while the latency stays over the
-    bound the newest quarter is shed (a final snapshot, then an error with `retry_after_s` and close 1013) and the
-    oldest stream goes on."""
+    bound the newest are shed (a final snapshot, then an error with `retry_after_s` and close 1013), as many as leave
+    SHED_TARGET_LOAD of the load the batcher kept up with, and the oldest stream goes on."""
     import time as time_
 
     from fastapi.testclient import TestClient
@@ -280,9 +308,10 @@ def test_streams_admitted_together_past_the_bound_are_shed_newest_first(model_di
             ws.send_bytes(frame)
             assert ws.receive_json()["type"] == "prediction"
         now = time_.monotonic()
+        batcher.arrived.add(now, 200)  # twice what it computed (8 x 25): it kept up with half the load
         for _ in range(40):  # the load shows: real-time streams wait 0.2 s (p95 4x the bound)
             batcher.latency.add(now, 0.2)
-        for ws in opened[-2:]:  # floor(8 x min(0.25, 1 - 50/200)) = 2, the newest
+        for ws in opened[-5:]:  # keep floor(8 x 0.85 x 0.5) = 3: the newest 5 are shed
             snap = ws.receive_json()
             assert snap["type"] == "snapshot" and snap["token"]
             error = ws.receive_json()
@@ -290,6 +319,6 @@ def test_streams_admitted_together_past_the_bound_are_shed_newest_first(model_di
         batcher.latency = type(batcher.latency)()
         opened[0].send_bytes(frame)  # the oldest is served on
         assert opened[0].receive_json()["type"] == "prediction"
-        assert client.app.state.metrics.streams_shed._value.get() == 2
+        assert client.app.state.metrics.streams_shed._value.get() == 5
         for s in streams:
             s.__exit__(None, None, None)
