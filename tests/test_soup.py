@@ -41,7 +41,7 @@ def test_uniform_soup_is_the_mean_of_the_weights_and_exports(fine_tunes, tmp_pat
     proc = soup("--models", a, b, "--out", tmp_path / "soup")
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert line["kept"] == 2 and 0.0 <= line["val_macro_auroc"] <= 1.0
+    assert line["kept"] == 2
 
     model, meta, _ = load_checkpoint(tmp_path / "soup" / "checkpoint.pt")
     wa, wb = (load_checkpoint(p)[0].state_dict() for p in (a, b))

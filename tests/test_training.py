@@ -76,7 +76,7 @@ def test_two_step_run_writes_a_loadable_checkpoint_then_resume_continues(tmp_pat
     # normalisation fitted on the training folds and stored in the model
     assert not np.allclose(model.input_std.numpy(), 1.0)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["epochs"]) == 1 and 0 <= metrics["best"]["macro_auroc"] <= 1
+    assert len(metrics["epochs"]) == 1 and metrics["best"]["macro_auroc"] == meta["validation"]["macro_auroc"]
     assert (out / "learning_curves.png").stat().st_size > 0 and (out / "roc_curves.png").stat().st_size > 0
 
     first = load_checkpoint(out / "last.pt")[2]
@@ -168,8 +168,17 @@ def test_ucr_task_writes_test_metrics(tmp_path):
     fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--d-model", "8", "--n-layers", "1",
         "--epochs", "3", "--batch-size", "8", "--n-boot", "20", "--device", "cpu")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["test_accuracy"] <= 1 and 0 <= metrics["test_macro_auroc"] <= 1
-    assert load_checkpoint(out / "checkpoint.pt")[1]["multi_label"] is False
+    model, meta, _ = load_checkpoint(out / "checkpoint.pt")
+    assert meta["multi_label"] is False and meta["labels"] == ["-1.00000", "1.00000"]  # the file's text
+    # TEST accuracy as recorded is the checkpoint's, recomputed here from the file: the last step's argmax
+    import torch
+
+    table = np.loadtxt(data / "TinyECG_TEST.tsv", delimiter="\t")
+    with torch.no_grad():
+        probs = model.advance(torch.tensor(table[:, 1:, None], dtype=torch.float32), model.zero_state(len(table)))[0]
+    truth = [[float(label) for label in meta["labels"]].index(y) for y in table[:, 0]]
+    assert metrics["test_accuracy"] == pytest.approx(float((probs[:, -1].argmax(-1).numpy() == truth).mean()))
+    assert "test_macro_auroc" in metrics
     # refit (the default for ucr): the selection run kept beside it; the model trained on all 24 TRAIN series
     selection = json.loads((out / "selection" / "metrics.json").read_text())
     assert metrics["best"] == selection["best"] and "test_accuracy" in metrics["selection"]
@@ -287,9 +296,15 @@ def test_supervised_steps_picks_the_last_step_or_every_step_from_n():
     assert torch.equal(supervised_steps(logits, 50), logits[:, 9:])  # crop shorter than N: its last step
 
 
-def test_supervise_from_trains(tmp_path):
-    fit(*ptbxl_args(tmp_path / "run", "--epochs", "1", "--steps-per-epoch", "2", "--supervise-from", "16"))
-    assert (tmp_path / "run" / "checkpoint.pt").exists()
+def test_supervise_from_reaches_the_loss(tmp_path):
+    """Same seed and data, only the supervised steps differ: the trained weights must differ (an ignored flag would
+    train the same model twice)."""
+    import torch
+
+    for name, first in (("from16", "16"), ("last", "0")):
+        fit(*ptbxl_args(tmp_path / name, "--epochs", "1", "--steps-per-epoch", "2", "--supervise-from", first))
+    a, b = (load_checkpoint(tmp_path / name / "checkpoint.pt")[0].state_dict() for name in ("from16", "last"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bootstrap_leaves_out_single_valued_classes_and_never_draws_for_ever():
