@@ -84,7 +84,8 @@ def test_finding_1_a_burst_larger_than_the_free_buffer_never_wedges_a_stream(gua
         for m in messages:
             np.testing.assert_allclose(m["probabilities"], reference[m["window"]][m["t"] - 1], atol=TOL)
     assert wait_for_gauge(guarded.url, 0) == 0
-    assert asyncio.run(catch_up_burst(guarded.ws_url, signal_[:700], 300, hop=100))  # a slot is free
+    freed = asyncio.run(catch_up_burst(guarded.ws_url, signal_[:700], 300, hop=100))  # a slot is free
+    assert [m["t"] for m in freed] == list(range(100, 701, 100))
 
 
 def test_finding_2_huge_finite_values_are_a_4xx_and_never_nan_in_json(guarded):

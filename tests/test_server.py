@@ -504,10 +504,9 @@ def test_api_key_required_except_probes(strict_server, records):
     ws = strict_server.ws_url
     assert asyncio.run(closing(ws, []))[1] == 1008
     assert asyncio.run(closing(ws + "?api_key=wrong", []))[1] == 1008
-    predictions = asyncio.run(run_stream(ws + "?api_key=s3cret", records[0][:50], [50], flush=False))
-    assert len(predictions) == 2
-    predictions = asyncio.run(run_stream(ws, records[0][:50], [50], flush=False, headers=KEY))
-    assert len(predictions) == 2
+    for url_, headers in ((ws + "?api_key=s3cret", None), (ws, KEY)):  # the key in the query, then in a header
+        predictions = asyncio.run(run_stream(url_, records[0][:50], [50], flush=False, headers=headers))
+        assert [(p["type"], p["t"]) for p in predictions] == [("prediction", 25), ("prediction", 50)]
 
 
 def test_limits(strict_server, records):

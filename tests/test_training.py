@@ -88,7 +88,9 @@ def test_two_step_run_writes_a_loadable_checkpoint_then_resume_continues(tmp_pat
     assert resumed["scheduler"]["last_epoch"] == 4  # the schedule continued from step 2
     # the moving average of the weights is scored beside them, and resumes with the run
     assert all({"val_macro_auroc_raw", "val_macro_auroc_ema"} <= set(h) for h in resumed["history"])
-    assert all(h["val_macro_auroc"] == h[f"val_macro_auroc_{h['weights']}"] for h in resumed["history"])
+    # the better of the two on validation is what the epoch reports
+    assert all(h["val_macro_auroc"] == max(h["val_macro_auroc_raw"], h["val_macro_auroc_ema"])
+               for h in resumed["history"])
     assert resumed["ema"]["n_averaged"].item() == 4 and first["ema"]["n_averaged"].item() == 2
 
 
