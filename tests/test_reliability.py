@@ -323,3 +323,39 @@ def test_streams_admitted_together_past_the_bound_are_shed_newest_first(model_di
         assert client.app.state.metrics.streams_shed._value.get() == 5
         for s in streams:
             s.__exit__(None, None, None)
+
+
+def test_a_model_over_its_bound_while_keeping_up_sheds_only_once_it_stays_over(model_dir, records, monkeypatch):
+    """Latency over the bound with the load kept up with (a burst of connections, a slow call) sheds nothing at
+    first; if it stays over for SUSTAINED_S, the newest streams are shed as under any overload."""
+    import time as time_
+
+    from fastapi.testclient import TestClient
+
+    from server import hub
+    from server.app import create_app
+    from server.settings import Settings
+
+    monkeypatch.setattr(hub, "SHED_EVERY_S", 0.05)
+    monkeypatch.setattr(hub, "SHED_SETTLE_S", 30.0)
+    monkeypatch.setattr(hub, "SUSTAINED_S", 1.0)
+    frame = records[0][:25].astype("<f4").tobytes()
+    with TestClient(create_app(Settings(model_dir=model_dir, admit_latency_ms=50))) as client:
+        batcher, shed = client.app.state.batcher, client.app.state.metrics.streams_shed
+        streams = [client.websocket_connect("/stream") for _ in range(8)]
+        opened = [s.__enter__() for s in streams]
+        for ws in opened:
+            ws.send_bytes(frame)
+            assert ws.receive_json()["type"] == "prediction"
+        assert batcher.kept_up_share() == 1.0  # all it was sent, it computed
+        over = time_.monotonic()
+        for _ in range(40):
+            batcher.latency.add(over, 0.2)  # p95 4x the bound, for the latency window's 2 s
+        time_.sleep(0.6)
+        assert batcher.overloaded() is not None and shed._value.get() == 0  # over, but not for long: none shed
+        for ws in opened[-2:]:  # then it has stayed over: keep floor(8 x 0.85 x 1) = 6
+            assert ws.receive_json()["type"] == "snapshot"
+            assert "shed" in ws.receive_json()["detail"]
+        assert 1.0 <= time_.monotonic() - over and shed._value.get() == 2
+        for s in streams:
+            s.__exit__(None, None, None)
