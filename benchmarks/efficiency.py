@@ -107,7 +107,10 @@ def main() -> None:
               "classify": {"windows_per_s": classify["capacity_windows_per_s"], "samples_per_s": classify_rate,
                            "efficiency": classify_rate / bare["samples_per_s"]},
               "wall_seconds": time.time() - started, "cpus": os.cpu_count()}
-    text = (f"Serving efficiency (`python benchmarks/efficiency.py --workers {args.workers}`, "
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                     if k not in ("write_readme", "workers") and v != parser.get_default(k))
+    text = (f"Serving efficiency (`python benchmarks/efficiency.py --workers {args.workers}"
+            f"{' ' + flags if flags else ''}`, "
             f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores): bare graph "
             f"**{bare['samples_per_s']:,.0f} samples/s** ({args.workers} one-thread processes, best shape "
             f"{bare['best_shape']}); streams **{streams['capacity_streams']}** × 100 Hz = {stream_rate:,.0f} samples/s, "
