@@ -52,26 +52,25 @@ def _graph_worker(model_dir: str, batch: int, length: int, seconds: float, start
     queue.put(calls * batch * length / (time.perf_counter() - t0))
 
 
-def bare_graph(model_dir: str, workers: int, seconds: float) -> dict:
-    """samples/s summed over `workers` one-thread processes, per (batch, T); the best."""
+def bare_graph(model_dir: str, workers: int, seconds: float, rounds: int) -> dict:
+    """samples/s summed over `workers` one-thread processes, per (batch, T), the best of `rounds` sweeps (a shared
+    machine's speed drifts over a sweep: repeating it keeps one slow moment from deciding a shape); the best shape."""
     ctx = mp.get_context("spawn")
-    table = {}
-    for batch in BATCHES:
-        for length in LENGTHS:
-            if batch * length > MAX_CALL_SAMPLES:
-                continue
-            start, queue = ctx.Event(), ctx.Queue()
-            procs = [ctx.Process(target=_graph_worker, args=(model_dir, batch, length, seconds, start, queue))
-                     for _ in range(workers)]
-            for p in procs:
-                p.start()
-            time.sleep(3)  # every process loaded and warm before the clock starts
-            start.set()
-            rate = sum(queue.get(timeout=seconds + 120) for _ in procs)
-            for p in procs:
-                p.join()
-            table[f"{batch}x{length}"] = rate
-            print(f"bare graph {batch:>3} rows x {length:>4} samples: {rate:,.0f} samples/s", flush=True)
+    table: dict[str, float] = {}
+    shapes = [(b, t) for b in BATCHES for t in LENGTHS if b * t <= MAX_CALL_SAMPLES]
+    for batch, length in [shape for _ in range(rounds) for shape in shapes]:
+        start, queue = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_graph_worker, args=(model_dir, batch, length, seconds, start, queue))
+                 for _ in range(workers)]
+        for p in procs:
+            p.start()
+        time.sleep(3)  # every process loaded and warm before the clock starts
+        start.set()
+        rate = sum(queue.get(timeout=seconds + 120) for _ in procs)
+        for p in procs:
+            p.join()
+        table[f"{batch}x{length}"] = max(rate, table.get(f"{batch}x{length}", 0.0))
+        print(f"bare graph {batch:>3} rows x {length:>4} samples: {rate:,.0f} samples/s", flush=True)
     best = max(table, key=table.get)
     return {"samples_per_s": table[best], "best_shape": best, "table": table}
 
@@ -89,12 +88,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="server workers, and bare-graph processes")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per load-test step")
     parser.add_argument("--shape-seconds", type=float, default=3.0, help="bare graph: seconds per call shape")
+    parser.add_argument("--rounds", type=int, default=2, help="bare graph: sweeps, each shape's best kept")
     parser.add_argument("--steps", default="300,400,500,600,700,800")
     parser.add_argument("--rates", default="20,40,60,80,100,120")
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
     started = time.time()
-    bare = bare_graph(args.model, args.workers, args.shape_seconds)
+    bare = bare_graph(args.model, args.workers, args.shape_seconds, args.rounds)
     common = ["--model", args.model, "--workers", str(args.workers), "--duration", str(args.duration)]
     streams = load_test([*common, "--steps", args.steps], f"streams_w{args.workers}_efficiency.json")
     classify = load_test([*common, "--classify", "--binary", "--rates", args.rates],
