@@ -256,6 +256,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--p99-ms", type=float, default=1000.0, help="bound on the honest streams' hop latency p99")
     p.add_argument("--max-streams", type=int, default=100, help="the started server's stream limit")
+    # The fuzzer tests the protocol under hostile input, not overload (loadtest/streams.py --overload does): on a
+    # slow machine the hostile connections alone can lift latency over the admission bound, and the server would
+    # then rightly shed the honest streams this run checks.
+    p.add_argument("--admit-latency-ms", type=float, default=0.0,
+                   help="the started server's latency bound for admission and shedding (0: off)")
     p.add_argument("--idle-timeout-s", type=float, default=5.0,
                    help="the started server's idle timeout, which also bounds how long a client that stopped "
                         "reading may hold its slot")
@@ -268,7 +273,8 @@ def main(argv=None) -> int:
     if args.url is None:
         log = Path(f"/tmp/msssm-fuzz-{time.monotonic_ns()}.log")
         server = LocalServer(args.model, log, env={"MSSSM_MAX_STREAMS": str(args.max_streams),
-                                                   "MSSSM_IDLE_TIMEOUT_S": str(args.idle_timeout_s)},
+                                                   "MSSSM_IDLE_TIMEOUT_S": str(args.idle_timeout_s),
+                                                   "MSSSM_ADMIT_LATENCY_MS": str(args.admit_latency_ms)},
                              extra_args=["--log-level", "warning"])
         base = server.url
     else:
