@@ -412,7 +412,10 @@ class StreamRun:
 
 
 def stream_pass(r: dict, p99_limit: float, lag_limit: float) -> bool:
-    return (r["failures"] == 0 and r["p99_ms"] is not None and r["p99_ms"] < p99_limit
+    """Every stream served: none refused or shed (even during the warm-up, where no latency is counted), no
+    failure, p99 under the limit, and the generator kept its pacing."""
+    return (r["failures"] == 0 and not r.get("refused") and not r.get("shed")
+            and r["p99_ms"] is not None and r["p99_ms"] < p99_limit
             and r["send_lag_p99_ms"] is not None and r["send_lag_p99_ms"] < lag_limit)
 
 
