@@ -20,6 +20,7 @@ Prints, from one run on one thread (onnxruntime and PyTorch both pinned to one):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -94,6 +95,7 @@ def best_rate(run, work: float, min_time: float = 0.4) -> float:
     return work / float(np.median(times))
 
 
+@functools.cache
 def peak_matmul(n: int = 512, chain: int = 8) -> float:
     """Multiply-adds per second of onnxruntime's MatMul on [n, n] x [n, n] (its GEMM near the FMA peak)."""
     w = helper.make_tensor("w", TensorProto.FLOAT, [n, n], (np.eye(n, dtype=np.float32)).ravel())
@@ -124,18 +126,9 @@ def peak_transcendental(op: str, size: int = 16384, repeats: int = 32) -> float:
                           [helper.make_tensor_value_info(f"s{repeats}", TensorProto.FLOAT, [size])], [shift])
     s = session(g)
     chain_s = 1 / best_rate(lambda: s.run(None, {"x": x}), 1.0)
-    adds_s = repeats * size / peak_fma_cached()
+    adds_s = repeats * size / peak_matmul()
     ort_rate = repeats * size / max(chain_s - adds_s, 1e-9)  # the adds taken out at the FMA rate
     return max(numpy_rate, ort_rate)
-
-
-_FMA: list[float] = []
-
-
-def peak_fma_cached() -> float:
-    if not _FMA:
-        _FMA.append(peak_matmul())
-    return _FMA[0]
 
 
 LOWERED = re.compile(r"^ssm\d+_")  # names the exporter's lowering gives the recurrence's ops (export/lowering.py)
@@ -281,7 +274,7 @@ def main() -> None:
     # The machine's peak, not one library's per-op kernels: every multiply-add, add or multiply takes one lane of
     # the vector FMA units, whose rate onnxruntime's GEMM reaches; exponentials and logs at the rate of a SIMD
     # implementation (numpy's). A graph whose ops each stream their operands through memory sits far below it.
-    fma = peak_fma_cached()
+    fma = peak_matmul()
     peaks = {"macs": fma, "arith": fma, "exp": peak_transcendental("Exp"), "other_trans": peak_transcendental("Log")}
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.rows, args.samples, model.n_channels)).astype(np.float32)
