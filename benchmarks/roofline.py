@@ -47,10 +47,10 @@ def work_per_sample(cfg: ModelConfig) -> dict[str, int]:
     matrix products), `arith` (other elementwise adds, multiplies, divides, reductions), `exp`, `other_trans`
     (log, sigmoid, square root)."""
     dm, D, M, N, r, S, K = cfg.d_model, cfg.d_inner, cfg.n_ssm, cfg.d_state, cfg.rank, cfg.n_scales, cfg.kernel_size
-    c_in = cfg.n_channels * (2 if cfg.lead_mask else 1)
+    c_in = cfg.n_channels * cfg.features_per_channel
     macs = arith = exp = other = 0
-    # input normalisation (and lead mask), embedding
-    arith += 2 * cfg.n_channels + (2 * cfg.n_channels if cfg.lead_mask else 0)
+    # input normalisation (and template deviation, lead mask), embedding
+    arith += 2 * cfg.n_channels * (c_in // cfg.n_channels)
     macs += c_in * dm
     arith += dm  # embedding bias
     for _ in range(cfg.n_layers):

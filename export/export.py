@@ -242,6 +242,9 @@ def describe(model: MSSSMClassifier, meta: dict, name: str, parity: dict, onnx_i
         "normalisation": {
             "mean": model.input_mean.tolist(),
             "std": model.input_std.tolist(),
+            **({"template_length": model.cfg.template_length,
+                "template": "each sample's deviation from the training mean series at its position (the last "
+                            "sample's past the end) is fed beside it"} if model.cfg.template_length else {}),
             "applied": "inside the graph",
         },
         "state": [{"name": n, "shape": list(shape)} for n, shape in spec],

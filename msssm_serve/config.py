@@ -28,6 +28,12 @@ class ModelConfig:
     # A model trained on lead subsets: a missing lead is NaN in the input; the model zeroes it and also sees, per
     # lead, whether it is present (the input projection takes 2 * n_channels features). False: every lead required.
     lead_mask: bool = False
+    # Series of one fixed length whose classes share one shape (many UCR sets): the training set's mean series,
+    # `template_length` samples per channel, is subtracted position by position and the deviation, scaled, is fed
+    # beside the signal (the input projection takes one more feature per channel). Without it the shared shape hides
+    # what separates the classes (UCR OliveOil: class means differ by 0.04 of the signal's std and a model cannot
+    # even fit its training set). Positions past the template use its last sample. 0: no template.
+    template_length: int = 0
     # `blocked_scan` scans blocks of `scan_block` steps; scan="static" runs exactly `scan_levels` levels. The runtime
     # splits inputs longer than max_chunk = scan_block ** scan_levels (32768: more than 60 s at 500 Hz) into
     # several calls of the exported graph, which bounds the memory of one call.
@@ -42,6 +48,11 @@ class ModelConfig:
     def n_ssm(self) -> int:
         """Sequences per channel: input, d^1..d^S, a^S (S+2); a single SSM when n_scales == 0."""
         return self.n_scales + 2 if self.n_scales > 0 else 1
+
+    @property
+    def features_per_channel(self) -> int:
+        """Inputs of the embedding per channel: the signal, its deviation from the template, its presence flag."""
+        return 1 + bool(self.template_length) + bool(self.lead_mask)
 
     @property
     def rank(self) -> int:

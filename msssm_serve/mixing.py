@@ -29,7 +29,8 @@ def mean_mixing_distance(fn, x: torch.Tensor, position: int = -1) -> float:
 def model_mean_mixing_distance(model, x: torch.Tensor, position: int = -1) -> float:
     """Mean over the residual blocks of an MSSSMClassifier, each fed what it sees inside the model for x [L, C]."""
     with torch.no_grad():
-        h = model.embed((x.unsqueeze(0) - model.input_mean) / model.input_std)
+        positions = torch.arange(len(x), dtype=x.dtype)[None, :, None]
+        h = model.embed(model.input_features(x.unsqueeze(0), positions))
     values = []
     for block, (conv_history, ssm_h) in zip(model.blocks, model.layer_states(model.zero_state(1))):
 

@@ -236,7 +236,10 @@ class MSSSMClassifier(nn.Module):
         # Input normalisation lives in the model (and so in the exported graph): fitted by the trainer.
         self.register_buffer("input_mean", torch.zeros(cfg.n_channels))
         self.register_buffer("input_std", torch.ones(cfg.n_channels))
-        self.embed = nn.Linear(cfg.n_channels * (2 if cfg.lead_mask else 1), cfg.d_model)
+        if cfg.template_length:
+            self.register_buffer("template", torch.zeros(cfg.template_length, cfg.n_channels))
+            self.register_buffer("template_std", torch.ones(cfg.n_channels))
+        self.embed = nn.Linear(cfg.n_channels * cfg.features_per_channel, cfg.d_model)
         self.blocks = nn.ModuleList(ResidualBlock(cfg) for _ in range(cfg.n_layers))
         self.norm_f = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_classes)
@@ -266,20 +269,28 @@ class MSSSMClassifier(nn.Module):
             for i in range(self.cfg.n_layers)
         ]
 
-    def input_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised leads; with `lead_mask`, missing (NaN) leads zeroed and a 0/1 presence flag per lead beside them."""
-        z = (x - self.input_mean) / self.input_std
-        if not self.cfg.lead_mask:
-            return z
-        present = ~torch.isnan(x)
-        return torch.cat([torch.where(present, z, torch.zeros_like(z)), present.to(z.dtype)], dim=-1)
+    def input_features(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, T, C] at sample positions [B, T, 1] (counted from the stream's start) -> the embedding's input:
+        normalised leads; with a template, each lead's deviation from the training mean series beside it; with
+        `lead_mask`, missing (NaN) leads zeroed and a 0/1 presence flag per lead after them."""
+        features = [(x - self.input_mean) / self.input_std]
+        if self.cfg.template_length:
+            index = positions.clamp(max=self.cfg.template_length - 1).long()[..., 0]  # [B, T]
+            features.append((x - self.template[index]) / self.template_std)
+        if self.cfg.lead_mask:
+            present = ~torch.isnan(x)
+            features = [torch.where(present, f, torch.zeros_like(f)) for f in features] + [present.to(x.dtype)]
+        return features[0] if len(features) == 1 else torch.cat(features, dim=-1)
 
     # --- the one computation ------------------------------------------------------------------------------------
     def run(self, x: torch.Tensor, state: State, scan: str = "auto"):
         """x: [B, T, C] raw signal from `state` on -> (logits [B, T, classes], new state, scale-mixer weights
         [B, T, layers, S+2] or None without scales). `scan` picks the recurrence's implementation (see
         `selective.selective_scan`); all compute the same."""
-        h = self.embed(self.input_features(x))
+        pool_sum, pool_count = state[-2], state[-1]
+        # Samples seen so far, this call's included: the causal mean's divisor and, less one, each sample's position.
+        counts = pool_count.unsqueeze(1) + torch.cumsum(torch.ones_like(x[..., :1]), dim=1)  # [B, T, 1]
+        h = self.embed(self.input_features(x, counts - 1))
         new_state: list[torch.Tensor] = []
         mixer_weights = []
         for block, (conv_history, ssm_h) in zip(self.blocks, self.layer_states(state)):
@@ -287,10 +298,8 @@ class MSSSMClassifier(nn.Module):
             new_state.extend(conv_history)
             new_state.append(ssm_h)
             mixer_weights.append(weights)
-        pool_sum, pool_count = state[-2], state[-1]
         feats = self.norm_f(h)
         sums = pool_sum.unsqueeze(1) + torch.cumsum(feats, dim=1)
-        counts = pool_count.unsqueeze(1) + torch.cumsum(torch.ones_like(feats[..., :1]), dim=1)
         logits = self.head(sums / counts)
         new_state.extend([sums[:, -1], counts[:, -1]])
         scale_weights = torch.stack(mixer_weights, dim=2) if self.cfg.n_scales > 0 else None

@@ -39,6 +39,9 @@ def make_checkpoint(path: Path, windows: torch.Tensor, seed=0, **overrides) -> M
     # Non-trivial normalisation, so that the graph is seen to apply it.
     model.input_mean.normal_(0, 0.1)
     model.input_std.uniform_(0.5, 2.0)
+    if cfg.template_length:
+        model.template.normal_(0, 0.1)
+        model.template_std.uniform_(0.5, 2.0)
     meta = {
         "labels": LABELS,
         "multi_label": cfg.multi_label,
@@ -153,7 +156,8 @@ def test_the_scale_mixer_output_is_the_models_in_any_chunking(exported, windows)
     assert desc["scale_weights"]["layers"] == model.cfg.n_layers
 
 
-@pytest.mark.parametrize("overrides", [{"ssm": "s4"}, {"n_scales": 0}, {"multi_label": False}])
+@pytest.mark.parametrize("overrides", [{"ssm": "s4"}, {"n_scales": 0}, {"multi_label": False},
+                                       {"template_length": 600}])  # windows of 1,000: past the template too
 def test_variants_export(tmp_path, windows, overrides):
     model = make_checkpoint(tmp_path / "checkpoint.pt", windows[:2], **overrides)
     desc = exporter.export_model(tmp_path / "checkpoint.pt", tmp_path / "model")
@@ -165,6 +169,7 @@ def test_variants_export(tmp_path, windows, overrides):
     with torch.no_grad():
         expected = model.advance(windows[:2], state)[0].numpy()
     assert np.abs(session.run(["probabilities"], feeds)[0] - expected).max() <= 1e-4
+    assert desc["normalisation"].get("template_length", 0) == overrides.get("template_length", 0)
     # a plain SSM (no scales) has no mixer, so the graph has no scale_weights output
     outputs = [o.name for o in onnx.load(str(graph)).graph.output]
     assert ("scale_weights" in outputs) == (overrides.get("n_scales", 3) > 0) == ("scale_weights" in desc)

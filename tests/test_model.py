@@ -242,6 +242,41 @@ def test_a_lead_subset_model_streams_with_missing_leads_exactly_and_ignores_what
         assert not torch.allclose(model.probabilities(model(zero_filled))[:2], whole[:2])
 
 
+@pytest.mark.parametrize("lead_mask", [False, True])
+def test_a_template_model_sees_each_samples_deviation_at_its_position_in_any_chunking(lead_mask):
+    length = 120
+    model = small_model(template_length=length, n_channels=2, lead_mask=lead_mask)
+    model.template.normal_()
+    model.template_std.uniform_(0.5, 2.0)
+    x = torch.randn(3, 300, 2)  # longer than the template: positions past it use its last sample
+    if lead_mask:
+        x[1, :, 1] = float("nan")
+    rng = np.random.default_rng(4)
+    with torch.no_grad():
+        whole = model.probabilities(model(x))
+        state, parts, start = model.zero_state(3), [], 0
+        for n in random_chunks(300, rng, sizes=(1, 5, 37, 119, 2)):
+            p, state = model.advance(x[:, start : start + n], state)
+            parts.append(p)
+            start += n
+        torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-6, rtol=0)
+        # the embedding's input, computed here from the definition: [z, (x - template[min(t, L-1)]) / std, (flags)]
+        positions = torch.arange(300, dtype=torch.float32)[None, :, None].expand(3, -1, -1)
+        feats = model.input_features(x, positions)
+        index = torch.arange(300).clamp(max=length - 1)
+        deviation = (x - model.template[index]) / model.template_std
+        z = (x - model.input_mean) / model.input_std
+        if lead_mask:
+            present = ~torch.isnan(x)
+            expected = torch.cat([z.nan_to_num(0.0), deviation.nan_to_num(0.0), present.float()], -1)
+        else:
+            expected = torch.cat([z, deviation], -1)
+        torch.testing.assert_close(feats, expected)
+        # the template matters: another mean series, other probabilities
+        model.template.add_(1.0)
+        assert not torch.allclose(model.probabilities(model(x)), whole)
+
+
 def test_training_lead_masks_draw_device_subsets_and_keep_every_record_usable():
     from msssm_serve.training.augment import keep_leads, mask_leads
 

@@ -181,11 +181,30 @@ def test_ucr_task_writes_test_metrics(tmp_path):
     truth = [[float(label) for label in meta["labels"]].index(y) for y in table[:, 0]]
     assert metrics["test_accuracy"] == pytest.approx(float((probs[:, -1].argmax(-1).numpy() == truth).mean()))
     assert "test_macro_auroc" in metrics
+    # the template (on by default for ucr): the mean of the TRAIN series the refit saw (all of them), and the std of
+    # their deviations from it
+    train = np.loadtxt(data / "TinyECG_TRAIN.tsv", delimiter="\t")[:, 1:]
+    assert model.cfg.template_length == train.shape[1]
+    np.testing.assert_allclose(model.template[:, 0].numpy(), train.mean(0), atol=1e-5)
+    np.testing.assert_allclose(model.template_std.numpy(), [(train - train.mean(0)).std()], rtol=1e-4)
     # refit (the default for ucr): the selection run kept beside it; the model trained on all 24 TRAIN series
     selection = json.loads((out / "selection" / "metrics.json").read_text())
     assert metrics["best"] == selection["best"] and "test_accuracy" in metrics["selection"]
     assert len(metrics["epochs"]) == max(selection["best"]["epoch"], 0) and "refit" in \
         load_checkpoint(out / "checkpoint.pt")[1]["validation"]
+
+
+def test_template_needs_whole_series_and_is_off_for_ptbxl(tmp_path):
+    data = write_ucr(tmp_path)
+    cropped = fit("--task", "ucr", "--data-dir", str(data), "--out", str(tmp_path / "run"), "--crop", "0.9",
+                  "--epochs", "1", "--device", "cpu", check=False)
+    assert cropped.returncode == 2 and "--template off" in cropped.stderr
+    from msssm_serve.training.fit import parse_args
+    from msssm_serve.training.loop import template_wanted
+
+    assert not template_wanted(parse_args(["--task", "ptbxl", "--data-dir", "x"]))
+    assert template_wanted(parse_args(["--task", "ucr", "--data-dir", "x"]))
+    assert not template_wanted(parse_args(["--task", "ucr", "--data-dir", "x", "--template", "off"]))
 
 
 def test_ucr_defaults_learn_a_small_set_without_flags(tmp_path):

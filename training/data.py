@@ -94,3 +94,12 @@ def fit_normalisation(x: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.n
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
     return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+
+def fit_template(x: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mean series of x [n, L, C] over its first `length` samples, [length, C], and per lead the std of the
+    deviations from it (what the model divides them by)."""
+    x = np.asarray(x[:, :length], dtype=np.float64)
+    template = x.mean(0)
+    std = np.sqrt(((x - template) ** 2).mean((0, 1)))
+    return template.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)

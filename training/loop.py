@@ -28,7 +28,7 @@ from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkp
 from msssm_serve.config import ModelConfig
 from msssm_serve.model import MSSSMClassifier
 from msssm_serve.training.augment import augment, keep_leads, mask_leads, random_crops
-from msssm_serve.training.data import TaskData, fit_normalisation, load_task
+from msssm_serve.training.data import TaskData, fit_normalisation, fit_template, load_task
 from msssm_serve.training.inference import load_model, window_probabilities
 from msssm_serve.training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc_by_name
 from msssm_serve.training.plots import plot_curves
@@ -91,7 +91,12 @@ def build_model(args, data: TaskData) -> MSSSMClassifier:
     return MSSSMClassifier(ModelConfig(
         n_channels=data.x_train.shape[-1], n_classes=len(data.classes), multi_label=data.multi_label,
         d_model=args.d_model, n_layers=args.n_layers, d_state=args.d_state, n_scales=args.n_scales, ssm=args.ssm,
-        a_init=args.a_init, mixer=args.mixer, dropout=args.dropout, lead_mask=args.lead_subsets))
+        a_init=args.a_init, mixer=args.mixer, dropout=args.dropout, lead_mask=args.lead_subsets,
+        template_length=data.x_train.shape[1] if template_wanted(args) else 0))
+
+
+def template_wanted(args) -> bool:
+    return args.template == "on" or (args.template == "auto" and args.task == "ucr")
 
 
 def make_optimizer(model: MSSSMClassifier, args) -> torch.optim.AdamW:
@@ -140,9 +145,19 @@ class Run:
         # below 1: a fraction of the series (window slicing, for sets of series of one length)
         self.crop = max(1, round(crop * data.x_train.shape[1])) if 0 < crop < 1 else int(crop)
         self.model = model = build_model(args, data)
+        if model.cfg.template_length and model.cfg.template_length != data.x_train.shape[1]:
+            raise DataError(f"the model's template holds {model.cfg.template_length} samples, these series "
+                            f"{data.x_train.shape[1]}")
+        if model.cfg.template_length and 0 < self.crop < data.x_train.shape[1]:
+            raise DataError("--template compares each sample with the mean series at its position: it needs whole "
+                            "series (no --crop), or --template off")
         mean, std = fit_normalisation(data.x_train)
         model.input_mean.copy_(torch.from_numpy(mean))
         model.input_std.copy_(torch.from_numpy(std))
+        if model.cfg.template_length:
+            template, template_std = fit_template(data.x_train, model.cfg.template_length)
+            model.template.copy_(torch.from_numpy(template))
+            model.template_std.copy_(torch.from_numpy(template_std))
         model.to(self.device)
         if self.is_main:
             cfg = model.cfg
