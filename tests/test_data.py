@@ -362,3 +362,37 @@ def test_ucr_missing_file(tmp_path):
     (data_dir / "Gone_TEST.tsv").unlink()
     with pytest.raises(DataError, match="Gone_TEST.tsv"):
         load_ucr(data_dir)
+
+
+def write_ts(path: Path, rows: list[tuple[list[list[float]], str]], labels: str, equal: bool) -> None:
+    """A classification .ts file (the UEA archive's format): one case per line, dimensions split by ':'."""
+    header = ["@problemName Tiny", "@timeStamps false", "@missing false", "@univariate false", "@dimensions 2",
+              f"@equalLength {'true' if equal else 'false'}", f"@classLabel true {labels}", "@data"]
+    body = [":".join(",".join(str(v) for v in dim) for dim in dims) + f":{label}" for dims, label in rows]
+    path.write_text("\n".join(header + body) + "\n")
+
+
+def test_ucr_reads_multivariate_ts_files_of_unequal_length(tmp_path):
+    pytest.importorskip("aeon")
+    data_dir = tmp_path / "Tiny"
+    data_dir.mkdir()
+    write_ts(data_dir / "Tiny_TRAIN.ts", [([[1, 2, 3], [4, 5, 6]], "up"), ([[7, 8], [9, 10]], "down"),
+                                          ([[0, 1, 2], [3, 4, 5]], "up")], "down up", equal=False)
+    write_ts(data_dir / "Tiny_TEST.ts", [([[1, 1, 1, 1], [2, 2, 2, 2]], "down")], "down up", equal=False)
+    data = load_ucr(data_dir)
+    assert data.classes == ["down", "up"] and data.y_train.tolist() == [1, 0, 1] and data.y_test.tolist() == [0]
+    # [n, L, C]: time along axis 1, the dimensions as channels; the shorter series end in zeros; TRAIN and TEST
+    # padded to one length
+    assert data.x_train.shape == (3, 4, 2) and data.x_test.shape == (1, 4, 2)
+    np.testing.assert_array_equal(data.x_train[0], [[1, 4], [2, 5], [3, 6], [0, 0]])
+    np.testing.assert_array_equal(data.x_train[1], [[7, 9], [8, 10], [0, 0], [0, 0]])
+
+
+def test_ucr_ts_errors_are_clear(tmp_path):
+    pytest.importorskip("aeon")
+    data_dir = tmp_path / "Broken"
+    data_dir.mkdir()
+    (data_dir / "Broken_TRAIN.ts").write_text("@problemName Broken\n@classLabel true a b\n@data\n1,2:a\nnot,a,number:b\n")
+    (data_dir / "Broken_TEST.ts").write_text("@problemName Broken\n@classLabel true a b\n@data\n1,2:a\n")
+    with pytest.raises(DataError, match="Broken_TRAIN.ts"):
+        load_ucr(data_dir)

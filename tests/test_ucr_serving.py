@@ -1,6 +1,7 @@
 """A model trained with `--task ucr` serves like any other: trained on a real UCR dataset (the ItalyPowerDemand
 fixture: 24-sample series, 2 classes), exported, then `/classify` of one series and a stream of it, whose final
-prediction equals `/classify` and whose class is the trainer's own on TEST."""
+prediction equals `/classify` and whose class is the trainer's own on TEST; and a multivariate model read from the
+UEA archive's `.ts` format serves its channels as leads."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from msssm_serve.training.inference import window_probabilities
 from msssm_serve.training.ucr import load_ucr
 
 from conftest import ServerProcess
+from test_data import write_ts
 from test_training import fit
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ucr" / "ItalyPowerDemand"
@@ -56,5 +58,43 @@ def test_a_ucr_model_exports_and_serves_windows_and_streams(tmp_path):
         predictions = asyncio.run(stream(series[0]))
         assert [(p["t"], p["final"]) for p in predictions] == [(8, False), (16, False), (24, True)]
         np.testing.assert_allclose(predictions[-1]["probabilities"], expected[0], atol=1e-4)
+    finally:
+        server.stop()
+
+
+def test_a_multivariate_ts_model_trains_exports_and_classifies_each_channel(tmp_path):
+    import pytest
+
+    pytest.importorskip("aeon")
+    rng = np.random.default_rng(0)
+    data_dir = tmp_path / "TwoAxes"
+    data_dir.mkdir()
+    t = np.linspace(0, 1, 40)
+
+    def cases(n):  # the class is in the second dimension only: a model that ignored it could not learn the set
+        labels = ["still", "shake"] * (n // 2)
+        return [([(np.sin(2 * np.pi * t) + 0.1 * rng.standard_normal(40)).round(4).tolist(),
+                  ((np.sin(2 * np.pi * 6 * t) if y == "shake" else 0 * t) + 0.1 * rng.standard_normal(40)).round(4)
+                  .tolist()], y) for y in labels]
+
+    for split, n in (("TRAIN", 24), ("TEST", 16)):
+        write_ts(data_dir / f"TwoAxes_{split}.ts", cases(n), "shake still", equal=True)
+    run = tmp_path / "run"
+    fit("--task", "ucr", "--data-dir", str(data_dir), "--out", str(run), "--epochs", "30", "--d-model", "8",
+        "--n-layers", "1", "--n-boot", "20", "--device", "cpu", "--parity-windows", "4", "--refit", "off")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.9, metrics["test_accuracy"]
+    desc = exporter.export_model(run / "checkpoint.pt", tmp_path / "model")
+    assert desc["leads"] == ["dim_0", "dim_1"] and desc["window"] == 40
+    data = load_ucr(data_dir)
+    from msssm_serve.checkpoint import load_checkpoint
+
+    model, _, _ = load_checkpoint(run / "checkpoint.pt")
+    expected = window_probabilities(model.eval(), data.x_test[:4], 4, torch.device("cpu"))
+    server = ServerProcess(tmp_path / "model", {})
+    try:
+        for x, want in zip(data.x_test[:4], expected):  # [40, 2]: one row per sample, one column per dimension
+            body = httpx.post(server.url + "/classify", json={"signal": x.tolist()}, timeout=30).json()
+            np.testing.assert_allclose(body["probabilities"], want, atol=1e-4)
     finally:
         server.stop()

@@ -74,7 +74,8 @@ def load_task(args) -> TaskData:
         classes=data.classes,
         multi_label=False,
         sample_rate=args.sampling_rate,
-        leads=["signal"],
+        # the univariate format's one channel keeps the name its models always had; .ts dimensions are numbered
+        leads=["signal"] if data.x_train.shape[2] == 1 else [f"dim_{c}" for c in range(data.x_train.shape[2])],
         info={"name": Path(args.data_dir).name, "format": "UCR", "data_dir": str(args.data_dir)},
         x_test=data.x_test,
         y_test=one_hot(data.y_test, k),
