@@ -168,7 +168,7 @@ def test_ucr_task_writes_test_metrics(tmp_path):
     data = write_ucr(tmp_path)
     out = tmp_path / "run"
     fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--d-model", "8", "--n-layers", "1",
-        "--epochs", "3", "--batch-size", "8", "--n-boot", "20", "--device", "cpu")
+        "--epochs", "3", "--batch-size", "8", "--n-boot", "20", "--device", "cpu", "--template", "on")
     metrics = json.loads((out / "metrics.json").read_text())
     model, meta, _ = load_checkpoint(out / "checkpoint.pt")
     assert meta["multi_label"] is False and meta["labels"] == ["-1.00000", "1.00000"]  # the file's text
@@ -181,8 +181,7 @@ def test_ucr_task_writes_test_metrics(tmp_path):
     truth = [[float(label) for label in meta["labels"]].index(y) for y in table[:, 0]]
     assert metrics["test_accuracy"] == pytest.approx(float((probs[:, -1].argmax(-1).numpy() == truth).mean()))
     assert "test_macro_auroc" in metrics
-    # the template (on by default for ucr): the mean of the TRAIN series the refit saw (all of them), and the std of
-    # their deviations from it
+    # the template: the mean of the TRAIN series the refit saw (all of them), and the std of their deviations from it
     train = np.loadtxt(data / "TinyECG_TRAIN.tsv", delimiter="\t")[:, 1:]
     assert model.cfg.template_length == train.shape[1]
     np.testing.assert_allclose(model.template[:, 0].numpy(), train.mean(0), atol=1e-5)
@@ -197,14 +196,28 @@ def test_ucr_task_writes_test_metrics(tmp_path):
 def test_template_needs_whole_series_and_is_off_for_ptbxl(tmp_path):
     data = write_ucr(tmp_path)
     cropped = fit("--task", "ucr", "--data-dir", str(data), "--out", str(tmp_path / "run"), "--crop", "0.9",
-                  "--epochs", "1", "--device", "cpu", check=False)
+                  "--template", "on", "--epochs", "1", "--device", "cpu", check=False)
     assert cropped.returncode == 2 and "--template off" in cropped.stderr
     from msssm_serve.training.fit import parse_args
     from msssm_serve.training.loop import template_wanted
 
+    from msssm_serve.training.recipe import TEMPLATE_MIN_SHARE, apply_ucr_recipe
+
     assert not template_wanted(parse_args(["--task", "ptbxl", "--data-dir", "x"]))
-    assert template_wanted(parse_args(["--task", "ucr", "--data-dir", "x"]))
-    assert not template_wanted(parse_args(["--task", "ucr", "--data-dir", "x", "--template", "off"]))
+    # ucr: decided by the data; one shape with small departures from it -> on, shapes that differ -> off
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 1, 100)
+    shared = np.sin(2 * np.pi * t)[None, :, None] + 0.1 * rng.standard_normal((20, 100, 1))
+    distinct = np.sin(2 * np.pi * np.arange(1, 21)[:, None] * t)[..., None]
+    for x, want in ((shared, "on"), (distinct, "off")):
+        args = parse_args(["--task", "ucr", "--data-dir", "x"])
+        chosen = apply_ucr_recipe(args, x)
+        assert args.template == chosen["template"] == want, chosen
+        assert (chosen["template_share"] >= TEMPLATE_MIN_SHARE) == (want == "on")
+        assert template_wanted(args) == (want == "on")
+    # the flag wins over the rule
+    args = parse_args(["--task", "ucr", "--data-dir", "x", "--template", "off"])
+    assert apply_ucr_recipe(args, shared)["template"] == "off" and not template_wanted(args)
 
 
 def test_ucr_defaults_learn_a_small_set_without_flags(tmp_path):
@@ -226,7 +239,9 @@ def test_ucr_defaults_learn_a_small_set_without_flags(tmp_path):
         "--refit", "off")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.9, metrics["test_accuracy"]
-    assert metrics["ucr_recipe"] == {"batch_size": 4, "epochs": 250}  # 32 training series: 8 steps per epoch
+    recipe = metrics["ucr_recipe"]
+    assert (recipe["batch_size"], recipe["epochs"]) == (4, 250)  # 32 training series: 8 steps per epoch
+    assert recipe["template"] == "off" and recipe["template_share"] < 0.5  # two shapes: no shared template
     assert metrics["ema_decay"] == pytest.approx(1 - 5 / (8 * 250))
 
 

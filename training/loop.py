@@ -96,7 +96,8 @@ def build_model(args, data: TaskData) -> MSSSMClassifier:
 
 
 def template_wanted(args) -> bool:
-    return args.template == "on" or (args.template == "auto" and args.task == "ucr")
+    """--template on, or (PTB-XL's default) off; for ucr an `auto` is decided by the data (recipe.py) first."""
+    return args.template == "on"
 
 
 def make_optimizer(model: MSSSMClassifier, args) -> torch.optim.AdamW:
@@ -136,7 +137,7 @@ class Run:
         self.data = data = load_task(args)
         if world > 1 and self.is_main:
             dist.barrier()
-        self.recipe = apply_ucr_recipe(args, len(data.x_train)) if args.task == "ucr" else None
+        self.recipe = apply_ucr_recipe(args, data.x_train) if args.task == "ucr" else None
         if self.refit is not None:
             data.x_train = np.concatenate([data.x_train, data.x_val])
             data.y_train = np.concatenate([data.y_train, data.y_val])
