@@ -54,7 +54,15 @@ def run_one(name: str, data_dir: Path, runs: Path, extra: list[str]) -> dict:
             "val_macro_auroc": metrics["best"]["macro_auroc"], "epoch": metrics["best"]["epoch"],
             "val_accuracy": metrics["best"].get("accuracy"), "val_loss": _best_val_loss(out),
             "epochs": len(metrics["epochs"]), "config": {k: metrics["config"][k] for k in ("d_model", "n_layers")},
-            "recipe": metrics.get("ucr_recipe")}
+            "recipe": metrics.get("ucr_recipe"), "train_seconds": _train_seconds(out)}
+
+
+def _train_seconds(out: Path) -> float:
+    """The trainer's own clock, selection and refit together (it survives --resume, which the wall time does not)."""
+    total = json.loads((out / "metrics.json").read_text())["train_wall_seconds"]
+    if (out / "selection" / "metrics.json").is_file():
+        total += json.loads((out / "selection" / "metrics.json").read_text())["train_wall_seconds"]
+    return total
 
 
 def _best_val_loss(out: Path) -> float | None:
@@ -75,6 +83,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated dataset names (default: all in the table)")
     parser.add_argument("--runs", default=None, help="where the run directories go (default: a temporary one)")
     parser.add_argument("--tag", default="", help="suffix of the result files")
+    parser.add_argument("--results-dir", default=str(RESULTS), help="where ucr<tag>.md and .json are written")
     args = parser.parse_args(argv)
     data_dir = Path(args.data_dir)
     table = rocket_table(data_dir / "README.md")
@@ -94,21 +103,26 @@ def main() -> None:
              + (f" -- {flags}" if flags else "") + f"`: {len(names)} datasets, {wall / 60:.1f} min wall on "
              f"{os.cpu_count()} cores ({args.jobs} runs at a time, one thread each). TEST accuracy of the checkpoint "
              "chosen on validation carved from TRAIN; ROCKET: its authors' mean of 10 runs.", "",
-             "| dataset | train | length | classes | model | epochs | accuracy | ROCKET | ratio | train time s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Template: whether the rule (training/recipe.py) fed the deviation from the training mean series, with the "
+             "share of the variance that mean series explains. Train time: the trainer's clock, selection and refit.",
+             "",
+             "| dataset | train | length | classes | model | template | epochs | accuracy | ROCKET | ratio | train time s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     ratios = []
     for name in names:
         t, r = table[name], results[name]
         if "error" in r:
-            lines.append(f"| {name} | {t['train']} | {t['length']} | {t['classes']} | failed | | | {t['rocket']:.3f} "
+            lines.append(f"| {name} | {t['train']} | {t['length']} | {t['classes']} | failed | | | | {t['rocket']:.3f} "
                          f"| | {r['seconds']:.0f} |")
             print(f"{name} failed:\n{r['error']}", file=sys.stderr)
             continue
         ratio = r["test_accuracy"] / t["rocket"]
         ratios.append(ratio)
         model = f"{r['config']['n_layers']}x{r['config']['d_model']}"
-        lines.append(f"| {name} | {t['train']} | {t['length']} | {t['classes']} | {model} | {r['epochs']} "
-                     f"| {r['test_accuracy']:.3f} | {t['rocket']:.3f} | {ratio:.3f} | {r['seconds']:.0f} |")
+        recipe = r.get("recipe") or {}
+        template = f"{recipe['template']} ({recipe['template_share']:.2f})" if "template" in recipe else ""
+        lines.append(f"| {name} | {t['train']} | {t['length']} | {t['classes']} | {model} | {template} | {r['epochs']} "
+                     f"| {r['test_accuracy']:.3f} | {t['rocket']:.3f} | {ratio:.3f} | {r['train_seconds']:.0f} |")
     mean = sum(ratios) / len(ratios) if ratios else float("nan")
     ok = [r for r in results.values() if "error" not in r]
     val_acc = [r["val_accuracy"] for r in ok if r.get("val_accuracy") is not None]
@@ -120,9 +134,10 @@ def main() -> None:
                       f"mean loss {sum(val_loss) / len(val_loss):.3f}."]
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"ucr{args.tag}.md").write_text(text)
-    (RESULTS / f"ucr{args.tag}.json").write_text(json.dumps({"flags": extra, "wall_seconds": wall,
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"ucr{args.tag}.md").write_text(text)
+    (results_dir / f"ucr{args.tag}.json").write_text(json.dumps({"flags": extra, "wall_seconds": wall,
                                                              "mean_ratio": mean, "results": results}, indent=2))
 
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 import numpy as np
 import torch
 from websockets.asyncio.client import connect
@@ -66,8 +67,6 @@ def test_a_ucr_model_exports_and_serves_windows_and_streams(tmp_path):
 
 
 def test_a_multivariate_ts_model_trains_exports_and_classifies_each_channel(tmp_path):
-    import pytest
-
     pytest.importorskip("aeon")
     rng = np.random.default_rng(0)
     data_dir = tmp_path / "TwoAxes"
@@ -101,3 +100,30 @@ def test_a_multivariate_ts_model_trains_exports_and_classifies_each_channel(tmp_
             np.testing.assert_allclose(body["probabilities"], want, atol=1e-4)
     finally:
         server.stop()
+
+
+def test_the_ucr_benchmark_prints_each_dataset_beside_rocket_with_the_mean_ratio(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "ucr"
+    shutil.copytree(FIXTURE, data / "ItalyPowerDemand")
+    (data / "README.md").write_text("| dataset | train | test | length | classes | ROCKET |\n|---|---|---|---|---|---|\n"
+                                    "| ItalyPowerDemand | 67 | 1029 | 24 | 2 | 0.970 |\n")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "ucr.py"), "--data-dir", str(data), "--jobs", "1",
+                           "--runs", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"), "--",
+                           "--epochs", "4", "--d-model", "8", "--n-layers", "1", "--n-boot", "10"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "results" / "ucr.json").read_text())
+    run = json.loads((tmp_path / "runs" / "ItalyPowerDemand" / "metrics.json").read_text())
+    row = result["results"]["ItalyPowerDemand"]
+    assert row["test_accuracy"] == run["test_accuracy"]
+    assert result["mean_ratio"] == pytest.approx(run["test_accuracy"] / 0.970)
+    assert row["train_seconds"] >= run["train_wall_seconds"] > 0  # selection and refit
+    table = (tmp_path / "results" / "ucr.md").read_text()
+    rule = run["ucr_recipe"]
+    assert f"| {rule['template']} ({rule['template_share']:.2f}) |" in table
+    assert f"**Mean ratio {run['test_accuracy'] / 0.970:.3f}**" in table
