@@ -58,17 +58,19 @@ def run_one(name: str, data_dir: Path, runs: Path, extra: list[str]) -> dict:
 
 
 def _train_seconds(out: Path) -> float:
-    """The trainer's own clock, selection and refit together (it survives --resume, which the wall time does not)."""
-    total = json.loads((out / "metrics.json").read_text())["train_wall_seconds"]
-    if (out / "selection" / "metrics.json").is_file():
-        total += json.loads((out / "selection" / "metrics.json").read_text())["train_wall_seconds"]
-    return total
+    """The trainer's own clock, every selection run and the refit together (it survives --resume, which the wall
+    time does not)."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    if metrics.get("selection", {}).get("promoted"):  # --refit off: its figure already sums the selection runs
+        return metrics["train_wall_seconds"]
+    runs = sorted((out / "selection").glob("**/metrics.json"))
+    return metrics["train_wall_seconds"] + sum(json.loads(path.read_text())["train_wall_seconds"] for path in runs)
 
 
 def _best_val_loss(out: Path) -> float | None:
     """The selection run's validation loss at its chosen epoch (what comparing recipes may look at; TEST never)."""
-    path = out / "selection" / "metrics.json" if (out / "selection").is_dir() else out / "metrics.json"
-    m = json.loads(path.read_text())
+    chosen = json.loads((out / "metrics.json").read_text()).get("selection", {}).get("dir")
+    m = json.loads((out / (chosen or ".") / "metrics.json").read_text())
     best = m["best"]["epoch"]
     return next((e.get("val_loss") for e in m["epochs"] if e["epoch"] == best), None)
 
@@ -103,8 +105,9 @@ def main() -> None:
              + (f" -- {flags}" if flags else "") + f"`: {len(names)} datasets, {wall / 60:.1f} min wall on "
              f"{os.cpu_count()} cores ({args.jobs} runs at a time, one thread each). TEST accuracy of the checkpoint "
              "chosen on validation carved from TRAIN; ROCKET: its authors' mean of 10 runs.", "",
-             "Template: whether the rule (training/recipe.py) fed the deviation from the training mean series, with the "
-             "share of the variance that mean series explains. Train time: the trainer's clock, selection and refit.",
+             "Template: whether the model chosen on validation is fed each sample's deviation from the training mean "
+             "series (the trainer selects without and with it), with the share of the variance that mean series "
+             "explains. Train time: the trainer's clock, both selection runs and the refit.",
              "",
              "| dataset | train | length | classes | model | template | epochs | accuracy | ROCKET | ratio | train time s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

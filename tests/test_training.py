@@ -201,23 +201,34 @@ def test_template_needs_whole_series_and_is_off_for_ptbxl(tmp_path):
     from msssm_serve.training.fit import parse_args
     from msssm_serve.training.loop import template_wanted
 
-    from msssm_serve.training.recipe import TEMPLATE_MIN_SHARE, apply_ucr_recipe
-
     assert not template_wanted(parse_args(["--task", "ptbxl", "--data-dir", "x"]))
-    # ucr: decided by the data; one shape with small departures from it -> on, shapes that differ -> off
-    rng = np.random.default_rng(0)
-    t = np.linspace(0, 1, 100)
-    shared = np.sin(2 * np.pi * t)[None, :, None] + 0.1 * rng.standard_normal((20, 100, 1))
-    distinct = np.sin(2 * np.pi * np.arange(1, 21)[:, None] * t)[..., None]
-    for x, want in ((shared, "on"), (distinct, "off")):
-        args = parse_args(["--task", "ucr", "--data-dir", "x"])
-        chosen = apply_ucr_recipe(args, x)
-        assert args.template == chosen["template"] == want, chosen
-        assert (chosen["template_share"] >= TEMPLATE_MIN_SHARE) == (want == "on")
-        assert template_wanted(args) == (want == "on")
-    # the flag wins over the rule
-    args = parse_args(["--task", "ucr", "--data-dir", "x", "--template", "off"])
-    assert apply_ucr_recipe(args, shared)["template"] == "off" and not template_wanted(args)
+    assert not template_wanted(parse_args(["--task", "ucr", "--data-dir", "x", "--template", "off"]))
+    # auto with crops: the template cannot be tried, the run is the plain model's
+    fit("--task", "ucr", "--data-dir", str(data), "--out", str(tmp_path / "crops"), "--crop", "0.9", "--epochs", "1",
+        "--d-model", "8", "--n-layers", "1", "--n-boot", "10", "--device", "cpu")
+    assert not (tmp_path / "crops" / "selection" / "template_on").exists()
+    assert load_checkpoint(tmp_path / "crops" / "checkpoint.pt")[0].cfg.template_length == 0
+
+
+def test_ucr_defaults_select_without_and_with_the_template_and_refit_the_better_on_validation(tmp_path):
+    data = write_ucr(tmp_path)
+    out = tmp_path / "run"
+    fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--d-model", "8", "--n-layers", "1",
+        "--epochs", "4", "--n-boot", "10", "--device", "cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    ranks = {}
+    for choice in ("off", "on"):
+        run = json.loads((out / "selection" / f"template_{choice}" / "metrics.json").read_text())
+        assert (run["config"]["template_length"] > 0) == (choice == "on") and run["ucr_recipe"]["template"] == choice
+        loss = next(e["val_loss"] for e in run["epochs"] if e["epoch"] == run["best"]["epoch"])
+        ranks[choice] = (run["best"]["macro_auroc"], -loss)
+        assert metrics["selection"]["template"][choice]["val_loss"] == pytest.approx(loss)
+    chosen = max(ranks, key=ranks.get)
+    assert metrics["selection"]["template"][chosen]["chosen"] and metrics["selection"]["dir"].endswith(chosen)
+    # the refit is the chosen variant, and its validation figures are that selection run's
+    model, _, _ = load_checkpoint(out / "checkpoint.pt")
+    assert (model.cfg.template_length > 0) == (chosen == "on")
+    assert metrics["best"]["macro_auroc"] == ranks[chosen][0]
 
 
 def test_ucr_defaults_learn_a_small_set_without_flags(tmp_path):

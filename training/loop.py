@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -96,7 +97,7 @@ def build_model(args, data: TaskData) -> MSSSMClassifier:
 
 
 def template_wanted(args) -> bool:
-    """--template on, or (PTB-XL's default) off; for ucr an `auto` is decided by the data (recipe.py) first."""
+    """--template on; `auto` is off for ptbxl, and for ucr decided on validation by `train` before a run starts."""
     return args.template == "on"
 
 
@@ -368,22 +369,49 @@ def refit_wanted(args) -> bool:
 
 def train(args) -> dict:
     """The whole run; -> metrics (rank 0; {} on the other ranks). With a refit (see recipe.py): the selection run
-    in RUN_DIR/selection, then the model trained on all of TRAIN in RUN_DIR, its metrics holding both."""
-    if not refit_wanted(args):
-        return _train_once(Run(args))
+    in RUN_DIR/selection, then the model trained on all of TRAIN in RUN_DIR, its metrics holding both. A ucr run with
+    `--template auto` selects twice, without and with the template (RUN_DIR/selection/template_off, template_on), and
+    keeps the one that scores better on validation (macro AUROC, ties to the lower loss, as epochs are chosen): refitted,
+    or with `--refit off` its checkpoint and metrics copied into RUN_DIR."""
+    # (crops cannot be compared with the mean series at their position: auto is then off)
+    choices = ["off", "on"] if args.template == "auto" and args.task == "ucr" and not args.crop else \
+        ["on" if args.template == "on" else "off"]
     final_out = Path(args.out)
-    selection_args = argparse.Namespace(**{**vars(args), "out": str(final_out / "selection")})
-    selection = _train_once(Run(selection_args))
-    if not selection:
+    if len(choices) == 1 and not refit_wanted(args):
+        return _train_once(Run(argparse.Namespace(**{**vars(args), "template": choices[0]})))
+    selections = {}
+    for choice in choices:
+        out = final_out / "selection" / f"template_{choice}" if len(choices) > 1 else final_out / "selection"
+        selection_args = argparse.Namespace(**{**vars(args), "out": str(out), "template": choice})
+        selections[choice] = (selection_args, _train_once(Run(selection_args)))
+    if not all(metrics for _, metrics in selections.values()):
         return {}
-    best = selection["best"]
-    refit_args = argparse.Namespace(**{**vars(selection_args), "out": str(final_out)})
-    # At least a quarter of the selection run: on a validation split of a few series, an early epoch can tie the best.
-    epochs = max(int(best["epoch"]), selection_args.epochs // 4)
-    metrics = _train_once(Run(refit_args, refit={"epochs": epochs, "weights": best.get("weights", "raw"),
-                                                 "best": best}))
-    metrics["selection"] = {k: selection[k] for k in ("test_accuracy", "test_macro_auroc") if k in selection}
-    metrics["selection"]["epochs_run"] = len(selection["epochs"])
+
+    def rank(choice):
+        best = selections[choice][1]["best"]
+        val_loss = next(e["val_loss"] for e in selections[choice][1]["epochs"] if e["epoch"] == best["epoch"])
+        return float(np.nan_to_num(best["macro_auroc"], nan=-1.0)), -val_loss
+
+    chosen = max(choices, key=rank)
+    selection_args, selection = selections[chosen]
+    summary = {"dir": os.path.relpath(selection_args.out, final_out), "epochs_run": len(selection["epochs"]),
+               "template": {c: {"val_macro_auroc": rank(c)[0], "val_loss": -rank(c)[1], "chosen": c == chosen}
+                            for c in choices}}
+    if not refit_wanted(args):  # the chosen selection run is the model
+        for name in ("checkpoint.pt", *(p.name for p in Path(selection_args.out).glob("*.png"))):
+            shutil.copyfile(Path(selection_args.out) / name, final_out / name)
+        metrics = {**selection, "selection": {**summary, "promoted": True},
+                   "train_wall_seconds": sum(m["train_wall_seconds"] for _, m in selections.values())}
+    else:
+        best = selection["best"]
+        refit_args = argparse.Namespace(**{**vars(selection_args), "out": str(final_out)})
+        # At least a quarter of the selection run: on a validation split of a few series, an early epoch can tie the
+        # best.
+        epochs = max(int(best["epoch"]), selection_args.epochs // 4)
+        metrics = _train_once(Run(refit_args, refit={"epochs": epochs, "weights": best.get("weights", "raw"),
+                                                     "best": best}))
+        metrics["selection"] = {**{k: selection[k] for k in ("test_accuracy", "test_macro_auroc") if k in selection},
+                                **summary}
     (final_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

@@ -8,10 +8,10 @@ batches of about an eighth of the set (4 to 32 series), and as many epochs as gi
 default the run is done twice: once on the split to choose the epoch (and raw or averaged weights) on validation, then
 again on the whole of TRAIN for that many epochs (`--refit`).
 
-Many UCR sets are one shape with small class-specific departures from it (spectra, outlines, profiles): when the
-training set's mean series explains at least TEMPLATE_MIN_SHARE of the variance of its samples, the model is also fed
-each sample's deviation from that mean series (ModelConfig.template_length). Below it the shape is not shared and the
-extra input only adds a way to overfit (see docs/experiments.md for the validation figures that set the threshold).
+Many UCR sets are one shape with small class-specific departures from it (spectra, outlines, profiles), where the
+model needs each sample's deviation from the training mean series (ModelConfig.template_length); on others that input
+only adds a way to overfit, and no simple statistic of the data told the two apart (docs/experiments.md). So the
+selection is run without and with it, and the refit takes the better on validation (loop.train).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import numpy as np
 STEPS = 2000
 MIN_EPOCHS, MAX_EPOCHS = 100, 600
 MIN_BATCH, MAX_BATCH = 4, 32
-TEMPLATE_MIN_SHARE = 0.85
 
 
 def ucr_recipe(n_train: int) -> dict:
@@ -42,14 +41,11 @@ def template_share(x: np.ndarray) -> float:
 
 
 def apply_ucr_recipe(args, x_train: np.ndarray) -> dict:
-    """Fill the unset (None) batch size and epochs of `args`, and an `auto` --template, from the rules of the training
-    series x_train [n, L, C]; -> what the rules chose."""
+    """Fill the unset (None) batch size and epochs of `args` from the rules; -> what the rules chose, with the share
+    of the variance that the training mean series explains (a description of the set, recorded beside them)."""
     chosen = ucr_recipe(len(x_train))
     for name, value in chosen.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    share = template_share(x_train)
-    if args.template == "auto":
-        args.template = "on" if share >= TEMPLATE_MIN_SHARE else "off"
     return {**{name: getattr(args, name) for name in chosen}, "template": args.template,
-            "template_share": round(share, 4)}
+            "template_share": round(template_share(x_train), 4)}
