@@ -252,7 +252,11 @@ def test_ucr_defaults_learn_a_small_set_without_flags(tmp_path):
     assert metrics["test_accuracy"] >= 0.9, metrics["test_accuracy"]
     recipe = metrics["ucr_recipe"]
     assert (recipe["batch_size"], recipe["epochs"]) == (4, 250)  # 32 training series: 8 steps per epoch
-    assert recipe["template"] == "off" and recipe["template_share"] < 0.5  # two shapes: no shared template
+    assert recipe["template_share"] < 0.5  # two shapes: little of the variance is a shared one
+    # --refit off: both selections run, the better on validation is promoted to the run directory
+    chosen = next(c for c, v in metrics["selection"]["template"].items() if v["chosen"])
+    assert metrics["selection"]["promoted"] and recipe["template"] == chosen
+    assert (load_checkpoint(out / "checkpoint.pt")[0].cfg.template_length > 0) == (chosen == "on")
     assert metrics["ema_decay"] == pytest.approx(1 - 5 / (8 * 250))
 
 
