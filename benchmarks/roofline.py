@@ -50,7 +50,7 @@ def work_per_sample(cfg: ModelConfig) -> dict[str, int]:
     c_in = cfg.n_channels * cfg.features_per_channel
     macs = arith = exp = other = 0
     # input normalisation (and template deviation, lead mask), embedding
-    arith += 2 * cfg.n_channels * (c_in // cfg.n_channels)
+    arith += 2 * c_in  # per feature: a subtract and a divide, or a select and a cast
     macs += c_in * dm
     arith += dm  # embedding bias
     for _ in range(cfg.n_layers):

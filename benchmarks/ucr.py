@@ -52,25 +52,24 @@ def run_one(name: str, data_dir: Path, runs: Path, extra: list[str]) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     return {"name": name, "test_accuracy": metrics["test_accuracy"], "seconds": seconds,
             "val_macro_auroc": metrics["best"]["macro_auroc"], "epoch": metrics["best"]["epoch"],
-            "val_accuracy": metrics["best"].get("accuracy"), "val_loss": _best_val_loss(out),
+            "val_accuracy": metrics["best"].get("accuracy"), "val_loss": _best_val_loss(out, metrics),
             "epochs": len(metrics["epochs"]), "config": {k: metrics["config"][k] for k in ("d_model", "n_layers")},
-            "recipe": metrics.get("ucr_recipe"), "train_seconds": _train_seconds(out)}
+            "recipe": metrics.get("ucr_recipe"), "train_seconds": _train_seconds(out, metrics)}
 
 
-def _train_seconds(out: Path) -> float:
+def _train_seconds(out: Path, metrics: dict) -> float:
     """The trainer's own clock, every selection run and the refit together (it survives --resume, which the wall
-    time does not)."""
-    metrics = json.loads((out / "metrics.json").read_text())
+    time does not); `metrics`: the run's metrics.json."""
     if metrics.get("selection", {}).get("promoted"):  # --refit off: its figure already sums the selection runs
         return metrics["train_wall_seconds"]
     runs = sorted((out / "selection").glob("**/metrics.json"))
     return metrics["train_wall_seconds"] + sum(json.loads(path.read_text())["train_wall_seconds"] for path in runs)
 
 
-def _best_val_loss(out: Path) -> float | None:
+def _best_val_loss(out: Path, metrics: dict) -> float | None:
     """The selection run's validation loss at its chosen epoch (what comparing recipes may look at; TEST never)."""
-    chosen = json.loads((out / "metrics.json").read_text()).get("selection", {}).get("dir")
-    m = json.loads((out / (chosen or ".") / "metrics.json").read_text())
+    chosen = metrics.get("selection", {}).get("dir")
+    m = json.loads((out / chosen / "metrics.json").read_text()) if chosen else metrics
     best = m["best"]["epoch"]
     return next((e.get("val_loss") for e in m["epochs"] if e["epoch"] == best), None)
 

@@ -104,3 +104,10 @@ def fit_template(x: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
     template = x.mean(0)
     std = np.sqrt(((x - template) ** 2).mean((0, 1)))
     return template.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+
+def template_share(x: np.ndarray) -> float:
+    """Share of the variance of the samples of x [n, L, C] that their mean series (fit_template's) explains."""
+    _, deviation_std = fit_template(x, x.shape[1])
+    total = np.asarray(x, dtype=np.float64).var(axis=(0, 1)).sum()
+    return float(1 - (deviation_std.astype(np.float64) ** 2).sum() / total) if total > 0 else 0.0

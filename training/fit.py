@@ -47,8 +47,8 @@ def parse_args(argv=None):
     model.add_argument("--dropout", type=float, default=0.1, help="dropout on each block's output")
     model.add_argument("--template", choices=["auto", "on", "off"], default="auto",
                        help="feed each sample's deviation from the training mean series beside it (auto: off for "
-                            "ptbxl; for ucr with the refit, selected without and with it and the better on validation "
-                            "kept, otherwise off; needs whole series, no --crop)")
+                            "ptbxl and with --crop; for ucr, selected without and with it and the better on validation "
+                            "kept; needs whole series)")
     model.add_argument("--lead-subsets", action="store_true",
                        help="train on random lead subsets (missing leads as NaN, seen by the model as absent) so the "
                             "exported model serves any subset of the leads")

@@ -387,16 +387,16 @@ def train(args) -> dict:
     if not all(metrics for _, metrics in selections.values()):
         return {}
 
-    def rank(choice):
-        best = selections[choice][1]["best"]
-        val_loss = next(e["val_loss"] for e in selections[choice][1]["epochs"] if e["epoch"] == best["epoch"])
-        return float(np.nan_to_num(best["macro_auroc"], nan=-1.0)), -val_loss
-
-    chosen = max(choices, key=rank)
+    ranks = {}  # (validation macro AUROC, -loss) at each selection's chosen epoch
+    for choice, (_, metrics) in selections.items():
+        best = metrics["best"]
+        val_loss = next(e["val_loss"] for e in metrics["epochs"] if e["epoch"] == best["epoch"])
+        ranks[choice] = (float(np.nan_to_num(best["macro_auroc"], nan=-1.0)), -val_loss)
+    chosen = max(choices, key=ranks.get)
     selection_args, selection = selections[chosen]
     summary = {"dir": os.path.relpath(selection_args.out, final_out), "epochs_run": len(selection["epochs"]),
-               "template": {c: {"val_macro_auroc": rank(c)[0], "val_loss": -rank(c)[1], "chosen": c == chosen}
-                            for c in choices}}
+               "template": {c: {"val_macro_auroc": auroc, "val_loss": -neg_loss, "chosen": c == chosen}
+                            for c, (auroc, neg_loss) in ranks.items()}}
     if not refit_wanted(args):  # the chosen selection run is the model
         for name in ("checkpoint.pt", *(p.name for p in Path(selection_args.out).glob("*.png"))):
             shutil.copyfile(Path(selection_args.out) / name, final_out / name)

@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from msssm_serve.training.data import template_share
+
 STEPS = 2000
 MIN_EPOCHS, MAX_EPOCHS = 100, 600
 MIN_BATCH, MAX_BATCH = 4, 32
@@ -31,13 +33,6 @@ def ucr_recipe(n_train: int) -> dict:
     steps_per_epoch = max(1, n_train // batch)
     epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, math.ceil(STEPS / steps_per_epoch)))
     return {"batch_size": batch, "epochs": epochs}
-
-
-def template_share(x: np.ndarray) -> float:
-    """Share of the variance of the samples of x [n, L, C] that their mean series (over n) explains."""
-    x = np.asarray(x, dtype=np.float64)
-    total = x.var(axis=(0, 1)).sum()
-    return float(1 - (x - x.mean(0)).var(axis=(0, 1)).sum() / total) if total > 0 else 0.0
 
 
 def apply_ucr_recipe(args, x_train: np.ndarray) -> dict:
