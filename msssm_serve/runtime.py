@@ -35,6 +35,7 @@ StreamState = list[np.ndarray]  # one array per state tensor, each with a leadin
 # 16 streams x 25 samples per call run at 19 us/sample, 256 x 25 at 33 us/sample.
 ROWS_PER_CALL = 16
 SAMPLES_PER_CALL = 512
+GPU_ROWS_PER_CALL = 256
 
 
 SCALE_WEIGHT_SUMMARY = ("per scale, its share |E_t[s]| / sum_s' |E_t[s']| of the scale mixer's weights, averaged "
@@ -171,6 +172,12 @@ class OnnxModel:
     def zero_state(self, batch: int = 1) -> list[np.ndarray]:
         return [np.zeros((batch, *shape), np.float32) for shape in self.state_shapes]
 
+    def rows_per_call(self, length: int) -> int:
+        """Streams of `length` samples a call is best given: on the CPU about SAMPLES_PER_CALL samples' worth (short
+        hops: more rows; `advance` cuts larger batches there); a GPU wants the largest calls (256 streams x 25
+        samples cost 1.5 us/sample on an H100, 16 x 25 19). Under load the batcher waits for this many."""
+        return max(ROWS_PER_CALL, SAMPLES_PER_CALL // max(1, length)) if self._cut_calls else GPU_ROWS_PER_CALL
+
     def advance(self, x: np.ndarray, state: list[np.ndarray], scale_weights: bool = False):
         """x [B, T, C] float32 -> (probabilities [B, T, K], new state), and with `scale_weights` the mixer's weights
         [B, T, layers, scales] third; on the CPU in calls of about SAMPLES_PER_CALL samples (see ROWS_PER_CALL),
@@ -184,9 +191,9 @@ class OnnxModel:
         n_state = len(self.state_names)
         batch, length = x.shape[:2]
         if self._cut_calls:
-            rows_per_call = min(batch, max(ROWS_PER_CALL, SAMPLES_PER_CALL // length))  # short hops: more rows
+            rows_per_call = min(batch, self.rows_per_call(length))
             steps = min(self.max_chunk, max(1, SAMPLES_PER_CALL // rows_per_call))
-        else:  # a GPU wants the largest calls: 256 streams x 25 samples cost 1.5 us/sample on an H100, 16 x 25 19
+        else:  # a GPU takes the whole batch in one call
             rows_per_call, steps = batch, self.max_chunk
         row_blocks, weight_blocks, new_state_blocks = [], [], []
         for r0 in range(0, batch, rows_per_call):

@@ -20,7 +20,7 @@ class Settings:
     max_body_bytes: int = 16 * 1024 * 1024
     max_frame_bytes: int = 1024 * 1024
     max_signal_seconds: float = 3600.0
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 20.0
     cors_origins: tuple[str, ...] = ()
     header_timeout_s: float = 10.0  # a connection must send a request's headers within this (slowloris)
     body_timeout_s: float = 30.0  # and its body within this (408)
