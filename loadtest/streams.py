@@ -134,6 +134,7 @@ class Sampler:
         self.server, self.interval = server, interval
         self.client = [psutil.Process(pid) for pid in (client_pids or [os.getpid()])]
         self.samples: list[tuple[float, float, int, float, float]] = []  # t, server cpu s, rss, client cpu s, machine%
+        self.per_process: list[tuple[float, dict[int, float]]] = []  # t, server pid -> cpu s (workers' balance)
         self._stop = threading.Event()
         psutil.cpu_percent(None)
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -143,7 +144,9 @@ class Sampler:
         self.client.append(psutil.Process(pid))
 
     def _sample(self) -> None:
-        cpu, rss = tree_cpu_rss(self.server.procs())
+        procs = self.server.procs()
+        cpu, rss = tree_cpu_rss(procs)
+        self.per_process.append((time.monotonic(), {p.pid: tree_cpu_rss([p])[0] for p in procs}))
         server_pids = {p.pid for p in self.server.procs()} | {self.server.process.pid}
         ccpu, _ = tree_cpu_rss([q for p in self.client for q in self._tree(p) if q.pid not in server_pids])
         self.samples.append((time.monotonic(), cpu, rss, ccpu, psutil.cpu_percent(None)))
@@ -169,7 +172,15 @@ class Sampler:
                 "server_rss_mb_max": round(max(x[2] for x in s) / 2**20, 1),
                 "server_rss_mb_end": round(s[-1][2] / 2**20, 1),
                 "loadgen_cpu_pct": round(100 * (s[-1][3] - s[0][3]) / wall, 1),
-                "machine_cpu_pct_of_all_cores": round(float(np.mean([x[4] for x in s[1:]])), 1)}
+                "machine_cpu_pct_of_all_cores": round(float(np.mean([x[4] for x in s[1:]])), 1),
+                "server_process_cpu_pct": self._per_process(t0, t1)}
+
+    def _per_process(self, t0: float, t1: float) -> list[float]:
+        """Each server process's CPU % over the span, busiest first: how evenly the workers share the streams."""
+        s = [x for x in self.per_process if t0 <= x[0] <= t1]
+        wall = s[-1][0] - s[0][0]
+        first, last = s[0][1], s[-1][1]
+        return sorted((round(100 * (last[pid] - first[pid]) / wall, 1) for pid in last if pid in first), reverse=True)
 
     def stop(self) -> None:
         self._stop.set()

@@ -184,7 +184,9 @@ class Batcher:
         missing = min(self.model.rows_per_call(oldest.stream.hop), len(self.sessions)) - len(self._ready)
         now = time.monotonic()
         left = since + self.batch_wait_s - now
-        per_s = self.became_ready.total(now) / self.became_ready.window_s
+        # over the span the window has seen: a load that began a moment ago is at its rate at once (over the whole
+        # window it reads low for its first seconds, and batches stay small just when a burst of streams begins)
+        per_s = self.became_ready.total(now) / self.became_ready.span(now)
         if missing > 0 and left > 0 and per_s * left >= 1:
             await asyncio.sleep(min(left, missing / per_s))
 
