@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from streams import Sampler, Server, StreamRun, environment, fmt, load_records, server_arguments, write_results
+from streams import SAMPLE_RATE, Sampler, Server, StreamRun, environment, fmt, server_arguments, tiled_records, write_results
 
 
 class Timed(list):
@@ -40,13 +40,12 @@ def main(argv=None) -> int:
     p.add_argument("--rss-drift-mb", type=float, default=50, help="goal: RSS growth after the first minute")
     args = p.parse_args(argv)
 
-    signals = list(load_records())
-    tiled = [np.concatenate([signals[(i + j) % len(signals)] for j in range(6)]) for i in range(len(signals))]
+    tiled = tiled_records()
     server = Server(args.model, args.workers, extra=["--max-streams", str(args.streams * 2)], log_name="soak-server")
     sampler = Sampler(server, interval=5)
     random.seed(0)
-    run = StreamRun(server.ws_url, args.streams, 25, int(server.model_info.get("default_hop", 25)), 5,
-                    args.minutes * 60)
+    hop = int(server.model_info.get("default_hop", 25))
+    run = StreamRun(server.ws_url, args.streams, hop, {"hop": hop}, SAMPLE_RATE, 5, args.minutes * 60)
     run.latency_ms = Timed()
     try:
         overall = asyncio.run(run.go(tiled, sampler))

@@ -63,6 +63,14 @@ def load_records(limit: int | None = None) -> np.ndarray:
     return np.nan_to_num(arr)
 
 
+def tiled_records(records_per_signal: int = 6) -> list[np.ndarray]:
+    """One long signal [records_per_signal x 1000, 12] per fixture record: it and the records after it, end to end,
+    so that a stream can run for minutes on real ECG from any start (what every load test's clients send)."""
+    signals = load_records()
+    return [np.concatenate([signals[(i + j) % len(signals)] for j in range(records_per_signal)])
+            for i in range(len(signals))]
+
+
 def pct(values, q) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
 
@@ -145,9 +153,10 @@ class Sampler:
 
     def _sample(self) -> None:
         procs = self.server.procs()
-        cpu, rss = tree_cpu_rss(procs)
-        self.per_process.append((time.monotonic(), {p.pid: tree_cpu_rss([p])[0] for p in procs}))
-        server_pids = {p.pid for p in self.server.procs()} | {self.server.process.pid}
+        per_process = {p.pid: tree_cpu_rss([p]) for p in procs}  # each process read once: (cpu s, rss)
+        cpu, rss = sum(c for c, _ in per_process.values()), sum(r for _, r in per_process.values())
+        self.per_process.append((time.monotonic(), {pid: c for pid, (c, _) in per_process.items()}))
+        server_pids = set(per_process) | {self.server.process.pid}
         ccpu, _ = tree_cpu_rss([q for p in self.client for q in self._tree(p) if q.pid not in server_pids])
         self.samples.append((time.monotonic(), cpu, rss, ccpu, psutil.cpu_percent(None)))
 
@@ -178,6 +187,8 @@ class Sampler:
     def _per_process(self, t0: float, t1: float) -> list[float]:
         """Each server process's CPU % over the span, busiest first: how evenly the workers share the streams."""
         s = [x for x in self.per_process if t0 <= x[0] <= t1]
+        if len(s) < 2:
+            return []
         wall = s[-1][0] - s[0][0]
         first, last = s[0][1], s[-1][1]
         return sorted((round(100 * (last[pid] - first[pid]) / wall, 1) for pid in last if pid in first), reverse=True)
@@ -451,8 +462,7 @@ def device_signals(signals: list[np.ndarray], sample_rate: float | None, leads: 
 def run_overload(args) -> None:
     """One step of `--overload N` real-time streams (say twice the capacity): how many are refused or shed, and the
     latency of those kept."""
-    signals = [s for s in load_records()]
-    tiled = [np.concatenate([signals[(i + j) % len(signals)] for j in range(6)]) for i in range(len(signals))]
+    tiled = tiled_records()
     server = Server(args.model, args.workers, extra=["--max-streams", str(args.overload * 2)],
                     log_name=f"overload-w{args.workers}-server")
     sampler = Sampler(server)
@@ -481,9 +491,7 @@ def run_overload(args) -> None:
 
 
 def run_streams(args) -> None:
-    signals = [s for s in load_records()]
-    tiled = [np.concatenate([signals[(i + j) % len(signals)] for j in range(6)]) for i in range(len(signals))]
-    tiled = device_signals(tiled, args.sample_rate, args.leads)
+    tiled = device_signals(tiled_records(), args.sample_rate, args.leads)
     device_rate = args.sample_rate or SAMPLE_RATE
     steps = [int(x) for x in args.steps.split(",")]
     results: list[dict] = []

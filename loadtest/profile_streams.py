@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a stream server's CPU goes: real-time streams against `python -m server`, every worker sampled with py-spy.
 
-    python benchmarks/profile_streams.py [--streams 500] [--workers 2] [--duration 25] [--model models/default]
+    python loadtest/profile_streams.py [--streams 500] [--workers 2] [--duration 25] [--model models/default]
 
 Runs `--streams` paced 100 Hz streams (the load test's clients, `loadtest/streams.py`) and, after a warm-up, records
 each worker process with `py-spy record --format raw --nonblocking` and reads each thread's CPU time from /proc
@@ -9,7 +9,7 @@ before and after. A Python-level sample goes to the part of its innermost frame 
 graph, the runtime's numpy work, the batcher, the connection loops, WebSocket framing, ...) and counts 1/200 s; what
 a thread's OS CPU time leaves unexplained is its C-level work: uvloop's socket I/O, timers and callbacks on the
 event-loop thread, where py-spy cannot tell a wait in C from work (it samples those as `Runner.run`). Prints and
-writes benchmarks/results/profile_streams.md: each part's share of the workers' CPU and of one core, the top leaf
+writes loadtest/results/profile_streams.md: each part's share of the workers' CPU and of one core, the top leaf
 frames, and the run's latency and CPU (a profile taken while streams were shed describes a server past its capacity,
 so the script says so). Needs py-spy (`pip install py-spy`), and the right to trace the workers
 (root, or ptrace_scope 0).
@@ -25,19 +25,17 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-from loadtest.streams import SAMPLE_RATE, Sampler, Server, StreamRun, load_records  # noqa: E402
+from streams import DEFAULT_MODEL, REPO_ROOT, RESULTS_DIR, SAMPLE_RATE, Sampler, Server, StreamRun, tiled_records
 
-RESULT = REPO_ROOT / "benchmarks" / "results" / "profile_streams.md"
+RESULT = RESULTS_DIR / "profile_streams.md"
 RATE_HZ = 200
 # (category, pattern on "function (file:line)"), tried from the innermost frame outwards; the first part that matches
 # names the sample. Order matters only within one frame.
@@ -123,12 +121,14 @@ def read_raw(path: Path) -> Counter:
     return stacks
 
 
-def profile(args) -> tuple[Counter, dict, list[float]]:
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(py_spy).exists() and not shutil.which(py_spy):
+def profile(args, out_dir: Path) -> tuple[Counter, dict, list[int], dict[str, float]]:
+    """-> (py-spy's stacks of all workers, the load run's result, the worker pids, OS CPU seconds of their
+    event-loop threads ("main") and other threads ("other") over the recorded "wall" seconds)."""
+    # on PATH, or beside this interpreter (a virtual environment that is not activated)
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if py_spy is None:
         raise SystemExit("error: py-spy not found (pip install py-spy)")
-    signals = load_records()
-    tiled = [np.concatenate([signals[(i + j) % len(signals)] for j in range(6)]) for i in range(len(signals))]
+    tiled = tiled_records()
     server = Server(args.model, args.workers, extra=["--max-streams", str(args.streams * 2)],
                     log_name="profile-server")
     sampler = Sampler(server)
@@ -136,8 +136,6 @@ def profile(args) -> tuple[Counter, dict, list[float]]:
     # with --workers > 1 uvicorn's workers are its spawned children (beside multiprocessing's resource tracker)
     workers = ([p.pid for p in server.procs() if "spawn_main" in " ".join(p.cmdline())] if args.workers > 1
                else [server.process.pid])
-    out_dir = RESULT.parent / "profile_raw"
-    out_dir.mkdir(parents=True, exist_ok=True)
     recorded: list[Path] = []
     cpu = {"main": 0.0, "other": 0.0, "wall": 0.0}
 
@@ -176,7 +174,6 @@ def profile(args) -> tuple[Counter, dict, list[float]]:
     for path in recorded:
         if path.is_file():
             stacks.update(read_raw(path))
-    shutil.rmtree(out_dir, ignore_errors=True)
     if not stacks:
         raise SystemExit("error: py-spy recorded nothing (is tracing allowed? run as root or set ptrace_scope 0)")
     return stacks, result, workers, cpu
@@ -202,7 +199,7 @@ def report(args, stacks: Counter, result: dict, workers: list, cpu: dict) -> str
     state = (f"**{shed} streams were shed or refused: the server was past its capacity, and this profile describes "
              "that.**" if shed else "None shed or refused: under capacity.")
     md = ["# Where a stream server's CPU goes\n",
-          f"Measured {date.today().isoformat()}: `python benchmarks/profile_streams.py --streams {args.streams} "
+          f"Measured {date.today().isoformat()}: `python loadtest/profile_streams.py --streams {args.streams} "
           f"--workers {args.workers} --duration {args.duration:g}` ({args.streams} paced real-time streams from "
           "`loadtest/streams.py`; every worker recorded with `py-spy record --format raw --nonblocking`, idle threads "
           "unsampled). Each Python-level sample is classified by its innermost frame that belongs to a known part "
@@ -219,7 +216,7 @@ def report(args, stacks: Counter, result: dict, workers: list, cpu: dict) -> str
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(REPO_ROOT / "models" / "default"))
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--warmup", type=float, default=5.0)
@@ -227,7 +224,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.duration < 5:
         parser.error("--duration must be at least 5 s")
-    stacks, result, workers, cpu = profile(args)
+    with tempfile.TemporaryDirectory(prefix="profile_streams_") as raw_dir:
+        stacks, result, workers, cpu = profile(args, Path(raw_dir))
     text = report(args, stacks, result, workers, cpu)
     print(text)
     RESULT.write_text(text)
