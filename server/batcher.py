@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -63,7 +64,7 @@ class LatencyWindow:
 
 class RateWindow:
     """Samples counted over a sliding window of time: what arrives and what is computed, so that shedding knows
-    which share of the arriving load the batcher keeps up with."""
+    whether the batcher keeps up with the arriving load."""
 
     def __init__(self, window_s: float = LATENCY_WINDOW_S):
         self.window_s = window_s
@@ -80,10 +81,23 @@ class RateWindow:
             self._total -= self._counts.popleft()[1]
         return self._total
 
+    def total_since(self, now: float, since: float) -> int:
+        """Samples counted from `since` on (within the window)."""
+        self.total(now)
+        return sum(n for t, n in self._counts if t >= since)
+
     def span(self, now: float) -> float:
         """Seconds the window's counts cover: the window, or less while it is filling."""
         self.total(now)
         return min(self.window_s, max(now - self._counts[0][0], 1e-3)) if self._counts else self.window_s
+
+
+@dataclass(frozen=True)
+class Load:
+    """The batcher's recent work, for deciding whether it falls behind (`Batcher.load`)."""
+    arrived_per_s: float  # samples the streams sent
+    computed_per_s: float  # samples the batcher advanced: its capacity while it is behind
+    excess_backlog: float  # samples waiting beyond the normal queue, over the streams keeping real time
 
 
 class Batcher:
@@ -91,7 +105,7 @@ class Batcher:
         self.model = model
         self.latency_bound_s = latency_bound_ms / 1000
         self.latency = LatencyWindow()
-        self.arrived, self.computed = RateWindow(), RateWindow()  # samples, for the share kept up with
+        self.arrived, self.computed = RateWindow(), RateWindow()  # samples: does the batcher keep up?
         self.became_ready = RateWindow()  # streams becoming ready: how soon a fuller batch would form
         self._timed: dict[StreamSession, float] = {}
         self.metrics = metrics
@@ -197,16 +211,17 @@ class Batcher:
         worst = max(self.latency.p95(now) or 0.0, self._oldest_wait(now))
         return worst if worst > self.latency_bound_s else None
 
-    def kept_up_share(self) -> float:
-        """Samples computed over the window / samples arrived (at most 1): below 1 the batcher falls behind, and the
-        share says how much of today's load it carries. Samples that arrived within the last latency bound may still
-        be waiting without anything being behind (a batch filling, a call in flight): they are not counted. Without
-        that allowance the first second of a load read as falling behind (the queue that every batch needs is a large
-        part of a window that has just begun), and streams were shed at a third of capacity."""
+    def load(self, over_s: float) -> Load:
+        """What the last `over_s` seconds say about keeping up: samples arrived and computed per second, and the
+        samples that streams keeping real time have ready and waiting beyond what arrives within the latency bound
+        (the queue every batch needs). A backlog that stays or grows is a batcher falling behind; one worked off fast
+        enough is the tail of a transient (a burst of connections, a slow call)."""
         now = time.monotonic()
-        arrived = self.arrived.total(now)
-        due = arrived - arrived / self.arrived.span(now) * self.latency_bound_s
-        return 1.0 if due <= 0 else min(1.0, self.computed.total(now) / due)
+        arrived = self.arrived.total_since(now, now - over_s) / over_s
+        computed = self.computed.total_since(now, now - over_s) / over_s
+        waiting = sum(s.stream.pending for s in self._ready if not s.ahead_of_real_time())
+        return Load(arrived_per_s=arrived, computed_per_s=computed,
+                    excess_backlog=max(0.0, waiting - arrived * self.latency_bound_s))
 
     def _oldest_wait(self, now: float) -> float:
         for i, (session, since) in enumerate(self._ready.items()):  # oldest first

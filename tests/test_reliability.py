@@ -286,12 +286,60 @@ def test_past_its_latency_bound_the_server_refuses_new_work_with_a_retry_hint(mo
             assert client.post("/classify", json={"signal": records[0][:200].tolist()}).status_code == 200
 
 
-def test_streams_admitted_together_past_the_bound_are_shed_newest_first(model_dir, records, monkeypatch):
-    """Streams that connect together are all admitted before their load shows; while the latency stays over the
-    bound the newest are shed (a final snapshot, then an error with `retry_after_s` and close 1013), as many as leave
-    SHED_TARGET_LOAD of the load the batcher kept up with, and the oldest stream goes on."""
+def test_streams_to_keep_leaves_a_load_whose_backlog_is_worked_off_in_time():
+    """The shed rule alone: a batcher that works off its backlog within the catch-up time keeps every stream; one
+    that does not keeps as many as it can carry while working off their share of the backlog (with the margin),
+    never fewer than one."""
+    from server.batcher import Load
+    from server.hub import SHED_MARGIN, streams_to_keep
+
+    # no backlog beyond the normal queue: latency over the bound is a transient (a slow call), keep all
+    assert streams_to_keep(100, Load(arrived_per_s=10_000, computed_per_s=5_000, excess_backlog=0)) == 100
+    # behind, but computing 2,000/s more than arrives: 3,000 samples worked off in 1.5 s < 2 s
+    assert streams_to_keep(100, Load(10_000, 12_000, 3_000), catch_up_s=2.0) == 100
+    # the same backlog with only 500/s to spare would take 6 s: keep 100 x 0.85 x 10,500 / (10,000 + 1,500)
+    kept = streams_to_keep(100, Load(10_000, 10_500, 3_000), catch_up_s=2.0)
+    assert kept == int(100 * SHED_MARGIN * 10_500 / 11_500) == 77
+    # falling behind (computes less than arrives): fewer kept the deeper the backlog
+    shallow = streams_to_keep(100, Load(10_000, 6_000, 1_000))
+    deep = streams_to_keep(100, Load(10_000, 6_000, 20_000))
+    assert 1 <= deep < shallow < 100 * 6_000 / 10_000
+    assert streams_to_keep(3, Load(10_000, 10, 50_000)) == 1  # the oldest stream is never shed
+
+
+def test_the_batchers_load_counts_what_waits_beyond_the_latency_bound(model, records):
+    """`Batcher.load`: rates over the asked span only, and the backlog of real-time streams that are ready beyond
+    what arrives within the latency bound; a stream ahead of real time (a file pushed at once) is not a backlog."""
     import time as time_
 
+    from msssm_serve.runtime import Stream
+    from server.batcher import Batcher
+    from server.metrics import Metrics
+
+    async def scenario():
+        batcher = Batcher(model, Metrics(), batch_wait_ms=0, latency_bound_ms=100)  # not started: nothing computes
+        now = time_.monotonic()
+        batcher.arrived.add(now - 1.5, 9_999)  # outside a 1 s span
+        batcher.arrived.add(now - 0.5, 2_000)
+        batcher.computed.add(now - 0.5, 1_000)
+        steady = [batcher.open(Stream(model, hop=25), asyncio.Queue()) for _ in range(8)]
+        for s in steady:  # 100 samples each ready: 800 waiting
+            s.stream.feed(records[0][:100])
+            s._received += 100
+            batcher.notify(s)
+        pushing = batcher.open(Stream(model, hop=25), asyncio.Queue())
+        pushing.stream.feed(records[0][:1000])
+        pushing._received += 10_000
+        batcher.notify(pushing)
+        return batcher.load(1.0)
+
+    load = asyncio.run(scenario())
+    assert load.arrived_per_s == 2_000 and load.computed_per_s == 1_000
+    assert load.excess_backlog == 800 - 2_000 * 0.1
+
+
+def _shed_server(model_dir, monkeypatch, load):
+    """A test server whose batcher reports `load` (a callable of nothing) and whose shedder looks often."""
     from fastapi.testclient import TestClient
 
     from server import hub
@@ -299,24 +347,35 @@ def test_streams_admitted_together_past_the_bound_are_shed_newest_first(model_di
     from server.settings import Settings
 
     monkeypatch.setattr(hub, "SHED_EVERY_S", 0.05)
-    monkeypatch.setattr(hub, "SHED_SETTLE_S", 30.0)  # one shed only in this test
+    monkeypatch.setattr(hub, "LOAD_WINDOW_S", 0.3)
+    monkeypatch.setattr(hub, "SHED_SETTLE_S", 30.0)  # one shed only in these tests
+    client = TestClient(create_app(Settings(model_dir=model_dir, admit_latency_ms=50)))
+    return client, lambda batcher: monkeypatch.setattr(batcher, "load", lambda over_s: load())
+
+
+def test_streams_admitted_together_past_the_bound_are_shed_newest_first(model_dir, records, monkeypatch):
+    """Streams that connect together are all admitted before their load shows; once they are in and the batcher is
+    over its bound and falling behind, the newest are shed (a final snapshot, then an error with `retry_after_s` and
+    close 1013), as many as `streams_to_keep` says, and the oldest stream goes on."""
+    import time as time_
+
+    from server.batcher import Load
+
     frame = records[0][:25].astype("<f4").tobytes()
-    with TestClient(create_app(Settings(model_dir=model_dir, admit_latency_ms=50))) as client:
+    # keep floor(8 x 0.85 x 500 / (800 + 400 / 2)) = 3: the newest 5 are shed
+    client, fake_load = _shed_server(model_dir, monkeypatch, lambda: Load(800, 500, 400))
+    with client:
         batcher = client.app.state.batcher
+        fake_load(batcher)
         streams = [client.websocket_connect("/stream") for _ in range(8)]
         opened = [s.__enter__() for s in streams]
         for ws in opened:
             ws.send_bytes(frame)
             assert ws.receive_json()["type"] == "prediction"
         now = time_.monotonic()
-        # twice what it computed (8 x 25) over 1.5 s: it kept up with about half the load. A window of its own, so
-        # that the share does not depend on how far apart the frames above happened to arrive
-        batcher.arrived = type(batcher.arrived)()
-        batcher.arrived.add(now - 1.5, 200)
-        batcher.arrived.add(now, 200)
         for _ in range(40):  # the load shows: real-time streams wait 0.2 s (p95 4x the bound)
             batcher.latency.add(now, 0.2)
-        for ws in opened[-5:]:  # keep floor(8 x 0.85 x 0.52) = 3: the newest 5 are shed
+        for ws in opened[-5:]:
             snap = ws.receive_json()
             assert snap["type"] == "snapshot" and snap["token"]
             error = ws.receive_json()
@@ -329,37 +388,41 @@ def test_streams_admitted_together_past_the_bound_are_shed_newest_first(model_di
             s.__exit__(None, None, None)
 
 
-def test_a_model_over_its_bound_while_keeping_up_sheds_only_once_it_stays_over(model_dir, records, monkeypatch):
-    """Latency over the bound with the load kept up with (a burst of connections, a slow call) sheds nothing at
-    first; if it stays over for SUSTAINED_S, the newest streams are shed as under any overload."""
+def test_a_batcher_that_catches_up_in_time_sheds_nothing_and_nothing_is_judged_while_streams_connect(
+        model_dir, records, monkeypatch):
+    """Latency over the bound while the batcher works its backlog off within CATCH_UP_S (the tail of a burst of
+    connections) sheds nothing; while streams are still being admitted nothing is judged at all (handshakes take the
+    batcher's CPU, so its rate reads low); once it falls behind, the newest streams are shed."""
     import time as time_
 
-    from fastapi.testclient import TestClient
-
     from server import hub
-    from server.app import create_app
-    from server.settings import Settings
+    from server.batcher import Load
 
-    monkeypatch.setattr(hub, "SHED_EVERY_S", 0.05)
-    monkeypatch.setattr(hub, "SHED_SETTLE_S", 30.0)
-    monkeypatch.setattr(hub, "SUSTAINED_S", 1.0)
     frame = records[0][:25].astype("<f4").tobytes()
-    with TestClient(create_app(Settings(model_dir=model_dir, admit_latency_ms=50))) as client:
+    load = {"now": Load(800, 1_000, 300)}  # 300 samples worked off at 200/s: 1.5 s < CATCH_UP_S
+    client, fake_load = _shed_server(model_dir, monkeypatch, lambda: load["now"])
+    with client:
         batcher, shed = client.app.state.batcher, client.app.state.metrics.streams_shed
+        fake_load(batcher)
         streams = [client.websocket_connect("/stream") for _ in range(8)]
         opened = [s.__enter__() for s in streams]
         for ws in opened:
             ws.send_bytes(frame)
             assert ws.receive_json()["type"] == "prediction"
-        assert batcher.kept_up_share() == 1.0  # all it was sent, it computed
         over = time_.monotonic()
         for _ in range(40):
             batcher.latency.add(over, 0.2)  # p95 4x the bound, for the latency window's 2 s
         time_.sleep(0.6)
-        assert batcher.overloaded() is not None and shed._value.get() == 0  # over, but not for long: none shed
-        for ws in opened[-2:]:  # then it has stayed over: keep floor(8 x 0.85 x 1) = 6
+        assert batcher.overloaded() is not None and shed._value.get() == 0  # over, catching up: none shed
+        hub_ = client.app.state.hub
+        load["now"] = Load(800, 900, 300)  # now it would take 3 s: keep floor(8 x 0.85 x 900 / 950) = 6
+        hub_._last_admitted = time_.monotonic() + 0.4  # as if a stream were admitted 0.4 s from now
+        time_.sleep(0.5)
+        assert shed._value.get() == 0, "nothing is judged while streams are being admitted"
+        for ws in opened[-2:]:
             assert ws.receive_json()["type"] == "snapshot"
             assert "shed" in ws.receive_json()["detail"]
-        assert 1.0 <= time_.monotonic() - over and shed._value.get() == 2
+        assert shed._value.get() == 2
+        assert time_.monotonic() - hub_._last_admitted >= hub.LOAD_WINDOW_S
         for s in streams:
             s.__exit__(None, None, None)
