@@ -11,7 +11,10 @@ Prints, from one run on this machine:
   3. stream update cost (advance one hop from the carried state) vs recomputing the window so far from scratch at
      every hop (W = window, hop = 25), as a ratio;
   4. the graph's cost per sample by call shape (streams x samples per call, one Session.run each): the measurement
-     behind the runtime's ROWS_PER_CALL and SAMPLES_PER_CALL.
+     behind the runtime's ROWS_PER_CALL and SAMPLES_PER_CALL;
+  5. with --against OTHER_MODEL_DIR: both models' cost per sample at the serving shapes, interleaved call for call
+     so that the machine's moments fall on both, and the ratio (e.g. a candidate default model against the bundled
+     one: python benchmarks/runtime.py --model CANDIDATE --against models/default).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def main() -> None:
     p.add_argument("--checkpoint", help="checkpoint the model was exported from (for the PyTorch comparison)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     p.add_argument("--hop", type=int, default=25)
+    p.add_argument("--against", help="a second model directory: cost per sample side by side, as a ratio")
     args = p.parse_args()
     model = OnnxModel(args.model, threads=args.threads or None)
     rng = np.random.default_rng(0)
@@ -97,6 +101,30 @@ def main() -> None:
         feeds = {"x": x, **dict(zip(model.state_names, model.zero_state(rows)))}
         s = best_seconds(lambda: model.session.run(model.output_names, feeds), min_time=0.3, max_runs=20)
         print(f"{rows:>8} {length:>8} {s * 1e6 / (rows * length):>10.1f}")
+
+    if args.against:
+        side_by_side(model, OnnxModel(args.against, threads=args.threads or None), rng)
+
+
+def side_by_side(model: OnnxModel, other: OnnxModel, rng, rounds: int = 5) -> None:
+    """Cost per sample of two models at the shapes the server calls (streams x hop, a /classify window), each the
+    best of `rounds` interleaved measurements."""
+    print(f"\n5. serving cost per sample: {model.name} vs {other.name} (best of {rounds} interleaved rounds)")
+    print(f"{'streams':>8} {'samples':>8} {'us/sample':>10} {'against':>10} {'ratio':>7}")
+    ratios = []
+    for rows, length in ((1, 1000), (16, 25), (64, 25), (256, 25)):
+        x = rng.standard_normal((rows, length, model.n_channels)).astype(np.float32)
+        best = {}
+        for _ in range(rounds):
+            for m in (model, other):
+                feeds = {"x": x, **dict(zip(m.state_names, m.zero_state(rows)))}
+                s = best_seconds(lambda: m.session.run(m.output_names, feeds), min_time=0.2, max_runs=10)
+                best[m.name] = min(best.get(m.name, s), s)
+        mine, theirs = (best[m.name] * 1e6 / (rows * length) for m in (model, other))
+        ratios.append(mine / theirs)
+        print(f"{rows:>8} {length:>8} {mine:>10.1f} {theirs:>10.1f} {mine / theirs:>7.2f}")
+    print(f"   cost ratio {model.name} / {other.name}: {np.mean(ratios):.2f} (mean over the shapes), "
+          f"{max(ratios):.2f} (worst)")
 
 
 if __name__ == "__main__":
