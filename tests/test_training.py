@@ -412,13 +412,36 @@ def test_table3_trains_each_label_set_and_prints_it_beside_the_paper(tmp_path):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
         assert table3(["--data-dir", str(FIXTURE), "--out", str(tmp_path), "--label-sets", "superdiagnostic,rhythm",
+                       "--results", str(tmp_path / "table3.md"),
                        "--", *TINY, "--epochs", "1", "--steps-per-epoch", "1"]) == 0
     rows = [line for line in printed.getvalue().splitlines() if line.startswith("| superdiagnostic") or
             line.startswith("| rhythm")]
     assert len(rows) == 2 and "0.935" in rows[0] and "0.979" in rows[1]
     assert (tmp_path / "rhythm" / "metrics.json").is_file()
+    written = (tmp_path / "table3.md").read_text()
+    assert rows[0] in written and "python benchmarks/table3.py --data-dir" in written
     # a second call reads the finished runs instead of training again
     again = io.StringIO()
     with contextlib.redirect_stdout(again):
-        table3(["--data-dir", str(FIXTURE), "--out", str(tmp_path), "--label-sets", "rhythm"])
+        table3(["--data-dir", str(FIXTURE), "--out", str(tmp_path), "--label-sets", "rhythm", "--results", "-"])
     assert rows[1] in again.getvalue()
+
+
+def test_table3_scores_a_bundled_model_for_a_label_set_instead_of_training(tmp_path):
+    """`--model superdiagnostic=models/default`: the row is the model directory scored on fold 9, as served (the
+    same figures `training/evaluate.py` gives it), and nothing is trained."""
+    import contextlib
+    import io
+
+    from benchmarks.table3 import main as table3
+    from msssm_serve.training.evaluate import score
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        assert table3(["--data-dir", str(FIXTURE), "--out", str(tmp_path), "--label-sets", "superdiagnostic",
+                       "--model", f"superdiagnostic={ROOT / 'models' / 'default'}", "--results", "-"]) == 0
+        expected = score([str(ROOT / "models" / "default")], str(FIXTURE), label_set="superdiagnostic",
+                         labels=str(FIXTURE / "labels" / "superdiagnostic.csv"))
+    row = next(line for line in printed.getvalue().splitlines() if line.startswith("| superdiagnostic"))
+    assert f"{expected['macro_auroc']:.4f}" in row and "models/default" in row
+    assert not (tmp_path / "superdiagnostic").exists()

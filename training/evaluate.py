@@ -47,33 +47,42 @@ def main(argv=None) -> int:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     args = p.parse_args(argv)
     try:
-        records = load_labels(args.data_dir, args.label_set, args.labels, args.sampling_rate)
-        chosen = records.subset(records.folds == args.fold)
-        if len(chosen.ids) == 0:
-            raise DataError(f"{args.data_dir}: no labelled records in fold {args.fold}")
-        models = [load_model(Path(path), records.classes, args.sampling_rate) for path in args.model]
-        x = load_signals(args.data_dir, chosen, cache_dir=args.cache_dir, sampling_rate=args.sampling_rate)
-        if args.leads:
-            keep = [name.strip().upper() for name in args.leads.split(",")]
-            unknown = sorted(set(keep) - set(LEADS))
-            if unknown:
-                raise DataError(f"--leads: unknown {unknown}; PTB-XL's are {LEADS}")
-            x = keep_leads(x, LEADS, keep)
-        print(f"scoring {len(chosen.ids)} records of fold {args.fold} with {len(models)} model(s)", file=sys.stderr)
-        scores = np.mean([window_probabilities(model, x, progress="scoring") for model in models], axis=0)
+        result = score(args.model, args.data_dir, label_set=args.label_set, labels=args.labels, fold=args.fold,
+                       sampling_rate=args.sampling_rate, leads=args.leads, n_boot=args.n_boot,
+                       cache_dir=args.cache_dir)
     except Exception as err:  # every failure is reported as one line, never as a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = {
-        "model": args.model[0] if len(args.model) == 1 else args.model,
-        "fold": args.fold,
-        **({"leads": args.leads} if args.leads else {}),
-        "records": len(chosen.ids),
-        **bootstrap_macro_auroc(chosen.labels, scores, n_boot=args.n_boot),
-        "per_class_auroc": per_class_auroc_by_name(records.classes, chosen.labels, scores),
-    }
     print(json.dumps(result, indent=2))
     return 0
+
+
+def score(model_paths: list[str], data_dir: str, *, label_set: str = "superdiagnostic", labels: str | None = None,
+          fold: int = 9, sampling_rate: int = 100, leads: str | None = None, n_boot: int = 1000,
+          cache_dir: str | None = None) -> dict:
+    """Macro AUROC with its bootstrap interval and per-class AUROC of the models' averaged probabilities on `fold`."""
+    records = load_labels(data_dir, label_set, labels, sampling_rate)
+    chosen = records.subset(records.folds == fold)
+    if len(chosen.ids) == 0:
+        raise DataError(f"{data_dir}: no labelled records in fold {fold}")
+    models = [load_model(Path(path), records.classes, sampling_rate) for path in model_paths]
+    x = load_signals(data_dir, chosen, cache_dir=cache_dir, sampling_rate=sampling_rate)
+    if leads:
+        keep = [name.strip().upper() for name in leads.split(",")]
+        unknown = sorted(set(keep) - set(LEADS))
+        if unknown:
+            raise DataError(f"--leads: unknown {unknown}; PTB-XL's are {LEADS}")
+        x = keep_leads(x, LEADS, keep)
+    print(f"scoring {len(chosen.ids)} records of fold {fold} with {len(models)} model(s)", file=sys.stderr)
+    scores = np.mean([window_probabilities(model, x, progress="scoring") for model in models], axis=0)
+    return {
+        "model": model_paths[0] if len(model_paths) == 1 else model_paths,
+        "fold": fold,
+        **({"leads": leads} if leads else {}),
+        "records": len(chosen.ids),
+        **bootstrap_macro_auroc(chosen.labels, scores, n_boot=n_boot),
+        "per_class_auroc": per_class_auroc_by_name(records.classes, chosen.labels, scores),
+    }
 
 
 if __name__ == "__main__":
