@@ -26,8 +26,9 @@ from .streaming import POLICY, RETRY_AFTER_S, SENDER_DRAIN_S, TRY_LATER, Connect
 # off the kept streams' share of the backlog within CATCH_UP_S (`streams_to_keep`), and then none again for
 # SHED_SETTLE_S, until the windows have seen the lighter load.
 # Nothing is judged while streams are being admitted, nor for LOAD_WINDOW_S after: handshakes take the event loops'
-# CPU from the batcher, so its rate reads low just then. Judged on a 2 s share kept up with during a burst, 99 of 550
-# streams (a load the server carried at 92 % of one core's worth of CPU) and 626 of 1,100 were shed on 2 workers.
+# CPU from the batcher, so its rate reads low just then. The rule before this one (the share of a 2 s window's
+# arrivals computed) shed 99 of 550 streams that started together on 2 workers (the server then used 92 % CPU, under
+# half of the two cores), and kept 474 of 1,100 where this one keeps 670 (loadtest/results/overload_w2_*burst*).
 # Why throughput and not latency sizes the shed: the backlog keeps latency high for a while after a shed, so a rule on
 # latency sheds in steps, each kept stream's backlog growing in between (887 of 1,300 shed, kept p99 2.3 s).
 log = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ LOAD_WINDOW_S = 1.0
 CATCH_UP_S = 2.0
 SHED_SETTLE_S = 2.0
 # Of the rate the batcher computes while behind: what it carries within the latency bound is less, because a batcher
-# that is behind computes in the fullest calls (1,100 streams on 2 workers: 95 k samples/s computed while behind,
-# where 550 streams, 55 k samples/s, is the most it holds within the bound).
+# that is behind computes in the fullest calls (1,100 streams on 2 workers: 34-53 k samples/s per worker computed
+# while behind, where about 33 k per worker, 670 streams in all, is what they then held within the bound).
 SHED_MARGIN = 0.85
 
 
