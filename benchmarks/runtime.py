@@ -98,12 +98,17 @@ def main() -> None:
     print(f"{'streams':>8} {'samples':>8} {'us/sample':>10}")
     for rows, length in ((1, 1000), (1, 250), (4, 125), (16, 25), (16, 50), (64, 25), (256, 25)):
         x = rng.standard_normal((rows, length, C)).astype(np.float32)
-        feeds = {"x": x, **dict(zip(model.state_names, model.zero_state(rows)))}
-        s = best_seconds(lambda: model.session.run(model.output_names, feeds), min_time=0.3, max_runs=20)
-        print(f"{rows:>8} {length:>8} {s * 1e6 / (rows * length):>10.1f}")
+        print(f"{rows:>8} {length:>8} {us_per_sample(model, x, min_time=0.3, max_runs=20):>10.1f}")
 
     if args.against:
         side_by_side(model, OnnxModel(args.against, threads=args.threads or None), rng)
+
+
+def us_per_sample(model: OnnxModel, x: np.ndarray, min_time: float, max_runs: int) -> float:
+    """The graph's cost per sample for one call of `x` [rows, T, C] from the zero state (one Session.run)."""
+    feeds = {"x": x, **dict(zip(model.state_names, model.zero_state(len(x))))}
+    s = best_seconds(lambda: model.session.run(model.output_names, feeds), min_time=min_time, max_runs=max_runs)
+    return s * 1e6 / (x.shape[0] * x.shape[1])
 
 
 def side_by_side(model: OnnxModel, other: OnnxModel, rng, rounds: int = 5) -> None:
@@ -114,13 +119,8 @@ def side_by_side(model: OnnxModel, other: OnnxModel, rng, rounds: int = 5) -> No
     ratios = []
     for rows, length in ((1, 1000), (16, 25), (64, 25), (256, 25)):
         x = rng.standard_normal((rows, length, model.n_channels)).astype(np.float32)
-        best = {}
-        for _ in range(rounds):
-            for m in (model, other):
-                feeds = {"x": x, **dict(zip(m.state_names, m.zero_state(rows)))}
-                s = best_seconds(lambda: m.session.run(m.output_names, feeds), min_time=0.2, max_runs=10)
-                best[m.name] = min(best.get(m.name, s), s)
-        mine, theirs = (best[m.name] * 1e6 / (rows * length) for m in (model, other))
+        pairs = [(us_per_sample(model, x, 0.2, 10), us_per_sample(other, x, 0.2, 10)) for _ in range(rounds)]
+        mine, theirs = min(a for a, _ in pairs), min(b for _, b in pairs)
         ratios.append(mine / theirs)
         print(f"{rows:>8} {length:>8} {mine:>10.1f} {theirs:>10.1f} {mine / theirs:>7.2f}")
     print(f"   cost ratio {model.name} / {other.name}: {np.mean(ratios):.2f} (mean over the shapes), "
