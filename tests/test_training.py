@@ -403,7 +403,7 @@ def test_evaluate_refuses_a_model_of_another_sample_rate(model_dir, tmp_path):
 
 
 
-def test_table3_trains_each_label_set_and_prints_it_beside_the_paper(tmp_path):
+def test_table3_trains_each_label_set_and_prints_it_beside_the_paper(tmp_path, monkeypatch):
     import contextlib
     import io
 
@@ -420,11 +420,17 @@ def test_table3_trains_each_label_set_and_prints_it_beside_the_paper(tmp_path):
     assert (tmp_path / "rhythm" / "metrics.json").is_file()
     written = (tmp_path / "table3.md").read_text()
     assert rows[0] in written and "python benchmarks/table3.py --data-dir" in written
-    # a second call reads the finished runs instead of training again
-    again = io.StringIO()
-    with contextlib.redirect_stdout(again):
-        table3(["--data-dir", str(FIXTURE), "--out", str(tmp_path), "--label-sets", "rhythm", "--results", "-"])
+    # a second call reads the finished runs instead of training again; a subset with no --results writes nowhere,
+    # so that it cannot replace the whole table with its own rows
+    import benchmarks.table3
+
+    default_results = tmp_path / "default_table3.md"
+    monkeypatch.setattr(benchmarks.table3, "DEFAULT_RESULTS", default_results)
+    again, said = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(again), contextlib.redirect_stderr(said):
+        table3(["--data-dir", str(FIXTURE), "--out", str(tmp_path), "--label-sets", "rhythm"])
     assert rows[1] in again.getvalue()
+    assert not default_results.exists() and "not written" in said.getvalue()
 
 
 def test_table3_scores_a_bundled_model_for_a_label_set_instead_of_training(tmp_path):
