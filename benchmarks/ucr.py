@@ -8,7 +8,7 @@ tuning flag (anything after `--` is passed on, for experiments), one torch threa
 time, and reads the run's metrics.json: TEST accuracy of the checkpoint chosen on validation carved from TRAIN, and
 the wall time. ROCKET's accuracy is read from the folder's README table (`| name | train | test | length | classes |
 ROCKET |`). Prints the table with the ratio accuracy / ROCKET per dataset and their mean, and writes it to
-benchmarks/results/ucr.md (and .json). Run directories go under --runs (default: a temporary directory).
+benchmarks/results/ucr.md (and .json), also part-way as each dataset finishes. Run directories go under --runs (default: a temporary directory).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -93,17 +93,37 @@ def main() -> None:
         raise SystemExit(f"no UCR datasets of the README table under {data_dir}")
     runs = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="msssm-ucr-"))
     started = time.time()
-    # The longest first, so that the pool ends together.
+    # The longest first, so that the pool ends together. The results are written as each dataset finishes, so that
+    # a run stopped part-way (a session's end) leaves what it measured; run again with `-- --resume` and the same
+    # --runs, it reads the finished runs and continues the others.
     order = sorted(names, key=lambda n: -table[n]["train"] * table[n]["length"])
+    results = {}
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = {r["name"]: r for r in pool.map(lambda n: run_one(n, data_dir, runs, extra), order)}
-    wall = time.time() - started
+        for done in as_completed([pool.submit(run_one, n, data_dir, runs, extra) for n in order]):
+            r = done.result()
+            results[r["name"]] = r
+            if "error" in r:
+                print(f"{r['name']} failed:\n{r['error']}", file=sys.stderr)
+            if len(results) < len(names):
+                write(*report(names, table, results, extra, args.jobs, data_dir, time.time() - started), results,
+                      extra, time.time() - started, args)
+    text, mean = report(names, table, results, extra, args.jobs, data_dir, time.time() - started)
+    print(text)
+    write(text, mean, results, extra, time.time() - started, args)
+
+
+def report(names: list[str], table: dict, results: dict, extra: list[str], jobs: int, data_dir: Path,
+           wall: float) -> tuple[str, float]:
+    """The markdown table of the datasets finished so far (all of them at the end), and their mean ratio."""
     flags = " ".join(extra)
+    finished = [n for n in names if n in results]
+    progress = "" if len(finished) == len(names) else (
+        f" **Part-way: {len(finished)} of {len(names)} datasets finished so far; the mean is over those.**")
     lines = ["# UCR: the defaults against ROCKET", "",
-             f"`python benchmarks/ucr.py --data-dir {os.path.relpath(data_dir)} --jobs {args.jobs}"
+             f"`python benchmarks/ucr.py --data-dir {os.path.relpath(data_dir)} --jobs {jobs}"
              + (f" -- {flags}" if flags else "") + f"`: {len(names)} datasets, {wall / 60:.1f} min wall on "
-             f"{os.cpu_count()} cores ({args.jobs} runs at a time, one thread each). TEST accuracy of the checkpoint "
-             "chosen on validation carved from TRAIN; ROCKET: its authors' mean of 10 runs.", "",
+             f"{os.cpu_count()} cores ({jobs} runs at a time, one thread each). TEST accuracy of the checkpoint "
+             f"chosen on validation carved from TRAIN; ROCKET: its authors' mean of 10 runs.{progress}", "",
              "Template: whether the model chosen on validation is fed each sample's deviation from the training mean "
              "series (the trainer selects without and with it), with the share of the variance that mean series "
              "explains. Train time: the trainer's clock, both selection runs and the refit.",
@@ -111,12 +131,11 @@ def main() -> None:
              "| dataset | train | length | classes | model | template | epochs | accuracy | ROCKET | ratio | train time s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     ratios = []
-    for name in names:
+    for name in finished:
         t, r = table[name], results[name]
         if "error" in r:
             lines.append(f"| {name} | {t['train']} | {t['length']} | {t['classes']} | failed | | | | {t['rocket']:.3f} "
                          f"| | {r['seconds']:.0f} |")
-            print(f"{name} failed:\n{r['error']}", file=sys.stderr)
             continue
         ratio = r["test_accuracy"] / t["rocket"]
         ratios.append(ratio)
@@ -126,7 +145,7 @@ def main() -> None:
         lines.append(f"| {name} | {t['train']} | {t['length']} | {t['classes']} | {model} | {template} | {r['epochs']} "
                      f"| {r['test_accuracy']:.3f} | {t['rocket']:.3f} | {ratio:.3f} | {r['train_seconds']:.0f} |")
     mean = sum(ratios) / len(ratios) if ratios else float("nan")
-    ok = [r for r in results.values() if "error" not in r]
+    ok = [results[n] for n in finished if "error" not in results[n]]
     val_acc = [r["val_accuracy"] for r in ok if r.get("val_accuracy") is not None]
     val_loss = [r["val_loss"] for r in ok if r.get("val_loss") is not None]
     lines += ["", f"**Mean ratio {mean:.3f}** over {len(ratios)} datasets; lowest "
@@ -134,13 +153,15 @@ def main() -> None:
     if val_acc and val_loss:  # what recipes are compared on: validation carved from TRAIN, never TEST
         lines += ["", f"Validation (selection runs, chosen epoch): mean accuracy {sum(val_acc) / len(val_acc):.3f}, "
                       f"mean loss {sum(val_loss) / len(val_loss):.3f}."]
-    text = "\n".join(lines) + "\n"
-    print(text)
+    return "\n".join(lines) + "\n", mean
+
+
+def write(text: str, mean: float, results: dict, extra: list[str], wall: float, args) -> None:
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"ucr{args.tag}.md").write_text(text)
-    (results_dir / f"ucr{args.tag}.json").write_text(json.dumps({"flags": extra, "wall_seconds": wall,
-                                                             "mean_ratio": mean, "results": results}, indent=2))
+    (results_dir / f"ucr{args.tag}.json").write_text(json.dumps({
+        "flags": extra, "wall_seconds": wall, "mean_ratio": mean, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

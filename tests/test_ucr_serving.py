@@ -127,3 +127,19 @@ def test_the_ucr_benchmark_prints_each_dataset_beside_rocket_with_the_mean_ratio
     rule = run["ucr_recipe"]
     assert f"| {rule['template']} ({rule['template_share']:.2f}) |" in table
     assert f"**Mean ratio {run['test_accuracy'] / 0.970:.3f}**" in table
+
+
+def test_the_ucr_benchmark_reports_a_run_stopped_part_way_as_such():
+    """Results are written as each dataset finishes: a run cut off by a session's end leaves a table that says how
+    many datasets it covers, with the mean over those only."""
+    from benchmarks.ucr import report
+
+    table = {"A": {"train": 10, "test": 10, "length": 20, "classes": 2, "rocket": 0.8},
+             "B": {"train": 10, "test": 10, "length": 20, "classes": 2, "rocket": 0.9}}
+    finished = {"A": {"name": "A", "test_accuracy": 0.6, "seconds": 1.0, "val_accuracy": 1.0, "val_loss": 0.1,
+                      "epochs": 3, "config": {"d_model": 8, "n_layers": 1}, "recipe": {}, "train_seconds": 1.0}}
+    text, mean = report(["A", "B"], table, finished, [], 1, Path("."), 60.0)
+    assert mean == pytest.approx(0.75) and "Part-way: 1 of 2 datasets" in text and "| B |" not in text
+    text, _ = report(["A", "B"], table, {**finished, "B": {**finished["A"], "name": "B", "test_accuracy": 0.9}},
+                     [], 1, Path("."), 60.0)
+    assert "Part-way" not in text and "**Mean ratio 0.875**" in text
