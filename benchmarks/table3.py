@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     results = {name: score_model(args.data_dir, name, models[name]) if name in models
                else run_one(args.data_dir, name, args.out / name, extra) for name in chosen}
     print(table(results))
-    if args.results is None and chosen != list(LABEL_SETS):
+    if args.results is None and set(chosen) != set(LABEL_SETS):
         print("a subset of the label sets: the table was not written (--results FILE writes it)", file=sys.stderr)
     elif str(args.results) != "-":
         args.results = args.results or DEFAULT_RESULTS
