@@ -8,7 +8,8 @@ tuning flag (anything after `--` is passed on, for experiments), one torch threa
 time, and reads the run's metrics.json: TEST accuracy of the checkpoint chosen on validation carved from TRAIN, and
 the wall time. ROCKET's accuracy is read from the folder's README table (`| name | train | test | length | classes |
 ROCKET |`). Prints the table with the ratio accuracy / ROCKET per dataset and their mean, and writes it to
-benchmarks/results/ucr.md (and .json), also part-way as each dataset finishes. Run directories go under --runs (default: a temporary directory).
+benchmarks/results/ucr.md (and .json), also part-way as each dataset finishes. Run directories go under --runs
+(default: a temporary directory).
 """
 
 from __future__ import annotations
@@ -104,12 +105,10 @@ def main() -> None:
             results[r["name"]] = r
             if "error" in r:
                 print(f"{r['name']} failed:\n{r['error']}", file=sys.stderr)
-            if len(results) < len(names):
-                write(*report(names, table, results, extra, args.jobs, data_dir, time.time() - started), results,
-                      extra, time.time() - started, args)
-    text, mean = report(names, table, results, extra, args.jobs, data_dir, time.time() - started)
+            wall = time.time() - started
+            text, mean = report(names, table, results, extra, args.jobs, data_dir, wall)
+            write(text, mean, results, extra, wall, args)
     print(text)
-    write(text, mean, results, extra, time.time() - started, args)
 
 
 def report(names: list[str], table: dict, results: dict, extra: list[str], jobs: int, data_dir: Path,
