@@ -34,6 +34,12 @@ class ModelConfig:
     # what separates the classes (UCR OliveOil: class means differ by 0.04 of the signal's std and a model cannot
     # even fit its training set). Positions past the template use its last sample. 0: no template.
     template_length: int = 0
+    # What the head reads: the causal mean of the last block's features ("mean"), or that mean and their causal
+    # standard deviation ("mean_std", statistics pooling). A mean of features is linear in what the blocks compute,
+    # so a class defined by how much something varies over the window (sinus arrhythmia: beat-to-beat variation of
+    # the heart rate) must be computed inside the blocks; the standard deviation hands the head that spread
+    # directly. Streams carry one more running sum (of squares).
+    pool: Literal["mean", "mean_std"] = "mean"
     # `blocked_scan` scans blocks of `scan_block` steps; scan="static" runs exactly `scan_levels` levels. The runtime
     # splits inputs longer than max_chunk = scan_block ** scan_levels (32768: more than 60 s at 500 Hz) into
     # several calls of the exported graph, which bounds the memory of one call.
@@ -61,6 +67,11 @@ class ModelConfig:
     @property
     def max_chunk(self) -> int:
         return self.scan_block**self.scan_levels
+
+    @property
+    def pooled_features(self) -> int:
+        """Width of what the head reads."""
+        return self.d_model * (2 if self.pool == "mean_std" else 1)
 
     def conv_history(self, scale: int) -> int:
         """Past samples the conv of `scale` (1-based) needs: (K-1) * 2^(s-1)."""

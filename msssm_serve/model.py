@@ -11,6 +11,7 @@ Paper: "MS-SSM: A Multi-Scale State Space Model for Efficient Sequence Modeling"
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .selective import selective_scan
+
+POOL_STD_EPS = 1e-5  # inside the pooled standard deviation's square root (features are RMS-normalised, ~1)
 
 State = tuple[torch.Tensor, ...]
 
@@ -224,10 +227,11 @@ class ResidualBlock(nn.Module):
 
 
 class MSSSMClassifier(nn.Module):
-    """Leads -> input projection -> residual MS-SSM blocks -> causal mean pooling -> class logits at every step.
+    """Leads -> input projection -> residual MS-SSM blocks -> causal pooling -> class logits at every step.
 
-    The pooled feature after t samples is the mean of the first t feature vectors, so the output at t depends on
-    those t samples only: a stream's prediction at t equals the window classifier on its first t samples.
+    The pooled feature after t samples is the mean of the first t feature vectors (with `pool="mean_std"` also their
+    standard deviation), so the output at t depends on those t samples only: a stream's prediction at t equals the
+    window classifier on its first t samples.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -242,7 +246,7 @@ class MSSSMClassifier(nn.Module):
         self.embed = nn.Linear(cfg.n_channels * cfg.features_per_channel, cfg.d_model)
         self.blocks = nn.ModuleList(ResidualBlock(cfg) for _ in range(cfg.n_layers))
         self.norm_f = RMSNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.n_classes)
+        self.head = nn.Linear(cfg.pooled_features, cfg.n_classes)
 
     # --- state -------------------------------------------------------------------------------------------------
     def state_spec(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -254,6 +258,8 @@ class MSSSMClassifier(nn.Module):
                 spec.append((f"conv_{layer}_{s}", (cfg.conv_history(s), cfg.d_inner)))
             spec.append((f"ssm_{layer}", (cfg.n_ssm, cfg.d_inner, cfg.d_state)))
         spec.append(("pool_sum", (cfg.d_model,)))
+        if cfg.pool == "mean_std":
+            spec.append(("pool_sum_sq", (cfg.d_model,)))
         spec.append(("pool_count", (1,)))
         return spec
 
@@ -287,7 +293,8 @@ class MSSSMClassifier(nn.Module):
         """x: [B, T, C] raw signal from `state` on -> (logits [B, T, classes], new state, scale-mixer weights
         [B, T, layers, S+2] or None without scales). `scan` picks the recurrence's implementation (see
         `selective.selective_scan`); all compute the same."""
-        pool_sum, pool_count = state[-2], state[-1]
+        n_pool = 3 if self.cfg.pool == "mean_std" else 2  # pool_sum, [pool_sum_sq,] pool_count: the state's tail
+        pool_sum, pool_count = state[-n_pool], state[-1]
         # Samples seen so far, this call's included: the causal mean's divisor and, less one, each sample's position.
         counts = pool_count.unsqueeze(1) + torch.cumsum(torch.ones_like(x[..., :1]), dim=1)  # [B, T, 1]
         h = self.embed(self.input_features(x, counts - 1))
@@ -300,8 +307,17 @@ class MSSSMClassifier(nn.Module):
             mixer_weights.append(weights)
         feats = self.norm_f(h)
         sums = pool_sum.unsqueeze(1) + torch.cumsum(feats, dim=1)
-        logits = self.head(sums / counts)
-        new_state.extend([sums[:, -1], counts[:, -1]])
+        mean = sums / counts
+        if self.cfg.pool == "mean_std":
+            sums_sq = state[-2].unsqueeze(1) + torch.cumsum(feats * feats, dim=1)
+            # E[f^2] - E[f]^2, clamped: float rounding can take it a hair below zero; POOL_STD_EPS keeps the
+            # square root's gradient finite at the first step, where the spread is 0.
+            spread = torch.sqrt(torch.clamp(sums_sq / counts - mean * mean, min=0.0) + POOL_STD_EPS)
+            logits = self.head(torch.cat([mean, spread], dim=-1))
+            new_state.extend([sums[:, -1], sums_sq[:, -1], counts[:, -1]])
+        else:
+            logits = self.head(mean)
+            new_state.extend([sums[:, -1], counts[:, -1]])
         scale_weights = torch.stack(mixer_weights, dim=2) if self.cfg.n_scales > 0 else None
         return logits, tuple(new_state), scale_weights
 
@@ -317,6 +333,22 @@ class MSSSMClassifier(nn.Module):
         and with `scale_weights` the scale mixer's weights at each step [B, T, layers, S+2] third (as `run`)."""
         logits, new_state, weights = self.run(x, state, scan)
         return (self.probabilities(logits), new_state, weights) if scale_weights else (self.probabilities(logits), new_state)
+
+
+def with_std_pooling(model: MSSSMClassifier) -> MSSSMClassifier:
+    """A mean-pooled model as a `pool="mean_std"` one computing exactly the same: its weights, and head columns for
+    the standard deviation that start at zero (a warm start that then learns to use the spread)."""
+    if model.cfg.pool != "mean":
+        raise ValueError(f"the model already pools {model.cfg.pool!r}")
+    wider = MSSSMClassifier(dataclasses.replace(model.cfg, pool="mean_std")).to(model.input_mean.device)
+    weights = model.state_dict()
+    head = weights.pop("head.weight")
+    missing, unexpected = wider.load_state_dict(weights, strict=False)
+    assert missing == ["head.weight"] and not unexpected, (missing, unexpected)
+    with torch.no_grad():
+        wider.head.weight.zero_()
+        wider.head.weight[:, : model.cfg.d_model] = head
+    return wider.train(model.training)
 
 
 class StreamingGraph(nn.Module):

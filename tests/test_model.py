@@ -6,7 +6,7 @@ import torch
 
 from msssm_serve.config import ModelConfig
 from msssm_serve.mixing import mean_mixing_distance, model_mean_mixing_distance
-from msssm_serve.model import MSSSMClassifier, initial_a
+from msssm_serve.model import POOL_STD_EPS, MSSSMClassifier, initial_a, with_std_pooling
 from msssm_serve.scan import blocked_scan, sequential_scan
 from msssm_serve.selective import fused_available, selective_scan_fused, selective_scan_tensor_ops
 
@@ -29,10 +29,10 @@ def random_chunks(total, rng, sizes=(1, 2, 7, 64, 999, 3, 250)):
     return [c for c in chunks if c > 0]
 
 
-@pytest.mark.parametrize("ssm", ["s6", "s4"])
-@pytest.mark.parametrize("n_scales", [0, 3])
-def test_advance_in_random_chunks_equals_forward(ssm, n_scales):
-    model = small_model(ssm=ssm, n_scales=n_scales)
+@pytest.mark.parametrize("ssm,n_scales,pool", [("s6", 0, "mean"), ("s6", 3, "mean"), ("s4", 0, "mean"),
+                                                ("s4", 3, "mean"), ("s6", 3, "mean_std")])
+def test_advance_in_random_chunks_equals_forward(ssm, n_scales, pool):
+    model = small_model(ssm=ssm, n_scales=n_scales, pool=pool)
     x = torch.randn(2, 5000, 12) * 2
     rng = np.random.default_rng(1)
     with torch.no_grad():
@@ -289,3 +289,31 @@ def test_training_lead_masks_draw_device_subsets_and_keep_every_record_usable():
     only_ii = (present == np.eye(12, dtype=bool)[1]).all(1).mean()
     assert 0.02 < only_ii < 0.1  # lead II alone is one of the device subsets (40 % / 11), plus random draws
     assert np.isnan(keep_leads(xb, leads, ["II"])[..., 0]).all() and not np.isnan(keep_leads(xb, leads, ["II"])[..., 1]).any()
+
+
+def test_std_pooling_reads_the_spread_of_the_features_and_a_widened_model_starts_as_it_was():
+    model = small_model(seed=3)
+    x = torch.randn(2, 400, 12)
+    wider = with_std_pooling(model).eval()
+    assert wider.cfg.pool == "mean_std" and len(wider.zero_state(1)) == len(model.zero_state(1)) + 1
+    with torch.no_grad():
+        assert (wider.probabilities(wider(x)) - model.probabilities(model(x))).abs().max() <= 1e-6
+        # The head's second half reads the causal standard deviation of the features the first half averages.
+        wider.head.weight.zero_()
+        wider.head.bias.zero_()
+        wider.head.weight[0, wider.cfg.d_model] = 1.0  # class 0's logit = the spread of feature 0
+        feats = wider.norm_f(_last_block_features(wider, x))
+        logits = wider(x)
+    spread = torch.stack([feats[:, : t + 1, 0].std(dim=1, unbiased=False) for t in range(400)], dim=1)
+    assert (logits[..., 0] - torch.sqrt(spread**2 + POOL_STD_EPS)).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="already"):
+        with_std_pooling(wider)
+
+
+def _last_block_features(model, x):
+    """The residual stream after the last block, from the zero state (what the pooling reads, before norm_f)."""
+    counts = torch.cumsum(torch.ones_like(x[..., :1]), dim=1)
+    h = model.embed(model.input_features(x, counts - 1))
+    for block, (conv_history, ssm_h) in zip(model.blocks, model.layer_states(model.zero_state(x.shape[0]))):
+        h, *_ = block(h, conv_history, ssm_h, "auto")
+    return h

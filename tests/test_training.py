@@ -117,6 +117,14 @@ def test_init_warm_starts_from_a_checkpoint(tmp_path):
     warm, _, payload = load_checkpoint(second / "last.pt")
     assert warm.cfg == start.cfg
     assert payload["epoch"] == 1 and payload["scheduler"]["last_epoch"] == 1
+    # --pool mean_std widens a mean-pooled start (the spread's head columns at zero); the reverse is refused
+    wide = tmp_path / "wide"
+    fit(*ptbxl_args(wide, "--epochs", "1", "--steps-per-epoch", "1", "--init", str(first / "checkpoint.pt"),
+                    "--pool", "mean_std"))
+    assert load_checkpoint(wide / "last.pt")[0].cfg.pool == "mean_std"
+    proc = fit(*ptbxl_args(tmp_path / "narrow", "--epochs", "1", "--init", str(wide / "last.pt"), "--pool", "mean"),
+               check=False)
+    assert proc.returncode == 2 and "cannot drop" in proc.stderr and "Traceback" not in proc.stderr
 
     other_classes = tmp_path / "sub"
     fit("--task", "ptbxl", "--data-dir", str(FIXTURE), "--labels", str(FIXTURE / "labels" / "subdiagnostic.csv"),

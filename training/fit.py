@@ -49,6 +49,10 @@ def parse_args(argv=None):
                        help="feed each sample's deviation from the training mean series beside it (auto: off for "
                             "ptbxl and with --crop; for ucr, selected without and with it and the better on validation "
                             "kept; needs whole series)")
+    model.add_argument("--pool", choices=["mean", "mean_std"], default=None,
+                       help="what the head reads: the causal mean of the features, or their mean and standard "
+                            "deviation (unset: mean, or the --init checkpoint's; mean_std with a mean-pooled --init "
+                            "adds the deviation's head columns at zero)")
     model.add_argument("--lead-subsets", action="store_true",
                        help="train on random lead subsets (missing leads as NaN, seen by the model as absent) so the "
                             "exported model serves any subset of the leads")

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from msssm_serve.config import ModelConfig
-from msssm_serve.model import MSSSMClassifier
+from msssm_serve.model import MSSSMClassifier, with_std_pooling
 from msssm_serve.training.augment import augment, keep_leads, mask_leads, random_crops
 from msssm_serve.training.data import TaskData, fit_normalisation, fit_template, load_task
 from msssm_serve.training.inference import load_model, window_probabilities
@@ -88,12 +88,16 @@ def build_model(args, data: TaskData) -> MSSSMClassifier:
             model = load_model(Path(args.init), data.classes, data.sample_rate, weights=True)
         except (CheckpointError, DataError) as err:
             raise DataError(f"--init: {err}") from err
+        if args.pool == "mean_std" and model.cfg.pool == "mean":
+            model = with_std_pooling(model)
+        elif args.pool not in (None, model.cfg.pool):
+            raise DataError(f"--init: the checkpoint pools {model.cfg.pool!r}; --pool {args.pool} cannot drop that")
         return model.train()
     return MSSSMClassifier(ModelConfig(
         n_channels=data.x_train.shape[-1], n_classes=len(data.classes), multi_label=data.multi_label,
         d_model=args.d_model, n_layers=args.n_layers, d_state=args.d_state, n_scales=args.n_scales, ssm=args.ssm,
         a_init=args.a_init, mixer=args.mixer, dropout=args.dropout, lead_mask=args.lead_subsets,
-        template_length=data.x_train.shape[1] if template_wanted(args) else 0))
+        pool=args.pool or "mean", template_length=data.x_train.shape[1] if template_wanted(args) else 0))
 
 
 def template_wanted(args) -> bool:
