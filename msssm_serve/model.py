@@ -293,6 +293,11 @@ class MSSSMClassifier(nn.Module):
         """x: [B, T, C] raw signal from `state` on -> (logits [B, T, classes], new state, scale-mixer weights
         [B, T, layers, S+2] or None without scales). `scan` picks the recurrence's implementation (see
         `selective.selective_scan`); all compute the same."""
+        pooled, new_state, scale_weights = self.pooled(x, state, scan)
+        return self.head(pooled), new_state, scale_weights
+
+    def pooled(self, x: torch.Tensor, state: State, scan: str = "auto"):
+        """As `run`, with what the head reads at every step [B, T, cfg.pooled_features] in place of the logits."""
         n_pool = 3 if self.cfg.pool == "mean_std" else 2  # pool_sum, [pool_sum_sq,] pool_count: the state's tail
         pool_sum, pool_count = state[-n_pool], state[-1]
         # Samples seen so far, this call's included: the causal mean's divisor and, less one, each sample's position.
@@ -313,13 +318,13 @@ class MSSSMClassifier(nn.Module):
             # E[f^2] - E[f]^2, clamped: float rounding can take it a hair below zero; POOL_STD_EPS keeps the
             # square root's gradient finite at the first step, where the spread is 0.
             spread = torch.sqrt(torch.clamp(sums_sq / counts - mean * mean, min=0.0) + POOL_STD_EPS)
-            logits = self.head(torch.cat([mean, spread], dim=-1))
+            pooled = torch.cat([mean, spread], dim=-1)
             new_state.extend([sums[:, -1], sums_sq[:, -1], counts[:, -1]])
         else:
-            logits = self.head(mean)
+            pooled = mean
             new_state.extend([sums[:, -1], counts[:, -1]])
         scale_weights = torch.stack(mixer_weights, dim=2) if self.cfg.n_scales > 0 else None
-        return logits, tuple(new_state), scale_weights
+        return pooled, tuple(new_state), scale_weights
 
     def forward(self, x: torch.Tensor, scan: str = "auto") -> torch.Tensor:
         """Training form: x [B, L, C] from the zero state -> logits at every step [B, L, classes]."""

@@ -459,3 +459,38 @@ def test_table3_scores_a_bundled_model_for_a_label_set_instead_of_training(tmp_p
     row = next(line for line in printed.getvalue().splitlines() if line.startswith("| superdiagnostic"))
     assert f"{expected['macro_auroc']:.4f}" in row and "models/default" in row
     assert not (tmp_path / "superdiagnostic").exists()
+
+
+def test_fit_correction_learns_what_the_head_missed_and_a_strong_penalty_keeps_the_head():
+    from msssm_serve.training.fit_head import fit_correction
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(2000, 4)) * [1.0, 1.0, 0.05, 3.0] + [0, 0, 0.3, 1.0]
+    labels = (features[:, [2]] > 0.3).astype(np.float64)  # class 0 hangs on a small-scale feature the head ignores
+    head_w, head_b = np.array([[1.0, 0.0, 0.0, 0.0]], np.float32), np.zeros(1, np.float32)
+    w, b = fit_correction(features, labels, head_w, head_b, l2=1e-4, multi_label=True)
+    logits = features @ w.T.astype(np.float64) + b
+    assert ((logits[:, 0] > 0) == labels[:, 0].astype(bool)).mean() > 0.95
+    w, b = fit_correction(features, labels, head_w, head_b, l2=1e6, multi_label=True)
+    assert np.abs(w - head_w).max() < 1e-3 and np.abs(b - head_b).max() < 1e-3
+
+
+def test_fit_head_widens_a_trained_model_to_std_pooling_and_the_result_exports(tmp_path):
+    from msssm_serve.export import export as exporter
+    from msssm_serve.training import fit_head
+
+    run = tmp_path / "run"
+    fit(*ptbxl_args(run, "--epochs", "1", "--steps-per-epoch", "1"))
+    out = tmp_path / "head"
+    assert fit_head.main(["--init", str(run / "checkpoint.pt"), "--data-dir", str(FIXTURE), "--labels",
+                          str(FIXTURE / "labels" / "superdiagnostic.csv"), "--pool", "mean_std", "--l2", "1e-2,1e-3",
+                          "--n-boot", "20", "--out", str(out)]) == 0
+    model, meta, _ = load_checkpoint(out / "checkpoint.pt")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert model.cfg.pool == "mean_std" and [t["l2"] for t in metrics["trials"]] == [None, 1e-2, 1e-3]
+    # the kept head is the best of the trials on validation, and that is the checkpoint's validation figure
+    assert meta["validation"]["macro_auroc"] == max(t["val_macro_auroc"] for t in metrics["trials"])
+    assert exporter.export_model(out / "checkpoint.pt", tmp_path / "model")["config"]["pool"] == "mean_std"
+    assert fit_head.main(["--init", str(out / "checkpoint.pt"), "--data-dir", str(FIXTURE), "--labels",
+                          str(FIXTURE / "labels" / "superdiagnostic.csv"), "--pool", "mean", "--out",
+                          str(tmp_path / "x")]) == 2
