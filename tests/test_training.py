@@ -480,7 +480,7 @@ def test_fit_head_widens_a_trained_model_to_std_pooling_and_the_result_exports(t
     from msssm_serve.training import fit_head
 
     run = tmp_path / "run"
-    fit(*ptbxl_args(run, "--epochs", "1", "--steps-per-epoch", "1"))
+    fit(*ptbxl_args(run, "--epochs", "1", "--steps-per-epoch", "1", "--lead-subsets"))
     out = tmp_path / "head"
     assert fit_head.main(["--init", str(run / "checkpoint.pt"), "--data-dir", str(FIXTURE), "--labels",
                           str(FIXTURE / "labels" / "superdiagnostic.csv"), "--pool", "mean_std", "--l2", "1e-2,1e-3",
@@ -490,6 +490,7 @@ def test_fit_head_widens_a_trained_model_to_std_pooling_and_the_result_exports(t
     assert model.cfg.pool == "mean_std" and [t["l2"] for t in metrics["trials"]] == [None, 1e-2, 1e-3]
     # the kept head is the best of the trials on validation, and that is the checkpoint's validation figure
     assert meta["validation"]["macro_auroc"] == max(t["val_macro_auroc"] for t in metrics["trials"])
+    assert set(meta["validation"]["lead_subsets"]) == {"all", "I+II", "II"}  # a lead-subset model's card table
     assert exporter.export_model(out / "checkpoint.pt", tmp_path / "model")["config"]["pool"] == "mean_std"
     assert fit_head.main(["--init", str(out / "checkpoint.pt"), "--data-dir", str(FIXTURE), "--labels",
                           str(FIXTURE / "labels" / "superdiagnostic.csv"), "--pool", "mean", "--out",

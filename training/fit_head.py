@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from msssm_serve.model import with_std_pooling
     from msssm_serve.training.data import load_task
+    from msssm_serve.training.loop import score_lead_subsets
     from msssm_serve.training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc_by_name
     from msssm_serve.training.ptbxl import DataError
 
@@ -146,6 +147,8 @@ def main(argv=None) -> int:
     validation = {**bootstrap_macro_auroc(data.y_val, probs, n_boot=args.n_boot),
                   "per_class_auroc": per_class_auroc_by_name(data.classes, data.y_val, probs),
                   "weights": "head refit", "l2": l2}
+    if model.cfg.lead_mask:
+        validation["lead_subsets"] = score_lead_subsets(model, data, args.batch, args.n_boot)
     command = shlex.join(["python", "training/fit_head.py", *(argv if argv is not None else sys.argv[1:])])
     meta = {**meta, "validation": validation, "command": command, "stages": [*meta.get("stages", []),
                                                                              meta.get("command")]}

@@ -342,7 +342,8 @@ class Run:
             metrics["best"] = {**best_meta["validation"], **{f"bootstrap_{k}": v for k, v in
                                bootstrap_macro_auroc(y_val, p_val, n_boot=args.n_boot).items()}}
         if best_model.cfg.lead_mask:
-            metrics["lead_subsets"] = best_meta["validation"]["lead_subsets"] = self._score_subsets(best_model, y_val)
+            subsets = score_lead_subsets(best_model, data, args.eval_batch_size, args.n_boot)
+            metrics["lead_subsets"] = best_meta["validation"]["lead_subsets"] = subsets
             save_checkpoint(self.out / "checkpoint.pt", best_model.cpu(), best_meta)
         if data.x_test is not None:  # UCR: TEST is scored once, with the checkpoint chosen on validation
             p_test = window_probabilities(best_model, data.x_test, args.eval_batch_size)
@@ -353,18 +354,20 @@ class Run:
             plot_curves(self.out, self.history, data.classes, y_val, p_val)
         return metrics
 
-    def _score_subsets(self, model: MSSSMClassifier, y_val: np.ndarray) -> dict:
-        """A lead-subset model on the subsets devices record: the table of its model card."""
-        data, subsets = self.data, {}
-        for keep in SCORED_SUBSETS:
-            if keep is not None and not set(keep) <= set(data.leads):
-                continue
-            x = data.x_val if keep is None else keep_leads(data.x_val, data.leads, keep)
-            p = window_probabilities(model, x, self.args.eval_batch_size)
-            subsets["all" if keep is None else "+".join(keep)] = {
-                "leads": list(data.leads if keep is None else keep), "macro_auroc": macro_auroc(y_val, p),
-                **{f"bootstrap_{k}": v for k, v in bootstrap_macro_auroc(y_val, p, n_boot=self.args.n_boot).items()}}
-        return subsets
+
+
+def score_lead_subsets(model: MSSSMClassifier, data: TaskData, batch: int, n_boot: int) -> dict:
+    """A lead-subset model on the subsets devices record, on the validation windows: the table of its model card."""
+    subsets = {}
+    for keep in SCORED_SUBSETS:
+        if keep is not None and not set(keep) <= set(data.leads):
+            continue
+        x = data.x_val if keep is None else keep_leads(data.x_val, data.leads, keep)
+        p = window_probabilities(model, x, batch)
+        subsets["all" if keep is None else "+".join(keep)] = {
+            "leads": list(data.leads if keep is None else keep), "macro_auroc": macro_auroc(data.y_val, p),
+            **{f"bootstrap_{k}": v for k, v in bootstrap_macro_auroc(data.y_val, p, n_boot=n_boot).items()}}
+    return subsets
 
 
 def refit_wanted(args) -> bool:
