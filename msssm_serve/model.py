@@ -340,6 +340,16 @@ class MSSSMClassifier(nn.Module):
         return (self.probabilities(logits), new_state, weights) if scale_weights else (self.probabilities(logits), new_state)
 
 
+def with_pool(model: MSSSMClassifier, pool: str | None) -> MSSSMClassifier:
+    """`model` pooling `pool` (None: as it does): a mean-pooled model widened to "mean_std" computes exactly what it
+    did (see with_std_pooling); ValueError for a change that would drop what a head reads."""
+    if pool in (None, model.cfg.pool):
+        return model
+    if pool == "mean_std" and model.cfg.pool == "mean":
+        return with_std_pooling(model)
+    raise ValueError(f"the checkpoint pools {model.cfg.pool!r}; pooling {pool!r} instead would drop what its head reads")
+
+
 def with_std_pooling(model: MSSSMClassifier) -> MSSSMClassifier:
     """A mean-pooled model as a `pool="mean_std"` one computing exactly the same: its weights, and head columns for
     the standard deviation that start at zero (a warm start that then learns to use the spread)."""

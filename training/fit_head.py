@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     import torch
 
     from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from msssm_serve.model import with_std_pooling
+    from msssm_serve.model import with_pool
     from msssm_serve.training.data import load_task
     from msssm_serve.training.loop import score_lead_subsets
     from msssm_serve.training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc_by_name
@@ -112,13 +112,9 @@ def main(argv=None) -> int:
             "data_dir", "labels", "label_set", "sampling_rate", "cache_dir")}))
         if meta["labels"] != data.classes:
             raise DataError(f"--init: model classes {meta['labels']} differ from the data's {data.classes}")
-    except (CheckpointError, DataError) as err:
+        model = with_pool(model, args.pool).eval()
+    except (CheckpointError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.pool == "mean_std" and model.cfg.pool == "mean":
-        model = with_std_pooling(model).eval()
-    elif args.pool not in (None, model.cfg.pool):
-        print(f"error: --init pools {model.cfg.pool!r}; --pool {args.pool} cannot drop that", file=sys.stderr)
         return 2
 
     rng = np.random.default_rng(args.seed) if model.cfg.lead_mask else None

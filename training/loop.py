@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from msssm_serve.config import ModelConfig
-from msssm_serve.model import MSSSMClassifier, with_std_pooling
+from msssm_serve.model import MSSSMClassifier, with_pool
 from msssm_serve.training.augment import augment, keep_leads, mask_leads, random_crops
 from msssm_serve.training.data import TaskData, fit_normalisation, fit_template, load_task
 from msssm_serve.training.inference import load_model, window_probabilities
@@ -86,12 +86,9 @@ def build_model(args, data: TaskData) -> MSSSMClassifier:
     if args.init:
         try:
             model = load_model(Path(args.init), data.classes, data.sample_rate, weights=True)
-        except (CheckpointError, DataError) as err:
+            model = with_pool(model, args.pool)
+        except (CheckpointError, DataError, ValueError) as err:
             raise DataError(f"--init: {err}") from err
-        if args.pool == "mean_std" and model.cfg.pool == "mean":
-            model = with_std_pooling(model)
-        elif args.pool not in (None, model.cfg.pool):
-            raise DataError(f"--init: the checkpoint pools {model.cfg.pool!r}; --pool {args.pool} cannot drop that")
         return model.train()
     return MSSSMClassifier(ModelConfig(
         n_channels=data.x_train.shape[-1], n_classes=len(data.classes), multi_label=data.multi_label,
