@@ -347,7 +347,8 @@ def with_pool(model: MSSSMClassifier, pool: str | None) -> MSSSMClassifier:
         return model
     if pool == "mean_std" and model.cfg.pool == "mean":
         return with_std_pooling(model)
-    raise ValueError(f"the checkpoint pools {model.cfg.pool!r}; pooling {pool!r} instead would drop what its head reads")
+    raise ValueError(f"the checkpoint pools {model.cfg.pool!r}; pooling {pool!r} instead would drop what its head "
+                     "reads")
 
 
 def with_std_pooling(model: MSSSMClassifier) -> MSSSMClassifier:
