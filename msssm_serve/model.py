@@ -247,6 +247,11 @@ class MSSSMClassifier(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(cfg) for _ in range(cfg.n_layers))
         self.norm_f = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.pooled_features, cfg.n_classes)
+        if cfg.pool == "mean_std":
+            # The spread is computed about this point, set near the features' mean (training/fit_head.py sets it; any value
+            # gives the same spread in exact arithmetic): E[(f-c)^2] - (E[f]-c)^2 then cancels little in float32,
+            # where E[f^2] - E[f]^2 lost up to 5e-5 of the probabilities (export's parity) on the rhythm model.
+            self.register_buffer("pool_center", torch.zeros(cfg.d_model))
 
     # --- state -------------------------------------------------------------------------------------------------
     def state_spec(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -259,7 +264,7 @@ class MSSSMClassifier(nn.Module):
             spec.append((f"ssm_{layer}", (cfg.n_ssm, cfg.d_inner, cfg.d_state)))
         spec.append(("pool_sum", (cfg.d_model,)))
         if cfg.pool == "mean_std":
-            spec.append(("pool_sum_sq", (cfg.d_model,)))
+            spec.append(("pool_sum_sq", (cfg.d_model,)))  # of the features less pool_center
         spec.append(("pool_count", (1,)))
         return spec
 
@@ -314,10 +319,12 @@ class MSSSMClassifier(nn.Module):
         sums = pool_sum.unsqueeze(1) + torch.cumsum(feats, dim=1)
         mean = sums / counts
         if self.cfg.pool == "mean_std":
-            sums_sq = state[-2].unsqueeze(1) + torch.cumsum(feats * feats, dim=1)
-            # E[f^2] - E[f]^2, clamped: float rounding can take it a hair below zero; POOL_STD_EPS keeps the
+            centred = feats - self.pool_center
+            sums_sq = state[-2].unsqueeze(1) + torch.cumsum(centred * centred, dim=1)
+            offset = mean - self.pool_center
+            # E[(f-c)^2] - (E[f]-c)^2, clamped: float rounding can take it a hair below zero; POOL_STD_EPS keeps the
             # square root's gradient finite at the first step, where the spread is 0.
-            spread = torch.sqrt(torch.clamp(sums_sq / counts - mean * mean, min=0.0) + POOL_STD_EPS)
+            spread = torch.sqrt(torch.clamp(sums_sq / counts - offset * offset, min=0.0) + POOL_STD_EPS)
             pooled = torch.cat([mean, spread], dim=-1)
             new_state.extend([sums[:, -1], sums_sq[:, -1], counts[:, -1]])
         else:
@@ -360,7 +367,7 @@ def with_std_pooling(model: MSSSMClassifier) -> MSSSMClassifier:
     weights = model.state_dict()
     head = weights.pop("head.weight")
     missing, unexpected = wider.load_state_dict(weights, strict=False)
-    assert missing == ["head.weight"] and not unexpected, (missing, unexpected)
+    assert sorted(missing) == ["head.weight", "pool_center"] and not unexpected, (missing, unexpected)
     with torch.no_grad():
         wider.head.weight.zero_()
         wider.head.weight[:, : model.cfg.d_model] = head

@@ -298,6 +298,11 @@ def test_std_pooling_reads_the_spread_of_the_features_and_a_widened_model_starts
     assert wider.cfg.pool == "mean_std" and len(wider.zero_state(1)) == len(model.zero_state(1)) + 1
     with torch.no_grad():
         assert (wider.probabilities(wider(x)) - model.probabilities(model(x))).abs().max() <= 1e-6
+        # the point the spread is computed about changes rounding only
+        wider.head.weight.normal_()
+        before = wider(x)
+        wider.pool_center.normal_()
+        assert (wider(x) - before).abs().max() <= 1e-4
         # The head's second half reads the causal standard deviation of the features the first half averages.
         wider.head.weight.zero_()
         wider.head.bias.zero_()

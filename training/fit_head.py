@@ -120,6 +120,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed) if model.cfg.lead_mask else None
     train = last_step_features(model, data.x_train, args.batch, data.leads, rng)
     val = last_step_features(model, data.x_val, args.batch)
+    if model.cfg.pool == "mean_std":  # the spread about the features' mean: the same value, less float32 rounding
+        model.pool_center.copy_(torch.from_numpy(train[:, : model.cfg.d_model].mean(0)).float())
     head_w, head_b = model.head.weight.detach().numpy(), model.head.bias.detach().numpy()
 
     def scores(w, b):
