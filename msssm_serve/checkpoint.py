@@ -12,7 +12,8 @@ from .model import MSSSMClassifier
 # What `meta` holds (written by the trainer, read by export into model.json):
 #   labels [str], multi_label bool, sample_rate int, leads [str], window int (samples),
 #   task str, data {...: where it came from, licence}, label_set str, command str,
-#   validation {...: best validation metrics}, parity_windows: float32 tensor [n, window, C] of real held-out windows
+#   validation {...: best validation metrics}, stages [str]: the commands before `command` (training/fit_head.py),
+#   parity_windows: float32 tensor [n, window, C] of real held-out windows
 META_KEYS = ("labels", "multi_label", "sample_rate", "leads", "window")
 
 

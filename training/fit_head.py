@@ -104,7 +104,6 @@ def main(argv=None) -> int:
     from msssm_serve.training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc_by_name
     from msssm_serve.training.ptbxl import DataError
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.time()
     try:
         model, meta, _ = load_checkpoint(args.init)
