@@ -50,10 +50,10 @@ def last_step_features(model, x: np.ndarray, batch: int, lead_names=None, rng=No
     import torch
 
     from msssm_serve.training.augment import mask_leads
+    from msssm_serve.training.inference import row_batches
 
     out = []
-    for i in range(0, len(x), batch):
-        xb = np.array(x[i : i + batch], dtype=np.float32)
+    for xb in row_batches(x, batch):
         if rng is not None:
             xb = mask_leads(xb, rng, lead_names)
         with torch.no_grad():
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
                   "per_class_auroc": per_class_auroc_by_name(data.classes, data.y_val, probs),
                   "weights": "head refit", "l2": l2}
     if model.cfg.lead_mask:
-        validation["lead_subsets"] = score_lead_subsets(model, data, args.batch, args.n_boot)
+        validation["lead_subsets"] = score_lead_subsets(model, data, args.batch, args.n_boot, probs)
     command = shlex.join(["python", "training/fit_head.py", *(argv if argv is not None else sys.argv[1:])])
     meta = {**meta, "validation": validation, "command": command, "stages": [*meta.get("stages", []),
                                                                              meta.get("command")]}

@@ -39,6 +39,21 @@ def load_model(path: Path, classes: list[str], sample_rate: int, weights: bool =
     return model
 
 
+def row_batches(x: np.ndarray, batch: int, progress: str | None = None):
+    """float32 copies of x's rows, `batch` at a time (x may be a memmap larger than memory); `progress`: a label for
+    a progress bar on stderr (when tqdm is installed)."""
+    starts = range(0, len(x), batch)
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc=progress, unit="batch", leave=False, file=sys.stderr)
+        except ImportError:  # the serving install: no bar
+            pass
+    for i in starts:
+        yield np.array(x[i : i + batch], dtype=np.float32)
+
+
 def window_probabilities(model, x: np.ndarray, batch: int = 16, device=None, progress: str | None = None) -> np.ndarray:
     """[N, classes]: each row of x [N, T, C] classified from the zero state, the probabilities after its last step
     (what the server answers for a window). x may be a memmap; it is read `batch` rows at a time. `progress`: a
@@ -49,16 +64,8 @@ def window_probabilities(model, x: np.ndarray, batch: int = 16, device=None, pro
 
         device = device or next(model.parameters()).device
         model.eval()
-    out, starts = [], range(0, len(x), batch)
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            starts = tqdm(starts, desc=progress, unit="batch", leave=False, file=sys.stderr)
-        except ImportError:  # the serving install: no bar
-            pass
-    for i in starts:
-        xb = np.array(x[i : i + batch], dtype=np.float32)
+    out = []
+    for xb in row_batches(x, batch, progress):
         if torch_model:
             with torch.no_grad():
                 probs, _ = model.advance(torch.from_numpy(xb).to(device), model.zero_state(len(xb), device))

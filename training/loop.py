@@ -339,7 +339,8 @@ class Run:
             metrics["best"] = {**best_meta["validation"], **{f"bootstrap_{k}": v for k, v in
                                bootstrap_macro_auroc(y_val, p_val, n_boot=args.n_boot).items()}}
         if best_model.cfg.lead_mask:
-            subsets = score_lead_subsets(best_model, data, args.eval_batch_size, args.n_boot)
+            subsets = score_lead_subsets(best_model, data, args.eval_batch_size, args.n_boot,
+                                         p_val if self.refit is None else None)
             metrics["lead_subsets"] = best_meta["validation"]["lead_subsets"] = subsets
             save_checkpoint(self.out / "checkpoint.pt", best_model.cpu(), best_meta)
         if data.x_test is not None:  # UCR: TEST is scored once, with the checkpoint chosen on validation
@@ -353,14 +354,19 @@ class Run:
 
 
 
-def score_lead_subsets(model: MSSSMClassifier, data: TaskData, batch: int, n_boot: int) -> dict:
-    """A lead-subset model on the subsets devices record, on the validation windows: the table of its model card."""
+def score_lead_subsets(model: MSSSMClassifier, data: TaskData, batch: int, n_boot: int,
+                       p_all_leads: np.ndarray | None = None) -> dict:
+    """A lead-subset model on the subsets devices record, on the validation windows: the table of its model card.
+    `p_all_leads`: the validation probabilities with every lead, where the caller has them already."""
     subsets = {}
     for keep in SCORED_SUBSETS:
         if keep is not None and not set(keep) <= set(data.leads):
             continue
-        x = data.x_val if keep is None else keep_leads(data.x_val, data.leads, keep)
-        p = window_probabilities(model, x, batch)
+        if keep is None and p_all_leads is not None:
+            p = p_all_leads
+        else:
+            x = data.x_val if keep is None else keep_leads(data.x_val, data.leads, keep)
+            p = window_probabilities(model, x, batch)
         subsets["all" if keep is None else "+".join(keep)] = {
             "leads": list(data.leads if keep is None else keep), "macro_auroc": macro_auroc(data.y_val, p),
             **{f"bootstrap_{k}": v for k, v in bootstrap_macro_auroc(data.y_val, p, n_boot=n_boot).items()}}
