@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 
+# Each pooling's statistics of the final features, in the head's column order; each extends the one before, so a
+# trained head widens to the next with its present columns kept (`model.with_pool`).
+POOL_STATISTICS = {"mean": ("mean",), "mean_std": ("mean", "std"), "mean_std_extrema": ("mean", "std", "max", "min")}
+
+
 @dataclass
 class ModelConfig:
     n_channels: int = 12  # input leads
@@ -38,8 +43,13 @@ class ModelConfig:
     # standard deviation ("mean_std", statistics pooling). A mean of features is linear in what the blocks compute,
     # so a class defined by how much something varies over the window (sinus arrhythmia: beat-to-beat variation of
     # the heart rate) must be computed inside the blocks; the standard deviation hands the head that spread
-    # directly. Streams carry one more running sum (of squares).
-    pool: Literal["mean", "mean_std"] = "mean"
+    # directly. Streams carry one more running sum (of squares). "mean_std_extrema" adds each feature's running
+    # maximum and minimum over the samples from `extrema_from` on: an event anywhere in the window (a premature beat,
+    # a run of flutter waves) moves an extreme, where the mean and spread dilute it over the window. Until
+    # `extrema_from` samples are seen (the first second, where the SSMs still settle from the zero state) the
+    # extremes read as the mean. Streams carry both extremes.
+    pool: Literal["mean", "mean_std", "mean_std_extrema"] = "mean"
+    extrema_from: int = 100
     # `blocked_scan` scans blocks of `scan_block` steps; scan="static" runs exactly `scan_levels` levels. The runtime
     # splits inputs longer than max_chunk = scan_block ** scan_levels (32768: more than 60 s at 500 Hz) into
     # several calls of the exported graph, which bounds the memory of one call.
@@ -69,9 +79,14 @@ class ModelConfig:
         return self.scan_block**self.scan_levels
 
     @property
+    def pool_statistics(self) -> tuple[str, ...]:
+        """What the head reads of the final features, in the head's column order (d_model columns each)."""
+        return POOL_STATISTICS[self.pool]
+
+    @property
     def pooled_features(self) -> int:
         """Width of what the head reads."""
-        return self.d_model * (2 if self.pool == "mean_std" else 1)
+        return self.d_model * len(self.pool_statistics)
 
     def conv_history(self, scale: int) -> int:
         """Past samples the conv of `scale` (1-based) needs: (K-1) * 2^(s-1)."""

@@ -18,10 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import POOL_STATISTICS, ModelConfig
 from .selective import selective_scan
 
 POOL_STD_EPS = 1e-5  # inside the pooled standard deviation's square root (features are RMS-normalised, ~1)
+# Stands for "no sample yet" in the running extremes (float32-safe; features are RMS-normalised, ~1).
+EXTREMA_EMPTY = 1e30
 
 State = tuple[torch.Tensor, ...]
 
@@ -230,8 +232,9 @@ class MSSSMClassifier(nn.Module):
     """Leads -> input projection -> residual MS-SSM blocks -> causal pooling -> class logits at every step.
 
     The pooled feature after t samples is the mean of the first t feature vectors (with `pool="mean_std"` also their
-    standard deviation), so the output at t depends on those t samples only: a stream's prediction at t equals the
-    window classifier on its first t samples.
+    standard deviation; "mean_std_extrema" also their maximum and minimum from sample `extrema_from` on), so the
+    output at t depends on those t samples only: a stream's prediction at t equals the window classifier on its
+    first t samples.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -247,7 +250,7 @@ class MSSSMClassifier(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(cfg) for _ in range(cfg.n_layers))
         self.norm_f = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.pooled_features, cfg.n_classes)
-        if cfg.pool == "mean_std":
+        if "std" in cfg.pool_statistics:
             # The spread is computed about this point, set near the features' mean (training/fit_head.py sets it; any value
             # gives the same spread in exact arithmetic): E[(f-c)^2] - (E[f]-c)^2 then cancels little in float32,
             # where E[f^2] - E[f]^2 lost up to 5e-5 of the probabilities (export's parity) on the rhythm model.
@@ -263,8 +266,10 @@ class MSSSMClassifier(nn.Module):
                 spec.append((f"conv_{layer}_{s}", (cfg.conv_history(s), cfg.d_inner)))
             spec.append((f"ssm_{layer}", (cfg.n_ssm, cfg.d_inner, cfg.d_state)))
         spec.append(("pool_sum", (cfg.d_model,)))
-        if cfg.pool == "mean_std":
+        if "std" in cfg.pool_statistics:
             spec.append(("pool_sum_sq", (cfg.d_model,)))  # of the features less pool_center
+        if "max" in cfg.pool_statistics:
+            spec.append(("pool_extrema", (2 * cfg.d_model,)))  # running max, then min (0 until extrema_from)
         spec.append(("pool_count", (1,)))
         return spec
 
@@ -303,7 +308,9 @@ class MSSSMClassifier(nn.Module):
 
     def pooled(self, x: torch.Tensor, state: State, scan: str = "auto"):
         """As `run`, with what the head reads at every step [B, T, cfg.pooled_features] in place of the logits."""
-        n_pool = 3 if self.cfg.pool == "mean_std" else 2  # pool_sum, [pool_sum_sq,] pool_count: the state's tail
+        stats = self.cfg.pool_statistics
+        # the state's tail: pool_sum, [pool_sum_sq,] [pool_extrema,] pool_count
+        n_pool = 2 + ("std" in stats) + ("max" in stats)
         pool_sum, pool_count = state[-n_pool], state[-1]
         # Samples seen so far, this call's included: the causal mean's divisor and, less one, each sample's position.
         counts = pool_count.unsqueeze(1) + torch.cumsum(torch.ones_like(x[..., :1]), dim=1)  # [B, T, 1]
@@ -318,20 +325,42 @@ class MSSSMClassifier(nn.Module):
         feats = self.norm_f(h)
         sums = pool_sum.unsqueeze(1) + torch.cumsum(feats, dim=1)
         mean = sums / counts
-        if self.cfg.pool == "mean_std":
+        pooled = [mean]
+        new_state.append(sums[:, -1])
+        if "std" in stats:
             centred = feats - self.pool_center
-            sums_sq = state[-2].unsqueeze(1) + torch.cumsum(centred * centred, dim=1)
+            sums_sq = state[-n_pool + 1].unsqueeze(1) + torch.cumsum(centred * centred, dim=1)
             offset = mean - self.pool_center
             # E[(f-c)^2] - (E[f]-c)^2, clamped: float rounding can take it a hair below zero; POOL_STD_EPS keeps the
             # square root's gradient finite at the first step, where the spread is 0.
             spread = torch.sqrt(torch.clamp(sums_sq / counts - offset * offset, min=0.0) + POOL_STD_EPS)
-            pooled = torch.cat([mean, spread], dim=-1)
-            new_state.extend([sums[:, -1], sums_sq[:, -1], counts[:, -1]])
-        else:
-            pooled = mean
-            new_state.extend([sums[:, -1], counts[:, -1]])
+            pooled.append(spread)
+            new_state.append(sums_sq[:, -1])
+        if "max" in stats:
+            extrema, last = self.running_extrema(feats, mean, counts, state[-2], pool_count)
+            pooled.append(extrema)
+            new_state.append(last)
+        new_state.append(counts[:, -1])
+        pooled = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=-1)
         scale_weights = torch.stack(mixer_weights, dim=2) if self.cfg.n_scales > 0 else None
         return pooled, tuple(new_state), scale_weights
+
+    def running_extrema(self, feats, mean, counts, carried, pool_count):
+        """Each feature's maximum and minimum over the samples from position `extrema_from` on, at every step
+        [B, T, 2 * d_model] (the mean until then), and what the state carries on: those at the last step, or
+        zeros before `extrema_from` (the state stays finite; pool_count says whether it holds anything)."""
+        first = self.cfg.extrema_from
+        # max(f) and max(-f) = -min(f) in one pass
+        both, mean_both = torch.cat([feats, -feats], dim=-1), torch.cat([mean, -mean], dim=-1)
+        counted = (counts - 1) >= first  # [B, T, 1]: this sample's position is past the warm-up
+        before = torch.cat([carried[:, : self.cfg.d_model], -carried[:, self.cfg.d_model :]], dim=-1)
+        before = torch.where(pool_count > first, before, torch.full_like(before, -EXTREMA_EMPTY))
+        running = torch.maximum(causal_max(torch.where(counted, both, torch.full_like(both, -EXTREMA_EMPTY)),
+                                           self.cfg.max_chunk), before.unsqueeze(1))
+        running = torch.where(counted, running, mean_both)
+        signed = torch.cat([running[..., : self.cfg.d_model], -running[..., self.cfg.d_model :]], dim=-1)
+        last = torch.where(counted[:, -1], signed[:, -1], torch.zeros_like(signed[:, -1]))
+        return signed, last
 
     def forward(self, x: torch.Tensor, scan: str = "auto") -> torch.Tensor:
         """Training form: x [B, L, C] from the zero state -> logits at every step [B, L, classes]."""
@@ -347,31 +376,45 @@ class MSSSMClassifier(nn.Module):
         return (self.probabilities(logits), new_state, weights) if scale_weights else (self.probabilities(logits), new_state)
 
 
+def causal_max(x: torch.Tensor, max_length: int) -> torch.Tensor:
+    """Running maximum over axis 1 of x [B, T, F] (T <= max_length), as log2(T) shifted maxima: exact, differentiable,
+    and plain tensor ops that export to ONNX with T dynamic (torch.cummax has no ONNX form). The export traces the
+    depth for `max_length` samples, the longest call the graph takes; eager calls use their own T's."""
+    length = max_length if torch.onnx.is_in_onnx_export() else x.shape[1]
+    shift = 1
+    while shift < length:
+        # x[t] = max(x[t], x[t - shift]); the first `shift` steps have nothing that far back
+        x = torch.maximum(x, F.pad(x, (0, 0, shift, 0), value=-EXTREMA_EMPTY)[:, :-shift])
+        shift *= 2
+    return x
+
+
 def with_pool(model: MSSSMClassifier, pool: str | None) -> MSSSMClassifier:
-    """`model` pooling `pool` (None: as it does): a mean-pooled model widened to "mean_std" computes exactly what it
-    did (see with_std_pooling); ValueError for a change that would drop what a head reads."""
+    """`model` pooling `pool` (None: as it does), computing exactly what it did: each pooling's statistics extend
+    the one before (config.POOL_STATISTICS), so the head keeps its columns and those of the new statistics start at
+    zero (a warm start that then learns to use them). ValueError for a change that would drop what a head reads."""
     if pool in (None, model.cfg.pool):
         return model
-    if pool == "mean_std" and model.cfg.pool == "mean":
-        return with_std_pooling(model)
-    raise ValueError(f"the checkpoint pools {model.cfg.pool!r}; pooling {pool!r} instead would drop what its head "
-                     "reads")
-
-
-def with_std_pooling(model: MSSSMClassifier) -> MSSSMClassifier:
-    """A mean-pooled model as a `pool="mean_std"` one computing exactly the same: its weights, and head columns for
-    the standard deviation that start at zero (a warm start that then learns to use the spread)."""
-    if model.cfg.pool != "mean":
-        raise ValueError(f"the model already pools {model.cfg.pool!r}")
-    wider = MSSSMClassifier(dataclasses.replace(model.cfg, pool="mean_std")).to(model.input_mean.device)
+    have, want = model.cfg.pool_statistics, POOL_STATISTICS[pool]
+    if want[: len(have)] != have:
+        raise ValueError(f"the checkpoint pools {model.cfg.pool!r}; pooling {pool!r} instead would drop what its "
+                         "head reads")
+    wider = MSSSMClassifier(dataclasses.replace(model.cfg, pool=pool)).to(model.input_mean.device)
     weights = model.state_dict()
     head = weights.pop("head.weight")
     missing, unexpected = wider.load_state_dict(weights, strict=False)
-    assert sorted(missing) == ["head.weight", "pool_center"] and not unexpected, (missing, unexpected)
+    assert set(missing) <= {"head.weight", "pool_center"} and not unexpected, (missing, unexpected)
     with torch.no_grad():
         wider.head.weight.zero_()
-        wider.head.weight[:, : model.cfg.d_model] = head
+        wider.head.weight[:, : head.shape[1]] = head
     return wider.train(model.training)
+
+
+def with_std_pooling(model: MSSSMClassifier) -> MSSSMClassifier:
+    """A mean-pooled model as a `pool="mean_std"` one computing exactly the same (see with_pool)."""
+    if model.cfg.pool != "mean":
+        raise ValueError(f"the model already pools {model.cfg.pool!r}")
+    return with_pool(model, "mean_std")
 
 
 class StreamingGraph(nn.Module):

@@ -158,7 +158,7 @@ def test_the_scale_mixer_output_is_the_models_in_any_chunking(exported, windows)
 
 @pytest.mark.parametrize("overrides", [{"ssm": "s4"}, {"n_scales": 0}, {"multi_label": False},
                                        {"template_length": 600},  # windows of 1,000: past the template too
-                                       {"pool": "mean_std"}])
+                                       {"pool": "mean_std"}, {"pool": "mean_std_extrema"}])
 def test_variants_export(tmp_path, windows, overrides):
     model = make_checkpoint(tmp_path / "checkpoint.pt", windows[:2], **overrides)
     desc = exporter.export_model(tmp_path / "checkpoint.pt", tmp_path / "model")

@@ -6,7 +6,7 @@ import torch
 
 from msssm_serve.config import ModelConfig
 from msssm_serve.mixing import mean_mixing_distance, model_mean_mixing_distance
-from msssm_serve.model import POOL_STD_EPS, MSSSMClassifier, initial_a, with_std_pooling
+from msssm_serve.model import POOL_STD_EPS, MSSSMClassifier, causal_max, initial_a, with_pool, with_std_pooling
 from msssm_serve.scan import blocked_scan, sequential_scan
 from msssm_serve.selective import fused_available, selective_scan_fused, selective_scan_tensor_ops
 
@@ -30,7 +30,8 @@ def random_chunks(total, rng, sizes=(1, 2, 7, 64, 999, 3, 250)):
 
 
 @pytest.mark.parametrize("ssm,n_scales,pool", [("s6", 0, "mean"), ("s6", 3, "mean"), ("s4", 0, "mean"),
-                                                ("s4", 3, "mean"), ("s6", 3, "mean_std")])
+                                                ("s4", 3, "mean"), ("s6", 3, "mean_std"),
+                                                ("s6", 3, "mean_std_extrema")])
 def test_advance_in_random_chunks_equals_forward(ssm, n_scales, pool):
     model = small_model(ssm=ssm, n_scales=n_scales, pool=pool)
     x = torch.randn(2, 5000, 12) * 2
@@ -313,6 +314,38 @@ def test_std_pooling_reads_the_spread_of_the_features_and_a_widened_model_starts
     assert (logits[..., 0] - torch.sqrt(spread**2 + POOL_STD_EPS)).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="already"):
         with_std_pooling(wider)
+
+
+def test_extrema_pooling_reads_the_running_max_and_min_after_the_warm_up_and_widens_as_it_was():
+    model = with_std_pooling(small_model(seed=4)).eval()
+    with torch.no_grad():
+        model.head.weight.normal_()
+        model.pool_center.normal_()
+    x = torch.randn(2, 400, 12)
+    wider = with_pool(model, "mean_std_extrema").eval()
+    assert wider.cfg.pool_statistics == ("mean", "std", "max", "min") and wider.cfg.pooled_features == 4 * 16
+    assert [name for name, _ in wider.state_spec()][-2:] == ["pool_extrema", "pool_count"]
+    with torch.no_grad():
+        # the new statistics' head columns start at zero: the same function
+        assert (wider(x) - model(x)).abs().max() <= 1e-6
+        pooled = wider.pooled(x, wider.zero_state(2))[0]
+        feats = wider.norm_f(_last_block_features(wider, x))
+    d, first = 16, wider.cfg.extrema_from
+    mean = torch.cumsum(feats, 1) / torch.arange(1, 401).view(1, -1, 1)
+    expect_max = torch.cat([mean[:, :first], torch.cummax(feats[:, first:], 1).values], 1)
+    expect_min = torch.cat([mean[:, :first], torch.cummin(feats[:, first:], 1).values], 1)
+    assert (pooled[..., 2 * d : 3 * d] - expect_max).abs().max() <= 1e-5
+    assert (pooled[..., 3 * d :] - expect_min).abs().max() <= 1e-5
+    # a narrower pooling would drop head columns
+    with pytest.raises(ValueError, match="drop"):
+        with_pool(wider, "mean_std")
+
+
+def test_causal_max_is_the_running_maximum_at_any_length():
+    rng = torch.Generator().manual_seed(0)
+    for length in (1, 2, 3, 17, 64, 1000):
+        x = torch.randn(3, length, 5, generator=rng)
+        assert torch.equal(causal_max(x, 32768), torch.cummax(x, 1).values)
 
 
 def _last_block_features(model, x):

@@ -475,7 +475,8 @@ def test_fit_correction_learns_what_the_head_missed_and_a_strong_penalty_keeps_t
     assert np.abs(w - head_w).max() < 1e-3 and np.abs(b - head_b).max() < 1e-3
 
 
-def test_fit_head_widens_a_trained_model_to_std_pooling_and_the_result_exports(tmp_path):
+@pytest.mark.parametrize("pool", ["mean_std", "mean_std_extrema"])
+def test_fit_head_widens_a_trained_model_to_std_pooling_and_the_result_exports(tmp_path, pool):
     from msssm_serve.export import export as exporter
     from msssm_serve.training import fit_head
 
@@ -483,15 +484,15 @@ def test_fit_head_widens_a_trained_model_to_std_pooling_and_the_result_exports(t
     fit(*ptbxl_args(run, "--epochs", "1", "--steps-per-epoch", "1", "--lead-subsets"))
     out = tmp_path / "head"
     assert fit_head.main(["--init", str(run / "checkpoint.pt"), "--data-dir", str(FIXTURE), "--labels",
-                          str(FIXTURE / "labels" / "superdiagnostic.csv"), "--pool", "mean_std", "--l2", "1e-2,1e-3",
+                          str(FIXTURE / "labels" / "superdiagnostic.csv"), "--pool", pool, "--l2", "1e-2,1e-3",
                           "--n-boot", "20", "--out", str(out)]) == 0
     model, meta, _ = load_checkpoint(out / "checkpoint.pt")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert model.cfg.pool == "mean_std" and [t["l2"] for t in metrics["trials"]] == [None, 1e-2, 1e-3]
+    assert model.cfg.pool == pool and [t["l2"] for t in metrics["trials"]] == [None, 1e-2, 1e-3]
     # the kept head is the best of the trials on validation, and that is the checkpoint's validation figure
     assert meta["validation"]["macro_auroc"] == max(t["val_macro_auroc"] for t in metrics["trials"])
     assert set(meta["validation"]["lead_subsets"]) == {"all", "I+II", "II"}  # a lead-subset model's card table
-    assert exporter.export_model(out / "checkpoint.pt", tmp_path / "model")["config"]["pool"] == "mean_std"
+    assert exporter.export_model(out / "checkpoint.pt", tmp_path / "model")["config"]["pool"] == pool
     assert fit_head.main(["--init", str(out / "checkpoint.pt"), "--data-dir", str(FIXTURE), "--labels",
                           str(FIXTURE / "labels" / "superdiagnostic.csv"), "--pool", "mean", "--out",
                           str(tmp_path / "x")]) == 2

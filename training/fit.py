@@ -15,6 +15,7 @@ import sys
 
 
 from msssm_serve.checkpoint import CheckpointError
+from msssm_serve.config import POOL_STATISTICS
 from msssm_serve.training.ptbxl import LABEL_SETS, DataError
 
 
@@ -49,10 +50,11 @@ def parse_args(argv=None):
                        help="feed each sample's deviation from the training mean series beside it (auto: off for "
                             "ptbxl and with --crop; for ucr, selected without and with it and the better on validation "
                             "kept; needs whole series)")
-    model.add_argument("--pool", choices=["mean", "mean_std"], default=None,
-                       help="what the head reads: the causal mean of the features, or their mean and standard "
-                            "deviation (unset: mean, or the --init checkpoint's; mean_std with a mean-pooled --init "
-                            "adds the deviation's head columns at zero)")
+    model.add_argument("--pool", choices=list(POOL_STATISTICS), default=None,
+                       help="what the head reads: the causal mean of the features; also their standard deviation "
+                            "(mean_std); also their maximum and minimum from the second on (mean_std_extrema). "
+                            "Unset: mean, or the --init checkpoint's; a wider pooling than --init's adds the new "
+                            "statistics' head columns at zero")
     model.add_argument("--lead-subsets", action="store_true",
                        help="train on random lead subsets (missing leads as NaN, seen by the model as absent) so the "
                             "exported model serves any subset of the leads")

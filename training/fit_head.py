@@ -1,16 +1,17 @@
-"""Refit a trained model's read-out to what it pools (a linear probe), optionally widening it to statistics pooling.
+"""Refit a trained model's read-out to what it pools (a linear probe), optionally widening what it pools first.
 
     python training/fit_head.py --init RUN/checkpoint.pt --data-dir DIR --labels DIR/labels/rhythm.csv \\
-        --label-set rhythm [--pool mean_std] --out RUN2
+        --label-set rhythm [--pool mean_std | mean_std_extrema] --out RUN2
 
-The blocks stay as they are. What the head reads at a window's last step (the causal mean of the final features
-and, with mean_std, their standard deviation) is computed once for every training window of PTB-XL folds 1-8 (a
-lead-subset model sees each window with a lead subset drawn as in training) and for fold 9. The head is then fit by
-L-BFGS on the training windows as a correction of the present head (the new standard-deviation columns start at
-zero), with an L2 penalty on the correction, once per strength in --l2; the strength whose head scores the best
-validation macro AUROC is kept. A trained head has to grow its weights on the spread step by step under the
-trainer's small learning rate, which a 3-epoch fine-tune did not do (docs/experiments.md); the fit gets there at
-once. Writes RUN2/checkpoint.pt (export takes it like any checkpoint) and RUN2/metrics.json.
+The blocks stay as they are. What the head reads at a window's last step (the causal mean of the final features;
+with mean_std also their standard deviation; with mean_std_extrema also their maximum and minimum from the second on)
+is computed once for every training window of PTB-XL folds 1-8 (a lead-subset model sees each window with a lead
+subset drawn as in training) and for fold 9. The head is then fit by L-BFGS on the training windows as a correction
+of the present head (the new statistics' columns start at zero), with an L2 penalty on the correction, once per
+strength in --l2; the strength whose head scores the best validation macro AUROC is kept. A trained head has to
+grow its weights on a new statistic step by step under the trainer's small learning rate, which a 3-epoch
+fine-tune did not do (docs/experiments.md); the fit gets there at once. Writes RUN2/checkpoint.pt (export takes it
+like any checkpoint) and RUN2/metrics.json.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from msssm_serve.config import POOL_STATISTICS
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,8 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--label-set", default="superdiagnostic", help="the classes (see fit.py)")
     p.add_argument("--sampling-rate", type=int, default=100, choices=[100, 500])
     p.add_argument("--cache-dir", default=None, help="where decoded signals are cached (see fit.py)")
-    p.add_argument("--pool", choices=["mean", "mean_std"], default=None,
-                   help="mean_std widens a mean-pooled model to statistics pooling first (unset: the checkpoint's)")
+    p.add_argument("--pool", choices=list(POOL_STATISTICS), default=None,
+                   help="widen the checkpoint's pooling to this first (mean_std: also the spread; mean_std_extrema: "
+                        "also the maximum and minimum; unset: the checkpoint's)")
     p.add_argument("--l2", default="1e-3,3e-4,1e-4,3e-5",
                    help="penalty strengths on the correction, per mean loss over windows and classes")
     p.add_argument("--batch", type=int, default=32, help="windows per forward pass")
@@ -119,7 +123,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed) if model.cfg.lead_mask else None
     train = last_step_features(model, data.x_train, args.batch, data.leads, rng)
     val = last_step_features(model, data.x_val, args.batch)
-    if model.cfg.pool == "mean_std":  # the spread about the features' mean: the same value, less float32 rounding
+    if "std" in model.cfg.pool_statistics:  # the spread about the features' mean: the same value, less float32 rounding
         model.pool_center.copy_(torch.from_numpy(train[:, : model.cfg.d_model].mean(0)).float())
     head_w, head_b = model.head.weight.detach().numpy(), model.head.bias.detach().numpy()
 
