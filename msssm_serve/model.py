@@ -383,8 +383,9 @@ def causal_max(x: torch.Tensor, max_length: int) -> torch.Tensor:
     length = max_length if torch.onnx.is_in_onnx_export() else x.shape[1]
     shift = 1
     while shift < length:
-        # x[t] = max(x[t], x[t - shift]); the first `shift` steps have nothing that far back
-        x = torch.maximum(x, F.pad(x, (0, 0, shift, 0), value=-EXTREMA_EMPTY)[:, :-shift])
+        # x[t] = max(x[t], x[t - shift]) for t >= shift; the first `shift` steps have nothing that far back. Slices
+        # only (no padding by `shift`): a call shorter than the traced depth costs a few ops on empty tensors.
+        x = torch.cat([x[:, :shift], torch.maximum(x[:, shift:], x[:, :-shift])], dim=1)
         shift *= 2
     return x
 

@@ -94,7 +94,14 @@ def build_model(args, data: TaskData) -> MSSSMClassifier:
         n_channels=data.x_train.shape[-1], n_classes=len(data.classes), multi_label=data.multi_label,
         d_model=args.d_model, n_layers=args.n_layers, d_state=args.d_state, n_scales=args.n_scales, ssm=args.ssm,
         a_init=args.a_init, mixer=args.mixer, dropout=args.dropout, lead_mask=args.lead_subsets,
-        pool=args.pool or "mean", template_length=data.x_train.shape[1] if template_wanted(args) else 0))
+        pool=args.pool or "mean", extrema_from=extrema_from(args, data.x_train.shape[1]),
+        template_length=data.x_train.shape[1] if template_wanted(args) else 0))
+
+
+def extrema_from(args, window: int) -> int:
+    """Where the running extremes start (mean_std_extrema): --extrema-from, else a tenth of the window (PTB-XL's
+    10 s: the first second, while the SSMs settle from the zero state)."""
+    return args.extrema_from if args.extrema_from is not None else window // 10
 
 
 def template_wanted(args) -> bool:
