@@ -390,17 +390,21 @@ def causal_max(x: torch.Tensor, max_length: int) -> torch.Tensor:
     return x
 
 
-def with_pool(model: MSSSMClassifier, pool: str | None) -> MSSSMClassifier:
+def with_pool(model: MSSSMClassifier, pool: str | None, extrema_from: int | None = None) -> MSSSMClassifier:
     """`model` pooling `pool` (None: as it does), computing exactly what it did: each pooling's statistics extend
     the one before (config.POOL_STATISTICS), so the head keeps its columns and those of the new statistics start at
-    zero (a warm start that then learns to use them). ValueError for a change that would drop what a head reads."""
+    zero (a warm start that then learns to use them). `extrema_from` sets where extremes added by the widening
+    start (None: the config's default). ValueError for a change that would drop what a head reads."""
     if pool in (None, model.cfg.pool):
         return model
     have, want = model.cfg.pool_statistics, POOL_STATISTICS[pool]
     if want[: len(have)] != have:
         raise ValueError(f"the checkpoint pools {model.cfg.pool!r}; pooling {pool!r} instead would drop what its "
                          "head reads")
-    wider = MSSSMClassifier(dataclasses.replace(model.cfg, pool=pool)).to(model.input_mean.device)
+    changes = {"pool": pool}
+    if extrema_from is not None and "max" not in have:
+        changes["extrema_from"] = extrema_from
+    wider = MSSSMClassifier(dataclasses.replace(model.cfg, **changes)).to(model.input_mean.device)
     weights = model.state_dict()
     head = weights.pop("head.weight")
     missing, unexpected = wider.load_state_dict(weights, strict=False)

@@ -336,6 +336,9 @@ def test_extrema_pooling_reads_the_running_max_and_min_after_the_warm_up_and_wid
     expect_min = torch.cat([mean[:, :first], torch.cummin(feats[:, first:], 1).values], 1)
     assert (pooled[..., 2 * d : 3 * d] - expect_max).abs().max() <= 1e-5
     assert (pooled[..., 3 * d :] - expect_min).abs().max() <= 1e-5
+    # where the extremes start is set when they are added (fit_head: a tenth of the window), kept afterwards
+    assert with_pool(model, "mean_std_extrema", extrema_from=37).cfg.extrema_from == 37
+    assert with_pool(wider, "mean_std_extrema", extrema_from=37).cfg.extrema_from == first
     # a narrower pooling would drop head columns
     with pytest.raises(ValueError, match="drop"):
         with_pool(wider, "mean_std")

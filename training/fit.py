@@ -52,9 +52,9 @@ def parse_args(argv=None):
                             "kept; needs whole series)")
     model.add_argument("--pool", choices=list(POOL_STATISTICS), default=None,
                        help="what the head reads: the causal mean of the features; also their standard deviation "
-                            "(mean_std); also their maximum and minimum after a warm-up (mean_std_extrema, see --extrema-from). "
-                            "Unset: mean, or the --init checkpoint's; a wider pooling than --init's adds the new "
-                            "statistics' head columns at zero")
+                            "(mean_std); also their maximum and minimum after a warm-up (mean_std_extrema, see "
+                            "--extrema-from). Unset: mean, or the --init checkpoint's; a wider pooling than --init's "
+                            "adds the new statistics' head columns at zero")
     model.add_argument("--extrema-from", type=int, default=None,
                        help="mean_std_extrema: the sample position the running extremes start at (default: a tenth "
                             "of the window; the mean stands in before it)")

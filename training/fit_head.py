@@ -115,7 +115,8 @@ def main(argv=None) -> int:
             "data_dir", "labels", "label_set", "sampling_rate", "cache_dir")}))
         if meta["labels"] != data.classes:
             raise DataError(f"--init: model classes {meta['labels']} differ from the data's {data.classes}")
-        model = with_pool(model, args.pool).eval()
+        # extremes added here start a tenth into the window, as the trainer's (fit.py --extrema-from)
+        model = with_pool(model, args.pool, extrema_from=data.x_train.shape[1] // 10).eval()
     except (CheckpointError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

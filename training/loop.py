@@ -86,7 +86,7 @@ def build_model(args, data: TaskData) -> MSSSMClassifier:
     if args.init:
         try:
             model = load_model(Path(args.init), data.classes, data.sample_rate, weights=True)
-            model = with_pool(model, args.pool)
+            model = with_pool(model, args.pool, extrema_from(args, data.x_train.shape[1]))
         except (CheckpointError, DataError, ValueError) as err:
             raise DataError(f"--init: {err}") from err
         return model.train()
