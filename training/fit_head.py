@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from msssm_serve.model import with_pool
     from msssm_serve.training.data import load_task
-    from msssm_serve.training.loop import score_lead_subsets
+    from msssm_serve.training.loop import extrema_from, score_lead_subsets
     from msssm_serve.training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc_by_name
     from msssm_serve.training.ptbxl import DataError
 
@@ -115,8 +115,8 @@ def main(argv=None) -> int:
             "data_dir", "labels", "label_set", "sampling_rate", "cache_dir")}))
         if meta["labels"] != data.classes:
             raise DataError(f"--init: model classes {meta['labels']} differ from the data's {data.classes}")
-        # extremes added here start a tenth into the window, as the trainer's (fit.py --extrema-from)
-        model = with_pool(model, args.pool, extrema_from=data.x_train.shape[1] // 10).eval()
+        # extremes added here start where the trainer's default puts them
+        model = with_pool(model, args.pool, extrema_from=extrema_from(data.x_train.shape[1])).eval()
     except (CheckpointError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -146,11 +146,11 @@ def main(argv=None) -> int:
         model.head.bias.copy_(torch.from_numpy(b))
 
     probs = scores(w, b)
-    validation = {**bootstrap_macro_auroc(data.y_val, probs, n_boot=args.n_boot),
-                  "per_class_auroc": per_class_auroc_by_name(data.classes, data.y_val, probs),
+    interval = bootstrap_macro_auroc(data.y_val, probs, n_boot=args.n_boot)
+    validation = {**interval, "per_class_auroc": per_class_auroc_by_name(data.classes, data.y_val, probs),
                   "weights": "head refit", "l2": l2}
     if model.cfg.lead_mask:
-        validation["lead_subsets"] = score_lead_subsets(model, data, args.batch, args.n_boot, probs)
+        validation["lead_subsets"] = score_lead_subsets(model, data, args.batch, args.n_boot, (probs, interval))
     command = shlex.join(["python", "training/fit_head.py", *(argv if argv is not None else sys.argv[1:])])
     meta = {**meta, "validation": validation, "command": command, "stages": [*meta.get("stages", []),
                                                                              meta.get("command")]}
