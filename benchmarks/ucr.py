@@ -55,7 +55,8 @@ def run_one(name: str, data_dir: Path, runs: Path, extra: list[str]) -> dict:
             "val_macro_auroc": metrics["best"]["macro_auroc"], "epoch": metrics["best"]["epoch"],
             "val_accuracy": metrics["best"].get("accuracy"), "val_loss": _best_val_loss(out, metrics),
             "epochs": len(metrics["epochs"]), "config": {k: metrics["config"][k] for k in ("d_model", "n_layers")},
-            "recipe": metrics.get("ucr_recipe"), "train_seconds": _train_seconds(out, metrics)}
+            "recipe": metrics.get("ucr_recipe"), "train_seconds": _train_seconds(out, metrics),
+            "members": metrics.get("members")}
 
 
 def _train_seconds(out: Path, metrics: dict) -> float:
@@ -63,7 +64,7 @@ def _train_seconds(out: Path, metrics: dict) -> float:
     time does not); `metrics`: the run's metrics.json."""
     if metrics.get("selection", {}).get("promoted"):  # --refit off: its figure already sums the selection runs
         return metrics["train_wall_seconds"]
-    runs = sorted((out / "selection").glob("**/metrics.json"))
+    runs = sorted((out / "selection").glob("**/metrics.json"))  # (an ensemble's figure already sums its members)
     return metrics["train_wall_seconds"] + sum(json.loads(path.read_text())["train_wall_seconds"] for path in runs)
 
 

@@ -32,7 +32,7 @@ import torch
 
 import msssm_serve
 from msssm_serve.checkpoint import CheckpointError, load_checkpoint
-from msssm_serve.model import MSSSMClassifier, StreamingGraph
+from msssm_serve.model import Classifier, EnsembleClassifier, StreamingGraph
 from msssm_serve.runtime import SCALE_WEIGHT_SUMMARY
 from msssm_serve.export.card import model_card
 from msssm_serve.export.meta import jsonable as _jsonable
@@ -44,7 +44,8 @@ TOLERANCE = 1e-4  # max abs probability difference, ONNX Runtime vs eager PyTorc
 CHUNK_SIZES = (1, 2, 3, 7, 25, 64, 100, 333, 999)
 CHUNK_SEED = 0
 # Meta fields that model.json carries at its top level (or not at all), so `training` leaves them out.
-TOP_LEVEL_META = ("labels", "multi_label", "sample_rate", "leads", "window", "default_hop", "validation", "name")
+TOP_LEVEL_META = ("labels", "multi_label", "sample_rate", "leads", "window", "default_hop", "validation", "name",
+                  "ensemble")
 
 
 class ExportError(Exception):
@@ -52,7 +53,7 @@ class ExportError(Exception):
 
 
 # --- the graph -----------------------------------------------------------------------------------------------------
-def _io_names(model: MSSSMClassifier) -> tuple[list[str], list[str]]:
+def _io_names(model: Classifier) -> tuple[list[str], list[str]]:
     states = [name for name, _ in model.state_spec()]
     scale_weights = ["scale_weights"] if model.cfg.n_scales > 0 else []  # see StreamingGraph
     return ["x", *states], ["probabilities", *[f"{name}_out" for name in states], *scale_weights]
@@ -63,7 +64,7 @@ def scale_names(n_scales: int) -> list[str]:
     return ["raw", *(f"detail {s}" for s in range(1, n_scales + 1)), "coarse"]
 
 
-def _trace(model: MSSSMClassifier, path: Path, opset: int) -> None:
+def _trace(model: Classifier, path: Path, opset: int) -> None:
     """TorchScript exporter: it traces the model with one `msssm::SelectiveScan` placeholder per layer (lowered to an
     ONNX Scan afterwards) in a second or two and keeps batch and T dynamic. (The dynamo exporter's own `scan`
     support failed on this model in torch 2.13 and takes ~40x longer to trace.)"""
@@ -89,7 +90,7 @@ def _trace(model: MSSSMClassifier, path: Path, opset: int) -> None:
         )
 
 
-def _declare_output_shapes(graph_model: onnx.ModelProto, model: MSSSMClassifier) -> None:
+def _declare_output_shapes(graph_model: onnx.ModelProto, model: Classifier) -> None:
     """The tracer cannot see through the scan placeholders, so it leaves the outputs' fixed dims symbolic: the
     classes of `probabilities`, the layers and scales of `scale_weights` and every non-batch dim of the new states.
     They are constants, so say so."""
@@ -119,7 +120,7 @@ def parity_schedules(length: int) -> dict[str, list[int]]:
     return {"whole_window": [length], "sample_by_sample": [1] * length, "random_chunks": _random_chunks(length)}
 
 
-def _run_torch(model: MSSSMClassifier, windows: torch.Tensor, chunks: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+def _run_torch(model: Classifier, windows: torch.Tensor, chunks: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
     """-> (probabilities [n, T, K], scale-mixer weights [n, T, layers, S+2] or None), fed in `chunks`."""
     state = model.zero_state(windows.shape[0])
     pieces, weight_pieces, start = [], [], 0
@@ -133,7 +134,7 @@ def _run_torch(model: MSSSMClassifier, windows: torch.Tensor, chunks: list[int])
     return torch.cat(pieces, dim=1).numpy(), weights
 
 
-def _run_onnx(session: ort.InferenceSession, model: MSSSMClassifier, windows: np.ndarray, chunks: list[int]):
+def _run_onnx(session: ort.InferenceSession, model: Classifier, windows: np.ndarray, chunks: list[int]):
     """As `_run_torch`, by the exported graph."""
     inputs, outputs = _io_names(model)
     n_state = len(inputs) - 1
@@ -167,7 +168,7 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def check_parity(model: MSSSMClassifier, onnx_path: Path, windows: torch.Tensor) -> dict:
+def check_parity(model: Classifier, onnx_path: Path, windows: torch.Tensor) -> dict:
     """Max abs probability difference over every step, ONNX Runtime vs eager `advance` fed the same chunks (and the
     same for the scale mixer's weights, in `scale_weights`)."""
     session = _session(onnx_path)
@@ -193,7 +194,7 @@ def check_parity(model: MSSSMClassifier, onnx_path: Path, windows: torch.Tensor)
 
 
 # --- model.json and README -----------------------------------------------------------------------------------------
-def _check_meta(model: MSSSMClassifier, meta: dict) -> torch.Tensor:
+def _check_meta(model: Classifier, meta: dict) -> torch.Tensor:
     cfg = model.cfg
     if len(meta["labels"]) != cfg.n_classes:
         raise ExportError(f"meta has {len(meta['labels'])} labels, the model {cfg.n_classes} classes")
@@ -220,13 +221,13 @@ def _check_meta(model: MSSSMClassifier, meta: dict) -> torch.Tensor:
     return windows
 
 
-def _default_name(model: MSSSMClassifier, meta: dict, checkpoint: Path) -> str:
+def _default_name(model: Classifier, meta: dict, checkpoint: Path) -> str:
     """msssm-<ssm>-<task>-<label set>-<run>: the run is the checkpoint's directory, so two exports differ."""
     parts = ["msssm", model.cfg.ssm, meta.get("task"), meta.get("label_set"), checkpoint.resolve().parent.name]
     return "-".join(str(p) for p in parts if p)
 
 
-def describe(model: MSSSMClassifier, meta: dict, name: str, parity: dict, onnx_info: dict) -> dict:
+def describe(model: Classifier, meta: dict, name: str, parity: dict, onnx_info: dict) -> dict:
     inputs, outputs = _io_names(model)
     spec = model.state_spec()
     return {
@@ -250,6 +251,8 @@ def describe(model: MSSSMClassifier, meta: dict, name: str, parity: dict, onnx_i
         "state": [{"name": n, "shape": list(shape)} for n, shape in spec],
         "state_bytes_per_stream": 4 * sum(int(np.prod(shape)) for _, shape in spec),
         "max_chunk": model.cfg.max_chunk,
+        # several models of one architecture, each with its own state (m<k>_ names), served as their mean
+        **({"ensemble": meta["ensemble"]} if isinstance(model, EnsembleClassifier) else {}),
         "inputs": inputs,
         "outputs": outputs,
         **({"scale_weights": {
@@ -258,7 +261,8 @@ def describe(model: MSSSMClassifier, meta: dict, name: str, parity: dict, onnx_i
             "layers": model.cfg.n_layers,
             "scales": scale_names(model.cfg.n_scales),
             "mixer": model.cfg.mixer,
-            "graph": "E_t of every layer's scale mixer (z_t = sum_s E_t[s] y_t[s]), per step, unnormalised",
+            "graph": "E_t of every layer's scale mixer (z_t = sum_s E_t[s] y_t[s]), per step, unnormalised"
+                     + (", the mean over the ensemble's members" if isinstance(model, EnsembleClassifier) else ""),
             "summary": SCALE_WEIGHT_SUMMARY,
         }} if model.cfg.n_scales > 0 else {}),
         "config": model.cfg.to_dict(),
@@ -310,8 +314,9 @@ def export_model(checkpoint_path, out_dir, opset: int | None = None, name: str |
         onnx_path = staging / "model.onnx"
         _trace(model, onnx_path, opset)
         graph_model = onnx.load(str(onnx_path))
-        if lower_selective_scans(graph_model) != model.cfg.n_layers:
-            raise ExportError("expected one selective scan per layer in the traced graph")
+        members = len(model.members) if isinstance(model, EnsembleClassifier) else 1
+        if lower_selective_scans(graph_model) != model.cfg.n_layers * members:
+            raise ExportError("expected one selective scan per layer (of each ensemble member) in the traced graph")
         expand_softplus(graph_model)
         _declare_output_shapes(graph_model, model)
         onnx.checker.check_model(graph_model, full_check=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .model import MSSSMClassifier
+from .model import Classifier, EnsembleClassifier, MSSSMClassifier
 
 # What `meta` holds (written by the trainer, read by export into model.json):
 #   labels [str], multi_label bool, sample_rate int, leads [str], window int (samples),
@@ -21,26 +21,31 @@ class CheckpointError(Exception):
     pass
 
 
-def save_checkpoint(path: str | Path, model: MSSSMClassifier, meta: dict, **training_state) -> None:
-    """Write atomically (tmp + rename) so an interrupted run never leaves a half-written checkpoint."""
+def save_checkpoint(path: str | Path, model: Classifier, meta: dict, **training_state) -> None:
+    """Write atomically (tmp + rename) so an interrupted run never leaves a half-written checkpoint. An ensemble is
+    its members' shared config, its state dict (`members.<k>.` keys) and `ensemble`: the number of members."""
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise ValueError(f"checkpoint meta lacks {missing}")
     path = Path(path)
     payload = {"config": model.cfg.to_dict(), "model": model.state_dict(), "meta": meta, **training_state}
+    if isinstance(model, EnsembleClassifier):
+        payload["ensemble"] = len(model.members)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[MSSSMClassifier, dict, dict]:
-    """-> (model in eval mode, meta, the whole payload)."""
+def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[Classifier, dict, dict]:
+    """-> (model in eval mode, meta, the whole payload); an EnsembleClassifier where the payload has `ensemble`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
-        model = MSSSMClassifier(ModelConfig.from_dict(payload["config"]))
+        cfg = ModelConfig.from_dict(payload["config"])
+        members = payload.get("ensemble")
+        model = EnsembleClassifier([MSSSMClassifier(cfg) for _ in range(members)]) if members else MSSSMClassifier(cfg)
         model.load_state_dict(payload["model"])
     except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err

@@ -376,6 +376,58 @@ class MSSSMClassifier(nn.Module):
         return (self.probabilities(logits), new_state, weights) if scale_weights else (self.probabilities(logits), new_state)
 
 
+class EnsembleClassifier(nn.Module):
+    """Members of one architecture (the same data's normalisation, trained from different seeds), served as one model:
+    the probabilities are the members' mean at every step, the state is the members' states one after another
+    (names prefixed `m<k>_`), and the scale mixer's weights are the members' mean. It speaks MSSSMClassifier's
+    streaming protocol (`state_spec`, `zero_state`, `advance`), so the trainer scores it, export traces it into one
+    graph and the server runs it like any single model; each member computes exactly what it does alone.
+
+    Why: on a training set of a few dozen series a single model's TEST accuracy moves with its seed by several points;
+    averaging the probabilities of a few seeds removes much of that variance (training/recipe.py decides how many)."""
+
+    def __init__(self, members: list[MSSSMClassifier]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        if any(m.cfg != members[0].cfg for m in members):
+            raise ValueError("ensemble members must share one architecture (ModelConfig)")
+        self.members = nn.ModuleList(members)
+        self.cfg = members[0].cfg
+
+    # Normalisation is fitted on the data, the same for every member: the first one's describes the ensemble.
+    @property
+    def input_mean(self) -> torch.Tensor:
+        return self.members[0].input_mean
+
+    @property
+    def input_std(self) -> torch.Tensor:
+        return self.members[0].input_std
+
+    def state_spec(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [(f"m{k}_{name}", shape) for k, m in enumerate(self.members) for name, shape in m.state_spec()]
+
+    def zero_state(self, batch: int, device: torch.device | str | None = None) -> State:
+        return tuple(t for m in self.members for t in m.zero_state(batch, device))
+
+    def advance(self, x: torch.Tensor, state: State, scan: str = "auto", scale_weights: bool = False):
+        """As MSSSMClassifier.advance: the members' mean probabilities (and mixer weights), their states in turn."""
+        per_member = len(self.members[0].state_spec())
+        probs, new_state, weights = [], [], []
+        for k, member in enumerate(self.members):
+            p, s, w = member.advance(x, state[k * per_member : (k + 1) * per_member], scan, scale_weights=True)
+            probs.append(p)
+            new_state.extend(s)
+            weights.append(w)
+        mean = torch.stack(probs).mean(0)
+        mean_weights = None if weights[0] is None else torch.stack(weights).mean(0)
+        return (mean, tuple(new_state), mean_weights) if scale_weights else (mean, tuple(new_state))
+
+
+# What the trainer scores, export traces and a checkpoint holds: one model, or an ensemble of them.
+Classifier = MSSSMClassifier | EnsembleClassifier
+
+
 def causal_max(x: torch.Tensor, max_length: int) -> torch.Tensor:
     """Running maximum over axis 1 of x [B, T, F] (T <= max_length), as log2(T) shifted maxima: exact, differentiable,
     and plain tensor ops that export to ONNX with T dynamic (torch.cummax has no ONNX form). The export traces the
@@ -397,6 +449,8 @@ def with_pool(model: MSSSMClassifier, pool: str | None, extrema_from: int | None
     start (None: the config's default). ValueError for a change that would drop what a head reads."""
     if pool in (None, model.cfg.pool):
         return model
+    if isinstance(model, EnsembleClassifier):
+        raise ValueError("an ensemble's members each have their own head: change the pooling of each member")
     have, want = model.cfg.pool_statistics, POOL_STATISTICS[pool]
     if want[: len(have)] != have:
         raise ValueError(f"the checkpoint pools {model.cfg.pool!r}; pooling {pool!r} instead would drop what its "
@@ -428,7 +482,7 @@ class StreamingGraph(nn.Module):
     The scale mixer's raw weights are the graph's last output (a model without scales has none): they are computed
     for the mixing anyway, so the output costs one small Concat; summaries are the runtime's."""
 
-    def __init__(self, model: MSSSMClassifier):
+    def __init__(self, model: Classifier):
         super().__init__()
         self.model = model
 

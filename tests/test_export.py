@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from msssm_serve.export import export as exporter
-from msssm_serve.checkpoint import save_checkpoint
+from msssm_serve.checkpoint import load_checkpoint, save_checkpoint
 from msssm_serve.config import ModelConfig
-from msssm_serve.model import MSSSMClassifier, StreamingGraph
+from msssm_serve.model import EnsembleClassifier, MSSSMClassifier, StreamingGraph
+from msssm_serve.runtime import OnnxModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECORDS = sorted((REPO_ROOT / "tests/fixtures/ptbxl/records100").glob("*/*.hea"))[:4]
@@ -174,6 +175,27 @@ def test_variants_export(tmp_path, windows, overrides):
     # a plain SSM (no scales) has no mixer, so the graph has no scale_weights output
     outputs = [o.name for o in onnx.load(str(graph)).graph.output]
     assert ("scale_weights" in outputs) == (overrides.get("n_scales", 3) > 0) == ("scale_weights" in desc)
+
+
+def test_an_ensemble_exports_as_one_graph_with_each_members_state(tmp_path, windows):
+    members = [make_checkpoint(tmp_path / f"member{k}.pt", windows[:2], seed=k) for k in range(2)]
+    meta = load_checkpoint(tmp_path / "member0.pt")[1]
+    save_checkpoint(tmp_path / "checkpoint.pt", EnsembleClassifier(members),
+                    {**meta, "ensemble": {"members": 2, "seeds": [0, 1], "combined": "mean"}})
+    desc = exporter.export_model(tmp_path / "checkpoint.pt", tmp_path / "model")
+    assert desc["ensemble"]["members"] == 2 and "ensemble" not in desc["training"]
+    assert [s["name"] for s in desc["state"]] == [f"m{k}_{n}" for k in range(2) for n, _ in members[0].state_spec()]
+    assert desc["state_bytes_per_stream"] == 2 * 4 * sum(int(np.prod(shape)) for _, shape in members[0].state_spec())
+    assert max(desc["parity"][k] for k in ("whole_window", "sample_by_sample", "random_chunks")) <= 1e-4
+    assert "An ensemble of 2 models" in (tmp_path / "model" / "README.md").read_text()
+    # served by the runtime as any model: the mean of what each member's own graph answers
+    for k in range(2):
+        exporter.export_model(tmp_path / f"member{k}.pt", tmp_path / f"alone{k}")
+    served = OnnxModel(tmp_path / "model")
+    got = served.advance(windows[:2].numpy(), served.zero_state(2))[0]
+    alone = [OnnxModel(tmp_path / f"alone{k}") for k in range(2)]
+    expected = np.mean([m.advance(windows[:2].numpy(), m.zero_state(2))[0] for m in alone], axis=0)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 class SkewedGraph(StreamingGraph):

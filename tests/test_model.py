@@ -6,7 +6,7 @@ import torch
 
 from msssm_serve.config import ModelConfig
 from msssm_serve.mixing import mean_mixing_distance, model_mean_mixing_distance
-from msssm_serve.model import POOL_STD_EPS, MSSSMClassifier, causal_max, initial_a, with_pool, with_std_pooling
+from msssm_serve.model import POOL_STD_EPS, EnsembleClassifier, MSSSMClassifier, causal_max, initial_a, with_pool, with_std_pooling
 from msssm_serve.scan import blocked_scan, sequential_scan
 from msssm_serve.selective import fused_available, selective_scan_fused, selective_scan_tensor_ops
 
@@ -358,3 +358,31 @@ def _last_block_features(model, x):
     for block, (conv_history, ssm_h) in zip(model.blocks, model.layer_states(model.zero_state(x.shape[0]))):
         h, *_ = block(h, conv_history, ssm_h, "auto")
     return h
+
+
+def test_an_ensemble_streams_the_mean_of_its_members_in_any_chunking():
+    members = [small_model(seed, template_length=300) for seed in range(3)]
+    ensemble = EnsembleClassifier(members).eval()
+    assert [name for name, _ in ensemble.state_spec()][:2] == ["m0_conv_0_1", "m0_conv_0_2"]
+    assert len(ensemble.state_spec()) == 3 * len(members[0].state_spec())
+    x = torch.randn(2, 700, 12)
+    rng = np.random.default_rng(3)
+    with torch.no_grad():
+        alone = [m.advance(x, m.zero_state(2), scale_weights=True) for m in members]
+        state, pieces, weights, start = ensemble.zero_state(2), [], [], 0
+        for size in random_chunks(700, rng):
+            probs, state, w = ensemble.advance(x[:, start : start + size], state, scale_weights=True)
+            pieces.append(probs)
+            weights.append(w)
+            start += size
+    torch.testing.assert_close(torch.cat(pieces, 1), torch.stack([p for p, _, _ in alone]).mean(0), atol=1e-6,
+                               rtol=0)
+    torch.testing.assert_close(torch.cat(weights, 1), torch.stack([w for _, _, w in alone]).mean(0), atol=1e-5,
+                               rtol=1e-5)
+    # the carried state is each member's own, one after another
+    flat = [t for _, s, _ in alone for t in s]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(state, flat))
+    with pytest.raises(ValueError, match="one architecture"):
+        EnsembleClassifier([small_model(0), small_model(1, d_model=8)])
+    with pytest.raises(ValueError, match="ensemble"):
+        with_pool(ensemble, "mean_std")

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from msssm_serve.checkpoint import load_checkpoint
+from msssm_serve.model import EnsembleClassifier, MSSSMClassifier
+from msssm_serve.training.recipe import MEMBERS
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "ptbxl"
@@ -189,16 +191,38 @@ def test_ucr_task_writes_test_metrics(tmp_path):
     truth = [[float(label) for label in meta["labels"]].index(y) for y in table[:, 0]]
     assert metrics["test_accuracy"] == pytest.approx(float((probs[:, -1].argmax(-1).numpy() == truth).mean()))
     assert "test_macro_auroc" in metrics
+    # 24 TRAIN series: the refit is an ensemble of five seeds (recipe.MEMBERS), each a run of its own, and the model
+    # is their mean probabilities
+    assert isinstance(model, EnsembleClassifier) and len(model.members) == MEMBERS == meta["ensemble"]["members"]
+    assert [m["seed"] for m in metrics["members"]] == list(range(MEMBERS)) == meta["ensemble"]["seeds"]
+    x = torch.tensor(table[:, 1:, None], dtype=torch.float32)
+    with torch.no_grad():
+        alone = [load_checkpoint(out / m["dir"] / "checkpoint.pt")[0].advance(x, member.zero_state(len(x)))[0]
+                 for m, member in zip(metrics["members"], model.members)]
+    torch.testing.assert_close(probs, torch.stack(alone).mean(0))
+    for m, p in zip(metrics["members"], alone):  # each member's own TEST accuracy, recorded beside the ensemble's
+        assert m["test_accuracy"] == pytest.approx(float((p[:, -1].argmax(-1).numpy() == truth).mean()))
+    assert len({float(p[:, -1, 0].sum()) for p in alone}) == MEMBERS  # different seeds, different functions
     # the template: the mean of the TRAIN series the refit saw (all of them), and the std of their deviations from it
     train = np.loadtxt(data / "TinyECG_TRAIN.tsv", delimiter="\t")[:, 1:]
-    assert model.cfg.template_length == train.shape[1]
-    np.testing.assert_allclose(model.template[:, 0].numpy(), train.mean(0), atol=1e-5)
-    np.testing.assert_allclose(model.template_std.numpy(), [(train - train.mean(0)).std()], rtol=1e-4)
+    for member in model.members:
+        assert member.cfg.template_length == train.shape[1]
+        np.testing.assert_allclose(member.template[:, 0].numpy(), train.mean(0), atol=1e-5)
+        np.testing.assert_allclose(member.template_std.numpy(), [(train - train.mean(0)).std()], rtol=1e-4)
     # refit (the default for ucr): the selection run kept beside it; the model trained on all 24 TRAIN series
     selection = json.loads((out / "selection" / "metrics.json").read_text())
     assert metrics["best"] == selection["best"] and "test_accuracy" in metrics["selection"]
-    assert len(metrics["epochs"]) == max(selection["best"]["epoch"], 0) and "refit" in \
-        load_checkpoint(out / "checkpoint.pt")[1]["validation"]
+    assert len(metrics["epochs"]) == max(selection["best"]["epoch"], 0) and "refit" in meta["validation"]
+    # --members 1: the one refit is the model, in RUN_DIR itself
+    fit("--task", "ucr", "--data-dir", str(data), "--out", str(tmp_path / "one"), "--d-model", "8", "--n-layers",
+        "1", "--epochs", "3", "--batch-size", "8", "--n-boot", "20", "--device", "cpu", "--template", "on",
+        "--members", "1")
+    assert isinstance(load_checkpoint(tmp_path / "one" / "checkpoint.pt")[0], MSSSMClassifier)
+    assert not (tmp_path / "one" / "members").exists()
+    # members are refits: without one they are refused, before anything is trained
+    refused = fit("--task", "ucr", "--data-dir", str(data), "--out", str(tmp_path / "no"), "--refit", "off",
+                  "--members", "3", check=False)
+    assert refused.returncode == 2 and "need the refit" in refused.stderr
 
 
 def test_template_needs_whole_series_and_is_off_for_ptbxl(tmp_path):

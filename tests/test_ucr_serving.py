@@ -1,5 +1,5 @@
 """A model trained with `--task ucr` serves like any other: trained on a real UCR dataset (the ItalyPowerDemand
-fixture: 24-sample series, 2 classes), exported, then `/classify` of one series and a stream of it, whose final
+fixture: 24-sample series, 2 classes; by the defaults an ensemble of five refits), exported, then `/classify` of one series and a stream of it, whose final
 prediction equals `/classify` and whose class is the trainer's own on TEST; and a multivariate model read from the
 UEA archive's `.ts` format serves its channels as leads."""
 
@@ -36,6 +36,8 @@ def test_a_ucr_model_exports_and_serves_windows_and_streams(tmp_path):
     assert metrics["test_accuracy"] >= 0.8, metrics["test_accuracy"]  # ROCKET: 0.970 on the whole TEST
     desc = exporter.export_model(run / "checkpoint.pt", tmp_path / "model")
     assert desc["window"] == 24 and desc["default_hop"] == 24 and desc["leads"] == ["signal"]
+    # 67 TRAIN series: the defaults' ensemble of five refits (training/recipe.py), served as one graph
+    assert desc["ensemble"]["members"] == 5 and desc["state"][-1]["name"] == "m4_pool_count"
     assert desc["normalisation"]["template_length"] == 24
     data = load_ucr(FIXTURE)
     series = data.x_test[:8]  # [8, 24, 1]

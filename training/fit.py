@@ -23,6 +23,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Every flag's default shown, the description kept as written."""
 
 
+def members_flag(text: str) -> str:
+    if text != "auto" and not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number of at least 1, got {text!r}")
+    return text
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python training/fit.py", description=__doc__, formatter_class=HelpFormatter)
     data = p.add_argument_group("data")
@@ -89,6 +95,10 @@ def parse_args(argv=None):
     run.add_argument("--refit", choices=["auto", "on", "off"], default="auto",
                      help="train again on all of TRAIN for the epochs chosen on validation (auto: on for ucr); the "
                           "selection run is kept in RUN_DIR/selection")
+    run.add_argument("--members", type=members_flag, default="auto",
+                     help="refits from seeds --seed, --seed + 1, ... served as one ensemble (their mean probabilities; "
+                          "members in RUN_DIR/members/K); needs the refit. auto: 1 for ptbxl; for ucr, 5 for a TRAIN "
+                          "of up to 100 series, else 1 (training/recipe.py)")
     run.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt (same flags)")
     run.add_argument("--init", help="warm start from this checkpoint's weights and architecture (new optimiser, "
                      "schedule)")
@@ -106,6 +116,8 @@ def parse_args(argv=None):
     if args.task == "ptbxl":
         args.epochs = 30 if args.epochs is None else args.epochs
         args.batch_size = 48 if args.batch_size is None else args.batch_size
+    if args.members not in ("auto", "1") and (args.refit == "off" or (args.refit == "auto" and args.task != "ucr")):
+        p.error("--members: the members are refits on all of TRAIN; they need the refit (not --refit off)")
     if args.supervise_from is None:
         args.supervise_from = 0 if args.task == "ucr" else 100
     return args

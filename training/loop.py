@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from msssm_serve.config import ModelConfig
-from msssm_serve.model import MSSSMClassifier, with_pool
+from msssm_serve.model import EnsembleClassifier, MSSSMClassifier, with_pool
 from msssm_serve.training.augment import augment, keep_leads, mask_leads, random_crops
 from msssm_serve.training.data import TaskData, fit_normalisation, fit_template, load_task
 from msssm_serve.training.inference import load_model, window_probabilities
@@ -146,7 +146,8 @@ class Run:
         self.data = data = load_task(args)
         if world > 1 and self.is_main:
             dist.barrier()
-        self.recipe = apply_ucr_recipe(args, data.x_train) if args.task == "ucr" else None
+        self.recipe = apply_ucr_recipe(args, data.x_train, len(data.x_train) + len(data.x_val)) \
+            if args.task == "ucr" else None
         if self.refit is not None:
             data.x_train = np.concatenate([data.x_train, data.x_val])
             data.y_train = np.concatenate([data.y_train, data.y_val])
@@ -426,11 +427,48 @@ def train(args) -> dict:
         # At least a quarter of the selection run: on a validation split of a few series, an early epoch can tie the
         # best.
         epochs = max(int(best["epoch"]), selection_args.epochs // 4)
-        metrics = _train_once(Run(refit_args, refit={"epochs": epochs, "weights": best.get("weights", "raw"),
-                                                     "best": best}))
+        refit = {"epochs": epochs, "weights": best.get("weights", "raw"), "best": best}
+        members = int((selection.get("ucr_recipe") or {}).get("members") or
+                      (1 if args.members == "auto" else args.members))
+        if members == 1:
+            metrics = _train_once(Run(refit_args, refit=refit))
+        else:
+            metrics = _train_ensemble(refit_args, refit, members)
         metrics["selection"] = {**{k: selection[k] for k in ("test_accuracy", "test_macro_auroc") if k in selection},
                                 **summary}
     (final_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _train_ensemble(args, refit: dict, members: int) -> dict:
+    """`members` refits from seeds args.seed, args.seed + 1, ... (each a run of its own in RUN_DIR/members/K, resumable),
+    saved together as one EnsembleClassifier in RUN_DIR/checkpoint.pt and scored on TEST as one model; -> the
+    metrics of the first member with the ensemble's TEST figures, and each member's beside them."""
+    out = Path(args.out)
+    runs, member_metrics = [], []
+    for k in range(members):
+        run = Run(argparse.Namespace(**{**vars(args), "out": str(out / "members" / str(k)), "seed": args.seed + k}),
+                  refit=refit)
+        member_metrics.append(_train_once(run))
+        runs.append(run)
+    if not runs[0].is_main:
+        return {}
+    loaded = [load_checkpoint(run.out / "checkpoint.pt") for run in runs]
+    ensemble = EnsembleClassifier([model for model, _, _ in loaded])
+    meta = {**loaded[0][1], "command": runs[0].meta["command"],
+            "ensemble": {"members": members, "seeds": [run.args.seed for run in runs],
+                         "combined": "the mean of the members' probabilities at every step"}}
+    save_checkpoint(out / "checkpoint.pt", ensemble, meta)
+    metrics = {**member_metrics[0], "config": ensemble.cfg.to_dict(),
+               "train_wall_seconds": sum(m["train_wall_seconds"] for m in member_metrics),
+               "members": [{"dir": os.path.relpath(run.out, out), "seed": run.args.seed,
+                            **{k: m[k] for k in ("test_accuracy", "test_macro_auroc") if k in m}}
+                           for run, m in zip(runs, member_metrics)]}
+    data = runs[0].data
+    if data.x_test is not None:  # as Run.finish scores one model: TEST once, by the model that is kept
+        p_test = window_probabilities(ensemble, data.x_test, args.eval_batch_size)
+        metrics["test_accuracy"] = float((p_test.argmax(-1) == data.y_test.argmax(-1)).mean())
+        metrics["test_macro_auroc"] = macro_auroc(data.y_test, p_test)
     return metrics
 
 

@@ -12,6 +12,11 @@ Many UCR sets are one shape with small class-specific departures from it (spectr
 model needs each sample's deviation from the training mean series (ModelConfig.template_length); on others that input
 only adds a way to overfit, and no simple statistic of the data told the two apart (docs/experiments.md). So the
 selection is run without and with it, and the refit takes the better on validation (loop.train).
+
+On a set of a few dozen series the refit's TEST accuracy moves with its seed by several points, so small sets are
+refitted several times from different seeds and served as one ensemble (the mean of the members' probabilities,
+model.EnsembleClassifier): MEMBERS refits for sets of up to MEMBERS_MAX_SERIES training series, one above, where the
+seed moves less and every member costs a refit of a larger set (`--members` overrides).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from msssm_serve.training.data import template_share
 STEPS = 2000
 MIN_EPOCHS, MAX_EPOCHS = 100, 600
 MIN_BATCH, MAX_BATCH = 4, 32
+MEMBERS, MEMBERS_MAX_SERIES = 5, 100
 
 
 def ucr_recipe(n_train: int) -> dict:
@@ -35,12 +41,20 @@ def ucr_recipe(n_train: int) -> dict:
     return {"batch_size": batch, "epochs": epochs}
 
 
-def apply_ucr_recipe(args, x_train: np.ndarray) -> dict:
-    """Fill the unset (None) batch size and epochs of `args` from the rules; -> what the rules chose, with the share
-    of the variance that the training mean series explains (a description of the set, recorded beside them)."""
+def ucr_members(n_series: int) -> int:
+    """Refits served as one ensemble, for a TRAIN of n_series series (validation split included)."""
+    return MEMBERS if n_series <= MEMBERS_MAX_SERIES else 1
+
+
+def apply_ucr_recipe(args, x_train: np.ndarray, n_series: int) -> dict:
+    """Fill the unset (None) batch size and epochs of `args` from the rules (for the training split x_train), and the
+    refit's members (`auto`) for a TRAIN of n_series series; -> what the rules chose, with the share of the variance
+    that the training mean series explains (a description of the set, recorded beside them)."""
     chosen = ucr_recipe(len(x_train))
     for name, value in chosen.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    return {**{name: getattr(args, name) for name in chosen}, "template": args.template,
+    if args.members == "auto":
+        args.members = str(ucr_members(n_series))
+    return {**{name: getattr(args, name) for name in chosen}, "members": int(args.members), "template": args.template,
             "template_share": round(template_share(x_train), 4)}
