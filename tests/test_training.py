@@ -253,14 +253,18 @@ def test_ucr_defaults_select_without_and_with_the_template_and_refit_the_better_
         run = json.loads((out / "selection" / f"template_{choice}" / "metrics.json").read_text())
         assert (run["config"]["template_length"] > 0) == (choice == "on") and run["ucr_recipe"]["template"] == choice
         loss = next(e["val_loss"] for e in run["epochs"] if e["epoch"] == run["best"]["epoch"])
-        ranks[choice] = (run["best"]["macro_auroc"], -loss)
+        ranks[choice] = (-loss, run["best"]["macro_auroc"])  # UCR: the lower validation loss, ties to the AUROC
         assert metrics["selection"]["template"][choice]["val_loss"] == pytest.approx(loss)
     chosen = max(ranks, key=ranks.get)
     assert metrics["selection"]["template"][chosen]["chosen"] and metrics["selection"]["dir"].endswith(chosen)
     # the refit is the chosen variant, and its validation figures are that selection run's
     model, _, _ = load_checkpoint(out / "checkpoint.pt")
     assert (model.cfg.template_length > 0) == (chosen == "on")
-    assert metrics["best"]["macro_auroc"] == ranks[chosen][0]
+    assert metrics["best"]["macro_auroc"] == ranks[chosen][1]
+    # and each run kept the epoch of lowest validation loss
+    for choice in ("off", "on"):
+        run = json.loads((out / "selection" / f"template_{choice}" / "metrics.json").read_text())
+        assert min(e["val_loss"] for e in run["epochs"]) == pytest.approx(-ranks[choice][0])
 
 
 def test_ucr_defaults_learn_a_small_set_without_flags(tmp_path):

@@ -109,6 +109,16 @@ def template_wanted(args) -> bool:
     return args.template == "on"
 
 
+def selection_rank(task: str, auroc: float, loss: float) -> tuple[float, float]:
+    """What choosing on validation maximises (epochs, raw or averaged weights, the template): macro AUROC, ties to
+    the lower loss; for UCR the lower loss first, ties to the AUROC. A UCR validation split holds 5-100 series, where
+    AUROC takes few values and jumps by chance (Herring's 13: 0.875 at an epoch whose model still predicted about the
+    class prior, loss 0.660, against 0.521 later; docs/experiments.md), and saturates at 1.0 on most sets, where only
+    its tie-break, the loss, decides anyway. PTB-XL's fold 9 (~2,000 records) is scored by AUROC, and selects on it."""
+    auroc = float(np.nan_to_num(auroc, nan=-1.0))
+    return (-loss, auroc) if task == "ucr" else (auroc, -loss)
+
+
 def make_optimizer(model: MSSSMClassifier, args) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -190,7 +200,7 @@ class Run:
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay), use_buffers=True) \
             if self.ema_decay > 0 else None
         self.history, self.start_epoch, self.seconds_before = [], 0, 0.0
-        self.best = (-math.inf, -math.inf)  # (AUROC, -loss) of the best epoch
+        self.best = (-math.inf, -math.inf)  # selection_rank of the best epoch
         # What a step means: a resumed run must have the same (a different --epochs only moves the end of the cosine).
         self.schedule = {"steps_per_epoch": self.steps_per_epoch, "batch_size": args.batch_size, "world_size": world}
         if args.resume and (self.out / "last.pt").exists():
@@ -301,9 +311,9 @@ class Run:
         accuracy = None if data.multi_label else {
             name: float((p.argmax(-1) == y_val.argmax(-1)).mean()) for name, p in scored.items()}
         losses = {name: validation_loss(p, y_val, data.multi_label) for name, p in scored.items()}
-        # Ties in AUROC (a small set separated perfectly from the first epoch on) go to the lower loss: otherwise an
-        # untrained model that merely ranks right would be kept.
-        rank_of = {name: (float(np.nan_to_num(aurocs[name], nan=-1.0)), -losses[name]) for name in scored}
+        # Never AUROC alone: a small set separated perfectly from the first epoch on would keep an untrained model
+        # that merely ranks right (see selection_rank).
+        rank_of = {name: selection_rank(args.task, aurocs[name], losses[name]) for name in scored}
         chosen = max(rank_of, key=rank_of.get)
         record = {
             "epoch": epoch + 1, "train_loss": train_loss, "val_loss": losses[chosen],
@@ -390,7 +400,7 @@ def train(args) -> dict:
     """The whole run; -> metrics (rank 0; {} on the other ranks). With a refit (see recipe.py): the selection run
     in RUN_DIR/selection, then the model trained on all of TRAIN in RUN_DIR, its metrics holding both. A ucr run with
     `--template auto` selects twice, without and with the template (RUN_DIR/selection/template_off, template_on), and
-    keeps the one that scores better on validation (macro AUROC, ties to the lower loss, as epochs are chosen): refitted,
+    keeps the one that scores better on validation (`selection_rank`, as epochs are chosen): refitted,
     or with `--refit off` its checkpoint and metrics copied into RUN_DIR."""
     # (crops cannot be compared with the mean series at their position: auto is then off)
     choices = ["off", "on"] if args.template == "auto" and args.task == "ucr" and not args.crop else \
@@ -406,16 +416,16 @@ def train(args) -> dict:
     if not all(metrics for _, metrics in selections.values()):
         return {}
 
-    ranks = {}  # (validation macro AUROC, -loss) at each selection's chosen epoch
+    figures = {}  # validation macro AUROC and loss at each selection's chosen epoch
     for choice, (_, metrics) in selections.items():
         best = metrics["best"]
-        val_loss = next(e["val_loss"] for e in metrics["epochs"] if e["epoch"] == best["epoch"])
-        ranks[choice] = (float(np.nan_to_num(best["macro_auroc"], nan=-1.0)), -val_loss)
-    chosen = max(choices, key=ranks.get)
+        figures[choice] = {"val_macro_auroc": best["macro_auroc"],
+                           "val_loss": next(e["val_loss"] for e in metrics["epochs"] if e["epoch"] == best["epoch"])}
+    chosen = max(choices, key=lambda c: selection_rank(args.task, figures[c]["val_macro_auroc"],
+                                                       figures[c]["val_loss"]))
     selection_args, selection = selections[chosen]
     summary = {"dir": os.path.relpath(selection_args.out, final_out), "epochs_run": len(selection["epochs"]),
-               "template": {c: {"val_macro_auroc": auroc, "val_loss": -neg_loss, "chosen": c == chosen}
-                            for c, (auroc, neg_loss) in ranks.items()}}
+               "template": {c: {**f, "chosen": c == chosen} for c, f in figures.items()}}
     if not refit_wanted(args):  # the chosen selection run is the model
         for name in ("checkpoint.pt", *(p.name for p in Path(selection_args.out).glob("*.png"))):
             shutil.copyfile(Path(selection_args.out) / name, final_out / name)
