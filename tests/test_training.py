@@ -219,6 +219,10 @@ def test_ucr_task_writes_test_metrics(tmp_path):
         "--members", "1")
     assert isinstance(load_checkpoint(tmp_path / "one" / "checkpoint.pt")[0], MSSSMClassifier)
     assert not (tmp_path / "one" / "members").exists()
+    # an ensemble is no warm start: one member is
+    refused = fit("--task", "ucr", "--data-dir", str(data), "--out", str(tmp_path / "warm"), "--init",
+                  str(out / "checkpoint.pt"), "--epochs", "1", "--device", "cpu", check=False)
+    assert refused.returncode == 2 and "members/K/checkpoint.pt" in refused.stderr
     # members are refits: without one they are refused, before anything is trained
     refused = fit("--task", "ucr", "--data-dir", str(data), "--out", str(tmp_path / "no"), "--refit", "off",
                   "--members", "3", check=False)
