@@ -97,8 +97,8 @@ def parse_args(argv=None):
                           "selection run is kept in RUN_DIR/selection")
     run.add_argument("--members", type=members_flag, default="auto",
                      help="refits from seeds --seed, --seed + 1, ... served as one ensemble (their mean probabilities; "
-                          "members in RUN_DIR/members/K); needs the refit. auto: 1 for ptbxl; for ucr, 5 for a TRAIN "
-                          "of up to 100 series, else 1 (training/recipe.py)")
+                          "members in RUN_DIR/members/K); needs the refit. auto: 1 for ptbxl, 5 for ucr "
+                          "(training/recipe.py)")
     run.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt (same flags)")
     run.add_argument("--init", help="warm start from this checkpoint's weights and architecture (new optimiser, "
                      "schedule)")

@@ -156,8 +156,7 @@ class Run:
         self.data = data = load_task(args)
         if world > 1 and self.is_main:
             dist.barrier()
-        self.recipe = apply_ucr_recipe(args, data.x_train, len(data.x_train) + len(data.x_val)) \
-            if args.task == "ucr" else None
+        self.recipe = apply_ucr_recipe(args, data.x_train) if args.task == "ucr" else None
         if self.refit is not None:
             data.x_train = np.concatenate([data.x_train, data.x_val])
             data.y_train = np.concatenate([data.y_train, data.y_val])

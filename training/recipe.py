@@ -13,10 +13,10 @@ model needs each sample's deviation from the training mean series (ModelConfig.t
 only adds a way to overfit, and no simple statistic of the data told the two apart (docs/experiments.md). So the
 selection is run without and with it, and the refit takes the better on validation (loop.train).
 
-On a set of a few dozen series the refit's TEST accuracy moves with its seed by several points, so small sets are
-refitted several times from different seeds and served as one ensemble (the mean of the members' probabilities,
-model.EnsembleClassifier): MEMBERS refits for sets of up to MEMBERS_MAX_SERIES training series, one above, where the
-seed moves less and every member costs a refit of a larger set (`--members` overrides).
+On a set of a few dozen series the refit's TEST accuracy moves with its seed by up to 0.18 (docs/experiments.md), so
+the refit is done MEMBERS times from different seeds and the members are served as one ensemble (the mean of their
+probabilities, model.EnsembleClassifier; `--members` overrides). The step budget bounds what that costs at any size:
+a refit runs at most as many steps as a selection run, and usually far fewer (it stops at the chosen epoch).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from msssm_serve.training.data import template_share
 STEPS = 2000
 MIN_EPOCHS, MAX_EPOCHS = 100, 600
 MIN_BATCH, MAX_BATCH = 4, 32
-MEMBERS, MEMBERS_MAX_SERIES = 5, 100
+MEMBERS = 5
 
 
 def ucr_recipe(n_train: int) -> dict:
@@ -41,20 +41,15 @@ def ucr_recipe(n_train: int) -> dict:
     return {"batch_size": batch, "epochs": epochs}
 
 
-def ucr_members(n_series: int) -> int:
-    """Refits served as one ensemble, for a TRAIN of n_series series (validation split included)."""
-    return MEMBERS if n_series <= MEMBERS_MAX_SERIES else 1
-
-
-def apply_ucr_recipe(args, x_train: np.ndarray, n_series: int) -> dict:
+def apply_ucr_recipe(args, x_train: np.ndarray) -> dict:
     """Fill the unset (None) batch size and epochs of `args` from the rules (for the training split x_train), and the
-    refit's members (`auto`) for a TRAIN of n_series series; -> what the rules chose, with the share of the variance
-    that the training mean series explains (a description of the set, recorded beside them)."""
+    refit's members (`auto`); -> what the rules chose, with the share of the variance that the training mean series
+    explains (a description of the set, recorded beside them)."""
     chosen = ucr_recipe(len(x_train))
     for name, value in chosen.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.members == "auto":
-        args.members = str(ucr_members(n_series))
+        args.members = str(MEMBERS)
     return {**{name: getattr(args, name) for name in chosen}, "members": int(args.members), "template": args.template,
             "template_share": round(template_share(x_train), 4)}
