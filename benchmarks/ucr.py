@@ -123,7 +123,9 @@ def report(names: list[str], table: dict, results: dict, extra: list[str], jobs:
              f"`python benchmarks/ucr.py --data-dir {os.path.relpath(data_dir)} --jobs {jobs}"
              + (f" -- {flags}" if flags else "") + f"`: {len(names)} datasets, {wall / 60:.1f} min wall on "
              f"{os.cpu_count()} cores ({jobs} runs at a time, one thread each). TEST accuracy of the checkpoint "
-             f"chosen on validation carved from TRAIN; ROCKET: its authors' mean of 10 runs.{progress}", "",
+             f"chosen on validation carved from TRAIN; ROCKET: its authors' mean of 10 runs.{progress}"
+             + (" With `--resume` the wall time is this invocation's: runs it found finished were read, not trained "
+                "again (the train time column is each dataset's whole training)." if "--resume" in extra else ""), "",
              "Template: whether the model chosen on validation is fed each sample's deviation from the training mean "
              "series (the trainer selects without and with it), with the share of the variance that mean series "
              "explains. Model: layers x width, times the refits served as one ensemble; one member: their TEST "
