@@ -361,9 +361,7 @@ class Run:
             metrics["lead_subsets"] = best_meta["validation"]["lead_subsets"] = subsets
             save_checkpoint(self.out / "checkpoint.pt", best_model.cpu(), best_meta)
         if data.x_test is not None:  # UCR: TEST is scored once, with the checkpoint chosen on validation
-            p_test = window_probabilities(best_model, data.x_test, args.eval_batch_size)
-            metrics["test_accuracy"] = float((p_test.argmax(-1) == data.y_test.argmax(-1)).mean())
-            metrics["test_macro_auroc"] = macro_auroc(data.y_test, p_test)
+            metrics.update(scores_on_test(best_model, data, args.eval_batch_size))
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if self.refit is None:
             plot_curves(self.out, self.history, data.classes, y_val, p_val)
@@ -464,21 +462,24 @@ def _train_ensemble(args, refit: dict, members: int) -> dict:
         return {}
     loaded = [load_checkpoint(run.out / "checkpoint.pt") for run in runs]
     ensemble = EnsembleClassifier([model for model, _, _ in loaded])
-    meta = {**loaded[0][1], "command": runs[0].meta["command"],
-            "ensemble": {"members": members, "seeds": [run.args.seed for run in runs],
-                         "combined": "the mean of the members' probabilities at every step"}}
+    meta = {**loaded[0][1], "ensemble": {"members": members, "seeds": [run.args.seed for run in runs],
+                                         "combined": "the mean of the members' probabilities at every step"}}
     save_checkpoint(out / "checkpoint.pt", ensemble, meta)
     metrics = {**member_metrics[0], "config": ensemble.cfg.to_dict(),
                "train_wall_seconds": sum(m["train_wall_seconds"] for m in member_metrics),
                "members": [{"dir": os.path.relpath(run.out, out), "seed": run.args.seed,
                             **{k: m[k] for k in ("test_accuracy", "test_macro_auroc") if k in m}}
                            for run, m in zip(runs, member_metrics)]}
-    data = runs[0].data
-    if data.x_test is not None:  # as Run.finish scores one model: TEST once, by the model that is kept
-        p_test = window_probabilities(ensemble, data.x_test, args.eval_batch_size)
-        metrics["test_accuracy"] = float((p_test.argmax(-1) == data.y_test.argmax(-1)).mean())
-        metrics["test_macro_auroc"] = macro_auroc(data.y_test, p_test)
+    if runs[0].data.x_test is not None:  # as Run.finish scores one model: TEST once, by the model that is kept
+        metrics.update(scores_on_test(ensemble, runs[0].data, args.eval_batch_size))
     return metrics
+
+
+def scores_on_test(model, data: TaskData, batch: int) -> dict:
+    """TEST accuracy and macro AUROC of a model's last-step probabilities (a UCR set's TEST split)."""
+    p_test = window_probabilities(model, data.x_test, batch)
+    return {"test_accuracy": float((p_test.argmax(-1) == data.y_test.argmax(-1)).mean()),
+            "test_macro_auroc": macro_auroc(data.y_test, p_test)}
 
 
 def _train_once(run: Run) -> dict:
