@@ -29,9 +29,10 @@ def model_card(desc: dict) -> str:
         "| --- | --- |",
         *(f"| {k} | {_fmt(v)} |" for k, v in desc["config"].items()),
         "",
-        *([f"An ensemble of {desc['ensemble']['members']} models of this configuration (seeds "
-           f"{', '.join(map(str, desc['ensemble']['seeds']))}), each with its own state, in one graph: it answers the "
-           "mean of their probabilities.", ""] if "ensemble" in desc else []),
+        *([f"An ensemble of {desc['ensemble']['members']} models of this configuration"
+           + (f" (seeds {', '.join(map(str, desc['ensemble']['seeds']))})" if "seeds" in desc["ensemble"] else "")
+           + ", each with its own state, in one graph: it answers the mean of their probabilities.", ""]
+          if "ensemble" in desc else []),
         f"Streaming state: {len(desc['state'])} tensors, {desc['state_bytes_per_stream']} bytes per stream. "
         f"The graph takes any number of samples per call (up to {desc['max_chunk']}); on the CPU the runtime cuts work "
         "into calls of about 512 samples, which keeps the graph's intermediates in cache.",

@@ -252,7 +252,8 @@ def describe(model: Classifier, meta: dict, name: str, parity: dict, onnx_info: 
         "state_bytes_per_stream": 4 * sum(int(np.prod(shape)) for _, shape in spec),
         "max_chunk": model.cfg.max_chunk,
         # several models of one architecture, each with its own state (m<k>_ names), served as their mean
-        **({"ensemble": meta["ensemble"]} if isinstance(model, EnsembleClassifier) else {}),
+        **({"ensemble": {"members": len(model.members), **meta.get("ensemble", {})}}
+           if isinstance(model, EnsembleClassifier) else {}),
         "inputs": inputs,
         "outputs": outputs,
         **({"scale_weights": {

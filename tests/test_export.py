@@ -187,7 +187,10 @@ def test_an_ensemble_exports_as_one_graph_with_each_members_state(tmp_path, wind
     assert [s["name"] for s in desc["state"]] == [f"m{k}_{n}" for k in range(2) for n, _ in members[0].state_spec()]
     assert desc["state_bytes_per_stream"] == 2 * 4 * sum(int(np.prod(shape)) for _, shape in members[0].state_spec())
     assert max(desc["parity"][k] for k in ("whole_window", "sample_by_sample", "random_chunks")) <= 1e-4
-    assert "An ensemble of 2 models" in (tmp_path / "model" / "README.md").read_text()
+    assert "An ensemble of 2 models of this configuration (seeds 0, 1)" in (tmp_path / "model" / "README.md").read_text()
+    # a checkpoint whose meta says nothing of the ensemble is still described as one
+    save_checkpoint(tmp_path / "bare.pt", EnsembleClassifier(members), meta)
+    assert exporter.export_model(tmp_path / "bare.pt", tmp_path / "bare")["ensemble"] == {"members": 2}
     # served by the runtime as any model: the mean of what each member's own graph answers
     for k in range(2):
         exporter.export_model(tmp_path / f"member{k}.pt", tmp_path / f"alone{k}")
