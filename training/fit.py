@@ -17,6 +17,7 @@ import sys
 from msssm_serve.checkpoint import CheckpointError
 from msssm_serve.config import POOL_STATISTICS
 from msssm_serve.training.ptbxl import LABEL_SETS, DataError
+from msssm_serve.training.recipe import refit_wanted
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -116,7 +117,7 @@ def parse_args(argv=None):
     if args.task == "ptbxl":
         args.epochs = 30 if args.epochs is None else args.epochs
         args.batch_size = 48 if args.batch_size is None else args.batch_size
-    if args.members not in ("auto", "1") and (args.refit == "off" or (args.refit == "auto" and args.task != "ucr")):
+    if args.members not in ("auto", "1") and not refit_wanted(args):
         p.error("--members: the members are refits on all of TRAIN; they need the refit (not --refit off)")
     if args.supervise_from is None:
         args.supervise_from = 0 if args.task == "ucr" else 100

@@ -28,11 +28,12 @@ def load_model(path: Path, classes: list[str], sample_rate: int, weights: bool =
         labels, rate = model.labels, model.sample_rate
     else:
         from msssm_serve.checkpoint import load_checkpoint
+        from msssm_serve.model import EnsembleClassifier
 
         model, meta, _ = load_checkpoint(path)
         labels, rate = meta["labels"], int(meta["sample_rate"])
-        if weights and "ensemble" in meta:
-            raise DataError(f"{path} is an ensemble of {meta['ensemble']['members']} models, not one set of weights; "
+        if weights and isinstance(model, EnsembleClassifier):
+            raise DataError(f"{path} is an ensemble of {len(model.members)} models, not one set of weights; "
                             "give one member's checkpoint (RUN_DIR/members/K/checkpoint.pt)")
     if labels != classes:
         raise DataError(f"{path}: model classes {labels} differ from the data's {classes}")

@@ -33,7 +33,7 @@ from msssm_serve.training.data import TaskData, fit_normalisation, fit_template,
 from msssm_serve.training.inference import load_model, window_probabilities
 from msssm_serve.training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc_by_name
 from msssm_serve.training.plots import plot_curves
-from msssm_serve.training.recipe import apply_ucr_recipe
+from msssm_serve.training.recipe import apply_ucr_recipe, refit_wanted
 from msssm_serve.training.ptbxl import DataError
 
 # Lead subsets a lead-subset model is scored on after training (the model card's table).
@@ -389,10 +389,6 @@ def score_lead_subsets(model: MSSSMClassifier, data: TaskData, batch: int, n_boo
     return subsets
 
 
-def refit_wanted(args) -> bool:
-    return args.refit == "on" or (args.refit == "auto" and args.task == "ucr")
-
-
 def train(args) -> dict:
     """The whole run; -> metrics (rank 0; {} on the other ranks). With a refit (see recipe.py): the selection run
     in RUN_DIR/selection, then the model trained on all of TRAIN in RUN_DIR, its metrics holding both. A ucr run with
@@ -435,8 +431,8 @@ def train(args) -> dict:
         # best.
         epochs = max(int(best["epoch"]), selection_args.epochs // 4)
         refit = {"epochs": epochs, "weights": best.get("weights", "raw"), "best": best}
-        members = int((selection.get("ucr_recipe") or {}).get("members") or
-                      (1 if args.members == "auto" else args.members))
+        # a ucr run's recipe has resolved `auto` on the chosen selection's flags; elsewhere auto is one model
+        members = 1 if selection_args.members == "auto" else int(selection_args.members)
         if members == 1:
             metrics = _train_once(Run(refit_args, refit=refit))
         else:

@@ -33,6 +33,11 @@ MIN_BATCH, MAX_BATCH = 4, 32
 MEMBERS = 5
 
 
+def refit_wanted(args) -> bool:
+    """Whether the run is refitted on all of TRAIN after its selection run (`--refit`; auto: for ucr)."""
+    return args.refit == "on" or (args.refit == "auto" and args.task == "ucr")
+
+
 def ucr_recipe(n_train: int) -> dict:
     """Batch size and epochs for a training split of n_train series."""
     batch = max(MIN_BATCH, min(MAX_BATCH, n_train // 8))
