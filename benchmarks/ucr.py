@@ -62,14 +62,18 @@ def run_one(name: str, data_dir: Path, runs: Path, extra: list[str]) -> dict:
 def _train_seconds(out: Path, metrics: dict) -> float:
     """The trainer's own clock, every selection run and the refit together (it survives --resume, which the wall
     time does not); `metrics`: the run's metrics.json."""
-    if metrics.get("selection", {}).get("promoted"):  # --refit off: its figure already sums the selection runs
+    selection = metrics.get("selection", {})
+    if selection.get("promoted") or "cross_validation" in selection:  # the figure already sums the selection runs
         return metrics["train_wall_seconds"]
     runs = sorted((out / "selection").glob("**/metrics.json"))  # (an ensemble's figure already sums its members)
     return metrics["train_wall_seconds"] + sum(json.loads(path.read_text())["train_wall_seconds"] for path in runs)
 
 
 def _best_val_loss(out: Path, metrics: dict) -> float | None:
-    """The selection run's validation loss at its chosen epoch (what comparing recipes may look at; TEST never)."""
+    """The selection run's validation loss at its chosen epoch, or the out-of-fold loss of a cross-validated
+    selection (what comparing recipes may look at; TEST never)."""
+    if "loss" in metrics["best"]:
+        return metrics["best"]["loss"]
     chosen = metrics.get("selection", {}).get("dir")
     m = json.loads((out / chosen / "metrics.json").read_text()) if chosen else metrics
     best = m["best"]["epoch"]

@@ -31,6 +31,8 @@ def model_card(desc: dict) -> str:
         "",
         *([f"An ensemble of {desc['ensemble']['members']} models of this configuration"
            + (f" (seeds {', '.join(map(str, desc['ensemble']['seeds']))})" if "seeds" in desc["ensemble"] else "")
+           + (f", each trained on TRAIN less one of {desc['ensemble']['folds']} cross-validation folds and stopped "
+              "on that fold" if "folds" in desc["ensemble"] else "")
            + ", each with its own state, in one graph: it answers the mean of their probabilities.", ""]
           if "ensemble" in desc else []),
         f"Streaming state: {len(desc['state'])} tensors, {desc['state_bytes_per_stream']} bytes per stream. "

@@ -59,13 +59,9 @@ def load_task(args) -> TaskData:
     data = load_ucr(args.data_dir)
     k = len(data.classes)
     # Validation carved from TRAIN, stratified, so model selection never sees TEST.
-    rng = np.random.default_rng(args.seed)
-    val_idx = []
-    for c in range(k):
-        members = rng.permutation(np.flatnonzero(data.y_train == c))
-        val_idx.extend(members[: max(1, round(len(members) * args.val_fraction))] if len(members) > 1 else [])
-    val_mask = np.zeros(len(data.y_train), bool)
-    val_mask[val_idx] = True
+    fold = getattr(args, "cv_fold", None)
+    val_mask = (cv_fold_mask(data.y_train, k, args.cv_folds, fold, args.cv_seed) if fold is not None
+                else holdout_mask(data.y_train, k, args.val_fraction, args.seed))
     return TaskData(
         x_train=data.x_train[~val_mask],
         y_train=one_hot(data.y_train[~val_mask], k),
@@ -80,6 +76,28 @@ def load_task(args) -> TaskData:
         x_test=data.x_test,
         y_test=one_hot(data.y_test, k),
     )
+
+
+def holdout_mask(y: np.ndarray, n_classes: int, fraction: float, seed: int) -> np.ndarray:
+    """The validation series of labels y: `fraction` of each class drawn at random (at least one; none of a class
+    with a single series)."""
+    rng = np.random.default_rng(seed)
+    val_idx = []
+    for c in range(n_classes):
+        members = rng.permutation(np.flatnonzero(y == c))
+        val_idx.extend(members[: max(1, round(len(members) * fraction))] if len(members) > 1 else [])
+    mask = np.zeros(len(y), bool)
+    mask[val_idx] = True
+    return mask
+
+
+def cv_fold_mask(y: np.ndarray, n_classes: int, folds: int, fold: int, seed: int) -> np.ndarray:
+    """The validation series of fold `fold` of `folds` stratified folds of labels y: each class shuffled, the classes
+    laid one after another and dealt round the folds, so that every series is in exactly one fold's validation and
+    the folds differ in size by at most one."""
+    rng = np.random.default_rng(seed)
+    dealt = np.concatenate([rng.permutation(np.flatnonzero(y == c)) for c in range(n_classes)])
+    return np.isin(np.arange(len(y)), dealt[fold::folds])
 
 
 def fit_normalisation(x: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ import sys
 from msssm_serve.checkpoint import CheckpointError
 from msssm_serve.config import POOL_STATISTICS
 from msssm_serve.training.ptbxl import LABEL_SETS, DataError
-from msssm_serve.training.recipe import refit_wanted
+from msssm_serve.training.recipe import folds_wanted, refit_wanted
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -89,6 +89,9 @@ def parse_args(argv=None):
                           "unset: 100 for ptbxl, 0 for ucr)")
     opt.add_argument("--amp-jitter", type=float, default=0.0, help="per-record gain in [1/(1+a), 1+a] (0: off)")
     opt.add_argument("--noise-std", type=float, default=0.0, help="white noise std, in the signal's units (0: off)")
+    opt.add_argument("--mixup", type=float, default=0.0,
+                     help="mixup: each training record blended with another of its batch, labels alike, by a weight "
+                          "from Beta(a, a) (0: off)")
     opt.add_argument("--steps-per-epoch", type=int, default=0, help="cap on optimiser steps per epoch (0: a full pass)")
     opt.add_argument("--seed", type=int, default=0, help="weights, crops and order")
     run = p.add_argument_group("run")
@@ -100,6 +103,15 @@ def parse_args(argv=None):
                      help="refits from seeds --seed, --seed + 1, ... served as one ensemble (their mean probabilities; "
                           "members in RUN_DIR/members/K); needs the refit. auto: 1 for ptbxl, 5 for ucr "
                           "(training/recipe.py)")
+    run.add_argument("--folds", type=int, default=None,
+                     help="ucr: select by cross-validation on TRAIN: N stratified folds, a model trained on each "
+                          "fold's complement and stopped on the fold; the template is chosen on all their out-of-fold "
+                          "predictions, and the N models are served as one ensemble (no refit). 1: one held-out "
+                          "split (--val-fraction), then --refit and --members. Unset: 5 for ucr, 1 for ptbxl "
+                          "(training/recipe.py)")
+    run.add_argument("--patience", type=int, default=None,
+                     help="stop a selection run after this many epochs without a better validation figure (0: "
+                          "never; unset: a third of the epochs, at least 20, for ucr; never for ptbxl)")
     run.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt (same flags)")
     run.add_argument("--init", help="warm start from this checkpoint's weights and architecture (new optimiser, "
                      "schedule)")
@@ -117,6 +129,13 @@ def parse_args(argv=None):
     if args.task == "ptbxl":
         args.epochs = 30 if args.epochs is None else args.epochs
         args.batch_size = 48 if args.batch_size is None else args.batch_size
+    if folds_wanted(args) < 1:
+        p.error("--folds: at least 1")
+    if folds_wanted(args) > 1:
+        if args.task != "ucr":
+            p.error("--folds: cross-validated selection is for ucr (PTB-XL selects on fold 9)")
+        if args.refit == "on" or args.members != "auto":
+            p.error("--folds: the folds' models are the served ensemble; --refit on and --members need --folds 1")
     if args.members not in ("auto", "1") and not refit_wanted(args):
         p.error("--members: the members are refits on all of TRAIN; they need the refit (not --refit off)")
     if args.supervise_from is None:

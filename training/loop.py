@@ -28,12 +28,12 @@ from tqdm import tqdm
 from msssm_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from msssm_serve.config import ModelConfig
 from msssm_serve.model import EnsembleClassifier, MSSSMClassifier, with_pool
-from msssm_serve.training.augment import augment, keep_leads, mask_leads, random_crops
+from msssm_serve.training.augment import augment, keep_leads, mask_leads, mixup, random_crops
 from msssm_serve.training.data import TaskData, fit_normalisation, fit_template, load_task
 from msssm_serve.training.inference import load_model, window_probabilities
 from msssm_serve.training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc_by_name
 from msssm_serve.training.plots import plot_curves
-from msssm_serve.training.recipe import apply_ucr_recipe, refit_wanted
+from msssm_serve.training.recipe import apply_ucr_recipe, folds_wanted, patience_for, refit_wanted
 from msssm_serve.training.ptbxl import DataError
 
 # Lead subsets a lead-subset model is scored on after training (the model card's table).
@@ -157,6 +157,7 @@ class Run:
         if world > 1 and self.is_main:
             dist.barrier()
         self.recipe = apply_ucr_recipe(args, data.x_train) if args.task == "ucr" else None
+        self.patience = patience_for(args) if self.refit is None else 0
         if self.refit is not None:
             data.x_train = np.concatenate([data.x_train, data.x_val])
             data.y_train = np.concatenate([data.y_train, data.y_val])
@@ -255,8 +256,10 @@ class Run:
             crops = augment(random_crops(data.x_train, idx, self.crop, rng), rng, args.amp_jitter, args.noise_std)
             if self.model.cfg.lead_mask:
                 crops = mask_leads(crops, rng, data.leads)
+            labels = data.y_train[idx].astype(np.float32)
+            crops, labels = mixup(crops, labels, rng, args.mixup)
             xb = torch.from_numpy(crops).to(self.device)
-            yb = torch.from_numpy(data.y_train[idx].astype(np.float32)).to(self.device)
+            yb = torch.from_numpy(labels).to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 logits = supervised_steps(self.net(xb), args.supervise_from).float()
             targets = yb[:, None].expand(-1, logits.shape[1], -1)
@@ -333,6 +336,20 @@ class Run:
             save_checkpoint(self.out / "checkpoint.pt", candidates[chosen], self.meta)
         self._save_resume_state(epoch)
 
+    def stalled(self) -> bool:
+        """Whether `patience` epochs have passed since the best one on validation (early stopping; the same answer on
+        every rank)."""
+        stop = False
+        if self.patience and self.is_main and self.history:
+            ranks = [selection_rank(self.args.task, e["val_macro_auroc"], e["val_loss"]) for e in self.history]
+            best_epoch = self.history[ranks.index(max(ranks))]["epoch"]
+            stop = self.history[-1]["epoch"] - best_epoch >= self.patience
+        if self.patience and self.world > 1:
+            flag = torch.tensor([int(stop)], device=self.device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        return stop
+
     def train_seconds(self) -> float:
         return self.seconds_before + time.time() - self.t_start
 
@@ -346,6 +363,8 @@ class Run:
             "task": args.task, "classes": data.classes, "config": best_model.cfg.to_dict(), "data": data.info,
             "command": self.meta["command"], "device": str(self.device), "world_size": self.world,
             "ema_decay": self.ema_decay, "epochs": self.history, "train_wall_seconds": self.train_seconds(),
+            **({"early_stop": {"patience": self.patience, "after_epoch": len(self.history)}}
+               if self.refit is None and len(self.history) < args.epochs else {}),
             **({"ucr_recipe": self.recipe} if self.recipe else {}),
         }
         if self.refit is not None:  # validation is in its training data: the selection run's figures stand
@@ -399,6 +418,8 @@ def train(args) -> dict:
     choices = ["off", "on"] if args.template == "auto" and args.task == "ucr" and not args.crop else \
         ["on" if args.template == "on" else "off"]
     final_out = Path(args.out)
+    if folds_wanted(args) > 1:
+        return _train_cross_validated(args, choices, folds_wanted(args))
     if len(choices) == 1 and not refit_wanted(args):
         return _train_once(Run(argparse.Namespace(**{**vars(args), "template": choices[0]})))
     selections = {}
@@ -443,6 +464,63 @@ def train(args) -> dict:
     return metrics
 
 
+def _train_cross_validated(args, choices: list[str], folds: int) -> dict:
+    """Selection by cross-validation (`--folds`): for each template choice, a run per stratified fold of TRAIN
+    (RUN_DIR/selection/template_X/fold_K, from seed --seed + K, each stopped on its fold); the choice whose folds' out-of-fold predictions,
+    all of TRAIN, score better (`selection_rank`) is kept, and its fold models are served as one ensemble in
+    RUN_DIR/checkpoint.pt, scored on TEST once. A validation fold of a small set holds 5-20 series, too few to tell
+    two recipes apart, but the folds together score every training series once; each model is trained on all but a
+    fold, and the folds' models differ in their data as well as their seed, which is what an ensemble needs.
+    -> the first fold's metrics with the ensemble's TEST figures, the choices' out-of-fold figures, each fold's."""
+    final_out = Path(args.out)
+    figures, fold_runs, oof = {}, {}, {}
+    for choice in choices:
+        base = final_out / "selection" / (f"template_{choice}" if len(choices) > 1 else "cv")
+        runs, fold_metrics, oof_p, oof_y = [], [], [], []
+        for k in range(folds):
+            run = Run(argparse.Namespace(**{**vars(args), "out": str(base / f"fold_{k}"), "template": choice,
+                                            "seed": args.seed + k, "cv_fold": k, "cv_folds": folds,
+                                            "cv_seed": args.seed}))
+            fold_metrics.append(_train_once(run))
+            runs.append(run)
+            if run.is_main:
+                model, _, _ = load_checkpoint(run.out / "checkpoint.pt")
+                oof_p.append(window_probabilities(model, run.data.x_val, args.eval_batch_size))
+                oof_y.append(run.data.y_val)
+        if not runs[0].is_main:
+            return {}
+        p, y = np.concatenate(oof_p), np.concatenate(oof_y).astype(np.float32)
+        figures[choice] = {"oof_macro_auroc": macro_auroc(y, p), "oof_loss": validation_loss(p, y, False),
+                           "oof_accuracy": float((p.argmax(-1) == y.argmax(-1)).mean()),
+                           "dir": os.path.relpath(base, final_out)}
+        fold_runs[choice], oof[choice] = (runs, fold_metrics), (y, p)
+    chosen = max(choices, key=lambda c: selection_rank(args.task, figures[c]["oof_macro_auroc"], figures[c]["oof_loss"]))
+    runs, fold_metrics = fold_runs[chosen]
+    loaded = [load_checkpoint(run.out / "checkpoint.pt") for run in runs]
+    ensemble = EnsembleClassifier([model for model, _, _ in loaded])
+    meta = {**loaded[0][1], "ensemble": {"members": folds, "folds": folds, "seeds": [run.args.seed for run in runs],
+                                         "combined": "the mean of the members' probabilities at every step"},
+            "validation": {"cross_validated": figures[chosen], "folds": folds}}
+    save_checkpoint(final_out / "checkpoint.pt", ensemble, meta)
+    first = fold_metrics[0]
+    best = {"macro_auroc": figures[chosen]["oof_macro_auroc"], "accuracy": figures[chosen]["oof_accuracy"],
+            "loss": figures[chosen]["oof_loss"], "epoch": round(np.mean([m["best"]["epoch"] for m in fold_metrics])),
+            "cross_validated": f"out-of-fold predictions of {folds} folds, all of TRAIN",
+            **{f"bootstrap_{k}": v for k, v in bootstrap_macro_auroc(*oof[chosen], n_boot=args.n_boot).items()}}
+    metrics = {**first, "config": ensemble.cfg.to_dict(), "best": best,
+               "train_wall_seconds": sum(m["train_wall_seconds"] for runs_, ms in fold_runs.values() for m in ms),
+               "members": [{"dir": os.path.relpath(run.out, final_out), "fold": k, "epoch": m["best"]["epoch"],
+                            **{key: m[key] for key in ("test_accuracy", "test_macro_auroc") if key in m}}
+                           for k, (run, m) in enumerate(zip(runs, fold_metrics))],
+               "selection": {"cross_validation": {"folds": folds, "seed": args.seed},
+                             "template": {c: {**f, "chosen": c == chosen} for c, f in figures.items()}}}
+    metrics.pop("early_stop", None)
+    if runs[0].data.x_test is not None:
+        metrics.update(scores_on_test(ensemble, runs[0].data, args.eval_batch_size))
+    (final_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
 def _train_ensemble(args, refit: dict, members: int) -> dict:
     """`members` refits from seeds args.seed, args.seed + 1, ... (each a run of its own in RUN_DIR/members/K, resumable),
     saved together as one EnsembleClassifier in RUN_DIR/checkpoint.pt and scored on TEST as one model; -> the
@@ -482,6 +560,8 @@ def _train_once(run: Run) -> dict:
     run.start()
     run.t_start = time.time()
     for epoch in range(run.start_epoch, run.args.epochs):
+        if run.stalled():  # (before the epoch: a resumed run that had stopped stays stopped)
+            break
         run.epoch(epoch)
     if run.world > 1:
         dist.barrier()

@@ -31,11 +31,30 @@ STEPS = 2000
 MIN_EPOCHS, MAX_EPOCHS = 100, 600
 MIN_BATCH, MAX_BATCH = 4, 32
 MEMBERS = 5
+FOLDS = 5
+MIN_PATIENCE = 20
+
+
+def folds_wanted(args) -> int:
+    """How many cross-validation folds select the model (`--folds`; unset: FOLDS for ucr, 1 for ptbxl); 1: one
+    held-out split."""
+    if args.folds is not None:
+        return args.folds
+    return FOLDS if args.task == "ucr" else 1
+
+
+def patience_for(args) -> int:
+    """Epochs without a better validation figure after which a selection run stops (`--patience`; unset: a third
+    of the epochs, at least MIN_PATIENCE, for ucr; 0, never, for ptbxl)."""
+    if args.patience is not None:
+        return args.patience
+    return max(MIN_PATIENCE, args.epochs // 3) if args.task == "ucr" else 0
 
 
 def refit_wanted(args) -> bool:
-    """Whether the run is refitted on all of TRAIN after its selection run (`--refit`; auto: for ucr)."""
-    return args.refit == "on" or (args.refit == "auto" and args.task == "ucr")
+    """Whether the run is refitted on all of TRAIN after its selection run (`--refit`; auto: for ucr selected on one
+    held-out split)."""
+    return args.refit == "on" or (args.refit == "auto" and args.task == "ucr" and folds_wanted(args) == 1)
 
 
 def ucr_recipe(n_train: int) -> dict:
@@ -55,6 +74,6 @@ def apply_ucr_recipe(args, x_train: np.ndarray) -> dict:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.members == "auto":
-        args.members = str(MEMBERS)
+        args.members = str(folds_wanted(args) if folds_wanted(args) > 1 else MEMBERS)
     return {**{name: getattr(args, name) for name in chosen}, "members": int(args.members), "template": args.template,
             "template_share": round(template_share(x_train), 4)}
