@@ -178,7 +178,7 @@ def test_ucr_task_writes_test_metrics(tmp_path):
     data = write_ucr(tmp_path)
     out = tmp_path / "run"
     fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--d-model", "8", "--n-layers", "1",
-        "--epochs", "3", "--batch-size", "8", "--n-boot", "20", "--device", "cpu", "--template", "on")
+        "--epochs", "3", "--batch-size", "8", "--n-boot", "20", "--device", "cpu", "--template", "on", "--folds", "1")
     metrics = json.loads((out / "metrics.json").read_text())
     model, meta, _ = load_checkpoint(out / "checkpoint.pt")
     assert meta["multi_label"] is False and meta["labels"] == ["-1.00000", "1.00000"]  # the file's text
@@ -191,7 +191,8 @@ def test_ucr_task_writes_test_metrics(tmp_path):
     truth = [[float(label) for label in meta["labels"]].index(y) for y in table[:, 0]]
     assert metrics["test_accuracy"] == pytest.approx(float((probs[:, -1].argmax(-1).numpy() == truth).mean()))
     assert "test_macro_auroc" in metrics
-    # 24 TRAIN series: the refit is an ensemble of five seeds (recipe.MEMBERS), each a run of its own, and the model
+    # one held-out split (--folds 1): the refit is an ensemble of five seeds (recipe.MEMBERS), each a run of its own,
+    # and the model
     # is their mean probabilities
     assert isinstance(model, EnsembleClassifier) and len(model.members) == MEMBERS == meta["ensemble"]["members"]
     assert [m["seed"] for m in metrics["members"]] == list(range(MEMBERS)) == meta["ensemble"]["seeds"]
@@ -209,14 +210,14 @@ def test_ucr_task_writes_test_metrics(tmp_path):
         assert member.cfg.template_length == train.shape[1]
         np.testing.assert_allclose(member.template[:, 0].numpy(), train.mean(0), atol=1e-5)
         np.testing.assert_allclose(member.template_std.numpy(), [(train - train.mean(0)).std()], rtol=1e-4)
-    # refit (the default for ucr): the selection run kept beside it; the model trained on all 24 TRAIN series
+    # refit (ucr's, on a held-out split): the selection run kept beside it; the model trained on all 24 TRAIN series
     selection = json.loads((out / "selection" / "metrics.json").read_text())
     assert metrics["best"] == selection["best"] and "test_accuracy" in metrics["selection"]
     assert len(metrics["epochs"]) == max(selection["best"]["epoch"], 0) and "refit" in meta["validation"]
     # --members 1: the one refit is the model, in RUN_DIR itself
     fit("--task", "ucr", "--data-dir", str(data), "--out", str(tmp_path / "one"), "--d-model", "8", "--n-layers",
         "1", "--epochs", "3", "--batch-size", "8", "--n-boot", "20", "--device", "cpu", "--template", "on",
-        "--members", "1")
+        "--members", "1", "--folds", "1")
     assert isinstance(load_checkpoint(tmp_path / "one" / "checkpoint.pt")[0], MSSSMClassifier)
     assert not (tmp_path / "one" / "members").exists()
     # an ensemble is no warm start: one member is
@@ -225,7 +226,7 @@ def test_ucr_task_writes_test_metrics(tmp_path):
     assert refused.returncode == 2 and "members/K/checkpoint.pt" in refused.stderr
     # members are refits: without one they are refused, before anything is trained
     refused = fit("--task", "ucr", "--data-dir", str(data), "--out", str(tmp_path / "no"), "--refit", "off",
-                  "--members", "3", check=False)
+                  "--members", "3", "--folds", "1", check=False)
     assert refused.returncode == 2 and "need the refit" in refused.stderr
 
 
@@ -246,11 +247,11 @@ def test_template_needs_whole_series_and_is_off_for_ptbxl(tmp_path):
     assert load_checkpoint(tmp_path / "crops" / "checkpoint.pt")[0].cfg.template_length == 0
 
 
-def test_ucr_defaults_select_without_and_with_the_template_and_refit_the_better_on_validation(tmp_path):
+def test_a_held_out_split_selects_without_and_with_the_template_and_refits_the_better_on_validation(tmp_path):
     data = write_ucr(tmp_path)
     out = tmp_path / "run"
     fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--d-model", "8", "--n-layers", "1",
-        "--epochs", "4", "--n-boot", "10", "--device", "cpu")
+        "--epochs", "4", "--n-boot", "10", "--device", "cpu", "--folds", "1")
     metrics = json.loads((out / "metrics.json").read_text())
     ranks = {}
     for choice in ("off", "on"):
@@ -286,17 +287,17 @@ def test_ucr_defaults_learn_a_small_set_without_flags(tmp_path):
     assert ucr_recipe(5000) == {"batch_size": 32, "epochs": 100}
     data = write_ucr(tmp_path, n_train=40, n_test=40)
     out = tmp_path / "run"
-    fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--device", "cpu", "--n-boot", "20",
-        "--refit", "off")
+    fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--device", "cpu", "--n-boot", "20")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.9, metrics["test_accuracy"]
     recipe = metrics["ucr_recipe"]
-    assert (recipe["batch_size"], recipe["epochs"]) == (4, 250)  # 32 training series: 8 steps per epoch
+    assert (recipe["batch_size"], recipe["epochs"]) == (4, 250)  # a fold trains on 32 series: 8 steps per epoch
     assert recipe["template_share"] < 0.5  # two shapes: little of the variance is a shared one
-    # --refit off: both selections run, the better on validation is promoted to the run directory
+    # five folds (recipe.FOLDS) without and with the template; the better out of fold is the served ensemble
     chosen = next(c for c, v in metrics["selection"]["template"].items() if v["chosen"])
-    assert metrics["selection"]["promoted"] and recipe["template"] == chosen
-    assert (load_checkpoint(out / "checkpoint.pt")[0].cfg.template_length > 0) == (chosen == "on")
+    assert metrics["selection"]["cross_validation"]["folds"] == 5 and recipe["template"] == chosen
+    model = load_checkpoint(out / "checkpoint.pt")[0]
+    assert len(model.members) == 5 and (model.cfg.template_length > 0) == (chosen == "on")
     assert metrics["ema_decay"] == pytest.approx(1 - 5 / (8 * 250))
 
 
@@ -528,3 +529,132 @@ def test_fit_head_widens_a_trained_model_to_std_pooling_and_the_result_exports(t
     assert fit_head.main(["--init", str(out / "checkpoint.pt"), "--data-dir", str(FIXTURE), "--labels",
                           str(FIXTURE / "labels" / "superdiagnostic.csv"), "--pool", "mean", "--out",
                           str(tmp_path / "x")]) == 2
+
+
+def test_cv_folds_deal_every_series_to_one_fold_stratified():
+    from msssm_serve.training.data import cv_fold_mask
+
+    y = np.array([0] * 7 + [1] * 5 + [2] * 3)
+    masks = [cv_fold_mask(y, 3, 5, fold, seed=0) for fold in range(5)]
+    assert (np.sum(masks, axis=0) == 1).all()  # every series validates exactly once
+    assert {int(m.sum()) for m in masks} == {3}  # sizes within one of each other (15 / 5)
+    for c, n in enumerate((7, 5, 3)):  # each class spread over the folds as evenly as it divides
+        per_fold = [int((y[m] == c).sum()) for m in masks]
+        assert max(per_fold) - min(per_fold) <= 1 and sum(per_fold) == n
+    assert not all((a == b).all() for a, b in zip(masks, [cv_fold_mask(y, 3, 5, f, seed=1) for f in range(5)]))
+
+
+def test_mixup_blends_records_and_labels_alike_and_keeps_each_record_the_larger_share():
+    from msssm_serve.training.augment import mixup
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 20, 2)).astype(np.float32)
+    y = np.eye(8, dtype=np.float32)  # a class per record: the label says who was blended with whom, and how much
+    mixed_x, mixed_y = mixup(x, y, np.random.default_rng(1), 0.4)
+    np.testing.assert_allclose(mixed_y.sum(1), 1, rtol=1e-6)
+    assert (mixed_y.argmax(1) == np.arange(8)).all() and (mixed_y.max(1) >= 0.5).all()  # its own share the larger
+    for i in range(8):  # lam * its own record + (1 - lam) * its partner's, the weights its label shows
+        np.testing.assert_allclose(mixed_x[i], np.einsum("j,jlc->lc", mixed_y[i], x), atol=1e-5)
+    assert (mixed_y.max(1) < 1).sum() >= 4  # blended, not passed through
+    assert mixup(x, y, rng, 0.0)[0] is x  # off: unchanged
+
+
+def test_ucr_cross_validated_selection_serves_the_folds_as_one_ensemble(tmp_path):
+    import torch
+
+    data = write_ucr(tmp_path)
+    out = tmp_path / "run"
+    fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--d-model", "8", "--n-layers", "1",
+        "--epochs", "3", "--batch-size", "8", "--n-boot", "20", "--device", "cpu", "--folds", "3")
+    metrics = json.loads((out / "metrics.json").read_text())
+    model, meta, _ = load_checkpoint(out / "checkpoint.pt")
+    assert isinstance(model, EnsembleClassifier) and len(model.members) == 3 == meta["ensemble"]["folds"]
+    assert meta["ensemble"]["seeds"] == [0, 1, 2] and metrics["ucr_recipe"]["members"] == 3
+    train = np.loadtxt(data / "TinyECG_TRAIN.tsv", delimiter="\t")
+    # both template choices ran on every fold; each fold validated on its third of TRAIN, together all 24
+    cv = metrics["selection"]["template"]
+    x_train = torch.tensor(train[:, 1:, None], dtype=torch.float32)
+    for choice in ("off", "on"):
+        seen = []
+        for k in range(3):
+            fold = json.loads((out / "selection" / f"template_{choice}" / f"fold_{k}" / "metrics.json").read_text())
+            assert (fold["config"]["template_length"] > 0) == (choice == "on")
+            seen.append(fold["best"]["epoch"])
+        assert len(seen) == 3
+    chosen = max(cv, key=lambda c: (-cv[c]["oof_loss"], cv[c]["oof_macro_auroc"]))  # UCR: loss first
+    assert cv[chosen]["chosen"] and (model.cfg.template_length > 0) == (chosen == "on")
+    # the recorded out-of-fold figures are the chosen fold models' predictions on their own folds, all of TRAIN
+    from msssm_serve.training.data import cv_fold_mask
+
+    labels = [float(v) for v in meta["labels"]]
+    y = np.array([labels.index(v) for v in train[:, 0]])
+    oof = np.zeros((len(y), 2))
+    for k, member in enumerate(model.members):
+        mask = cv_fold_mask(y, 2, 3, k, seed=0)
+        with torch.no_grad():
+            oof[mask] = member.advance(x_train[mask], member.zero_state(int(mask.sum())))[0][:, -1].numpy()
+    assert cv[chosen]["oof_accuracy"] == pytest.approx(float((oof.argmax(1) == y).mean()))
+    assert cv[chosen]["oof_loss"] == pytest.approx(float(-np.log(oof[np.arange(len(y)), y]).mean()), rel=1e-4)
+    assert metrics["best"]["loss"] == pytest.approx(cv[chosen]["oof_loss"])
+    # each member's template is the mean of the series it trained on: TRAIN less its fold
+    if chosen == "on":
+        for k, member in enumerate(model.members):
+            rest = train[~cv_fold_mask(y, 2, 3, k, seed=0), 1:]
+            np.testing.assert_allclose(member.template[:, 0].numpy(), rest.mean(0), atol=1e-5)
+    # TEST once, by the ensemble
+    table = np.loadtxt(data / "TinyECG_TEST.tsv", delimiter="\t")
+    with torch.no_grad():
+        probs = model.advance(torch.tensor(table[:, 1:, None], dtype=torch.float32), model.zero_state(len(table)))[0]
+    truth = [labels.index(v) for v in table[:, 0]]
+    assert metrics["test_accuracy"] == pytest.approx(float((probs[:, -1].argmax(-1).numpy() == truth).mean()))
+    assert [m["fold"] for m in metrics["members"]] == [0, 1, 2] and not (out / "members").exists()
+    # the folds' models are the members: a refit or a member count beside them is refused before training
+    for extra, expect in ((["--members", "2"], "--folds 1"), (["--refit", "on"], "--folds 1")):
+        refused = fit("--task", "ucr", "--data-dir", str(data), "--out", str(tmp_path / "no"), "--folds", "3", *extra,
+                      check=False)
+        assert refused.returncode == 2 and expect in refused.stderr
+    refused = fit(*ptbxl_args(tmp_path / "p"), "--folds", "3", check=False)
+    assert refused.returncode == 2 and "PTB-XL selects on fold 9" in refused.stderr
+
+
+def test_a_selection_run_stops_after_patience_epochs_without_a_better_validation_figure(tmp_path):
+    data = write_ucr(tmp_path)
+    out = tmp_path / "run"
+    # no learning (lr 0): the first epoch's figures are never beaten, so the run stops after 1 + patience epochs
+    fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--d-model", "8", "--n-layers", "1",
+        "--epochs", "30", "--batch-size", "8", "--n-boot", "10", "--device", "cpu", "--template", "off",
+        "--refit", "off", "--folds", "1", "--lr", "0", "--patience", "3", "--dropout", "0")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 4 and metrics["early_stop"] == {"patience": 3, "after_epoch": 4}
+    assert metrics["best"]["epoch"] == 1
+    # resumed, it stays stopped
+    fit("--task", "ucr", "--data-dir", str(data), "--out", str(out), "--d-model", "8", "--n-layers", "1",
+        "--epochs", "30", "--batch-size", "8", "--n-boot", "10", "--device", "cpu", "--template", "off",
+        "--refit", "off", "--folds", "1", "--lr", "0", "--patience", "3", "--dropout", "0", "--resume")
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 4
+    from msssm_serve.training.fit import parse_args
+    from msssm_serve.training.recipe import patience_for
+
+    assert patience_for(parse_args(["--task", "ptbxl", "--data-dir", "x"])) == 0  # PTB-XL: never
+    ucr = parse_args(["--task", "ucr", "--data-dir", "x"])
+    ucr.epochs = 300
+    assert patience_for(ucr) == 100
+
+
+def test_folds_by_default_for_small_ucr_sets_only():
+    from msssm_serve.training.fit import parse_args
+    from msssm_serve.training.recipe import CV_BELOW, FOLDS, folds_wanted, refit_wanted
+
+    ucr = parse_args(["--task", "ucr", "--data-dir", "x"])
+    assert folds_wanted(ucr, 60) == FOLDS and folds_wanted(ucr, CV_BELOW) == 1  # a fifth of 250 is enough to select on
+    assert not refit_wanted(argparse_with(ucr, folds=FOLDS)) and refit_wanted(argparse_with(ucr, folds=1))
+    for flags in (["--members", "3"], ["--refit", "on"]):  # a refit or members asked for: one held-out split
+        assert folds_wanted(parse_args(["--task", "ucr", "--data-dir", "x", *flags]), 60) == 1
+    assert folds_wanted(parse_args(["--task", "ucr", "--data-dir", "x", "--folds", "3"]), 1000) == 3
+    assert folds_wanted(parse_args(["--task", "ptbxl", "--data-dir", "x"]), None) == 1
+
+
+def argparse_with(args, **changes):
+    import argparse
+
+    return argparse.Namespace(**{**vars(args), **changes})

@@ -35,6 +35,7 @@ from msssm_serve.training.metrics import bootstrap_macro_auroc, macro_auroc, per
 from msssm_serve.training.plots import plot_curves
 from msssm_serve.training.recipe import apply_ucr_recipe, folds_wanted, patience_for, refit_wanted
 from msssm_serve.training.ptbxl import DataError
+from msssm_serve.training.ucr import load_ucr
 
 # Lead subsets a lead-subset model is scored on after training (the model card's table).
 SCORED_SUBSETS = (None, ["I", "II"], ["II"])  # None: all leads
@@ -418,8 +419,11 @@ def train(args) -> dict:
     choices = ["off", "on"] if args.template == "auto" and args.task == "ucr" and not args.crop else \
         ["on" if args.template == "on" else "off"]
     final_out = Path(args.out)
-    if folds_wanted(args) > 1:
-        return _train_cross_validated(args, choices, folds_wanted(args))
+    # the folds are resolved once, from the size of TRAIN, for every run below
+    n_train = len(load_ucr(args.data_dir).y_train) if args.task == "ucr" and args.folds is None else None
+    args = argparse.Namespace(**{**vars(args), "folds": folds_wanted(args, n_train)})
+    if args.folds > 1:
+        return _train_cross_validated(args, choices, args.folds)
     if len(choices) == 1 and not refit_wanted(args):
         return _train_once(Run(argparse.Namespace(**{**vars(args), "template": choices[0]})))
     selections = {}

@@ -32,15 +32,19 @@ MIN_EPOCHS, MAX_EPOCHS = 100, 600
 MIN_BATCH, MAX_BATCH = 4, 32
 MEMBERS = 5
 FOLDS = 5
+CV_BELOW = 250
 MIN_PATIENCE = 20
 
 
-def folds_wanted(args) -> int:
-    """How many cross-validation folds select the model (`--folds`; unset: FOLDS for ucr, 1 for ptbxl); 1: one
-    held-out split."""
+def folds_wanted(args, n_train: int | None = None) -> int:
+    """How many cross-validation folds select the model (`--folds`); 1: one held-out split. Unset: FOLDS for a ucr
+    set of fewer than CV_BELOW TRAIN series (n_train; None: not read yet), 1 for a larger one, for ptbxl, and where
+    a refit or its members are asked for."""
     if args.folds is not None:
         return args.folds
-    return FOLDS if args.task == "ucr" else 1
+    if args.task != "ucr" or args.refit == "on" or args.members != "auto":
+        return 1
+    return FOLDS if n_train is None or n_train < CV_BELOW else 1
 
 
 def patience_for(args) -> int:
