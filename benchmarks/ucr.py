@@ -54,7 +54,8 @@ def run_one(name: str, data_dir: Path, runs: Path, extra: list[str]) -> dict:
     return {"name": name, "test_accuracy": metrics["test_accuracy"], "seconds": seconds,
             "val_macro_auroc": metrics["best"]["macro_auroc"], "epoch": metrics["best"]["epoch"],
             "val_accuracy": metrics["best"].get("accuracy"), "val_loss": _best_val_loss(out, metrics),
-            "epochs": len(metrics["epochs"]), "config": {k: metrics["config"][k] for k in ("d_model", "n_layers")},
+            # the epochs the served model trained: the refit's, or the folds' mean stopping epoch
+            "epochs": metrics["best"]["epoch"] if "cross_validated" in metrics["best"] else len(metrics["epochs"]), "config": {k: metrics["config"][k] for k in ("d_model", "n_layers")},
             "recipe": metrics.get("ucr_recipe"), "train_seconds": _train_seconds(out, metrics),
             "members": metrics.get("members")}
 
@@ -132,9 +133,10 @@ def report(names: list[str], table: dict, results: dict, extra: list[str], jobs:
                 "again (the train time column is each dataset's whole training)." if "--resume" in extra else ""), "",
              "Template: whether the model chosen on validation is fed each sample's deviation from the training mean "
              "series (the trainer selects without and with it), with the share of the variance that mean series "
-             "explains. Model: layers x width, times the refits served as one ensemble; one member: their TEST "
-             "accuracies' mean (what a single refit scores, on average). Train time: the trainer's clock, both "
-             "selection runs and every refit.",
+             "explains. Model: layers x width, times the members served as one ensemble (the cross-validation folds' "
+             "models, or the refits); one member: their TEST accuracies' mean (what one of them scores, on average). "
+             "Epochs: what the served models trained (the folds' mean stopping epoch, or the refit's). Train time: the "
+             "trainer's clock, every run (both template choices, every fold or refit).",
              "",
              "| dataset | train | length | classes | model | template | epochs | one member | accuracy | ROCKET | ratio "
              "| train time s |",

@@ -377,7 +377,8 @@ class MSSSMClassifier(nn.Module):
 
 
 class EnsembleClassifier(nn.Module):
-    """Members of one architecture (the same data's normalisation, trained from different seeds), served as one model:
+    """Members of one architecture (refits from different seeds, or the models of cross-validation folds, each with
+    the normalisation and template of the series it trained on), served as one model:
     the probabilities are the members' mean at every step, the state is the members' states one after another
     (names prefixed `m<k>_`), and the scale mixer's weights are the members' mean. It speaks MSSSMClassifier's
     streaming protocol (`state_spec`, `zero_state`, `advance`), so the trainer scores it, export traces it into one
@@ -395,7 +396,8 @@ class EnsembleClassifier(nn.Module):
         self.members = nn.ModuleList(members)
         self.cfg = members[0].cfg
 
-    # Normalisation is fitted on the data, the same for every member: the first one's describes the ensemble.
+    # Each member normalises its input itself, with what it was fitted on (the same data for refits, TRAIN less a
+    # fold for fold models: close); the first one's describes the ensemble.
     @property
     def input_mean(self) -> torch.Tensor:
         return self.members[0].input_mean

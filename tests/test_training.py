@@ -658,3 +658,13 @@ def argparse_with(args, **changes):
     import argparse
 
     return argparse.Namespace(**{**vars(args), **changes})
+
+
+def test_mixup_by_default_only_where_the_run_selects_by_cross_validation():
+    from msssm_serve.training.fit import parse_args
+    from msssm_serve.training.recipe import MIXUP, mixup_for
+
+    ucr = parse_args(["--task", "ucr", "--data-dir", "x"])
+    assert mixup_for(argparse_with(ucr, folds=5)) == MIXUP and mixup_for(argparse_with(ucr, folds=1)) == 0
+    assert mixup_for(parse_args(["--task", "ptbxl", "--data-dir", "x"])) == 0
+    assert mixup_for(argparse_with(parse_args(["--task", "ucr", "--data-dir", "x", "--mixup", "0"]), folds=5)) == 0

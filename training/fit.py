@@ -89,16 +89,18 @@ def parse_args(argv=None):
                           "unset: 100 for ptbxl, 0 for ucr)")
     opt.add_argument("--amp-jitter", type=float, default=0.0, help="per-record gain in [1/(1+a), 1+a] (0: off)")
     opt.add_argument("--noise-std", type=float, default=0.0, help="white noise std, in the signal's units (0: off)")
-    opt.add_argument("--mixup", type=float, default=0.0,
+    opt.add_argument("--mixup", type=float, default=None,
                      help="mixup: each training record blended with another of its batch, labels alike, by a weight "
-                          "from Beta(a, a) (0: off)")
+                          "from Beta(a, a) (0: off; unset: 0.4 where the run selects by cross-validation (small ucr "
+                          "sets), else off)")
     opt.add_argument("--steps-per-epoch", type=int, default=0, help="cap on optimiser steps per epoch (0: a full pass)")
     opt.add_argument("--seed", type=int, default=0, help="weights, crops and order")
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/latest", help="run directory")
     run.add_argument("--refit", choices=["auto", "on", "off"], default="auto",
-                     help="train again on all of TRAIN for the epochs chosen on validation (auto: on for ucr); the "
-                          "selection run is kept in RUN_DIR/selection")
+                     help="train again on all of TRAIN for the epochs chosen on validation (auto: on for ucr when "
+                          "it selects on one held-out split, see --folds); the selection run is kept in "
+                          "RUN_DIR/selection")
     run.add_argument("--members", type=members_flag, default="auto",
                      help="refits from seeds --seed, --seed + 1, ... served as one ensemble (their mean probabilities; "
                           "members in RUN_DIR/members/K); needs the refit. auto: 1 for ptbxl, 5 for ucr "
@@ -107,8 +109,8 @@ def parse_args(argv=None):
                      help="ucr: select by cross-validation on TRAIN: N stratified folds, a model trained on each "
                           "fold's complement and stopped on the fold; the template is chosen on all their out-of-fold "
                           "predictions, and the N models are served as one ensemble (no refit). 1: one held-out "
-                          "split (--val-fraction), then --refit and --members. Unset: 5 for ucr, 1 for ptbxl "
-                          "(training/recipe.py)")
+                          "split (--val-fraction), then --refit and --members. Unset: 5 for a ucr set of under 250 "
+                          "TRAIN series unless --refit on or --members is given, else 1 (training/recipe.py)")
     run.add_argument("--patience", type=int, default=None,
                      help="stop a selection run after this many epochs without a better validation figure (0: "
                           "never; unset: a third of the epochs, at least 20, for ucr; never for ptbxl)")

@@ -33,7 +33,7 @@ from msssm_serve.training.data import TaskData, fit_normalisation, fit_template,
 from msssm_serve.training.inference import load_model, window_probabilities
 from msssm_serve.training.metrics import bootstrap_macro_auroc, macro_auroc, per_class_auroc_by_name
 from msssm_serve.training.plots import plot_curves
-from msssm_serve.training.recipe import apply_ucr_recipe, folds_wanted, patience_for, refit_wanted
+from msssm_serve.training.recipe import apply_ucr_recipe, folds_wanted, mixup_for, patience_for, refit_wanted
 from msssm_serve.training.ptbxl import DataError
 from msssm_serve.training.ucr import load_ucr
 
@@ -422,6 +422,7 @@ def train(args) -> dict:
     # the folds are resolved once, from the size of TRAIN, for every run below
     n_train = len(load_ucr(args.data_dir).y_train) if args.task == "ucr" and args.folds is None else None
     args = argparse.Namespace(**{**vars(args), "folds": folds_wanted(args, n_train)})
+    args.mixup = mixup_for(args)
     if args.folds > 1:
         return _train_cross_validated(args, choices, args.folds)
     if len(choices) == 1 and not refit_wanted(args):

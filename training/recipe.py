@@ -33,6 +33,7 @@ MIN_BATCH, MAX_BATCH = 4, 32
 MEMBERS = 5
 FOLDS = 5
 CV_BELOW = 250
+MIXUP = 0.4
 MIN_PATIENCE = 20
 
 
@@ -53,6 +54,14 @@ def patience_for(args) -> int:
     if args.patience is not None:
         return args.patience
     return max(MIN_PATIENCE, args.epochs // 3) if args.task == "ucr" else 0
+
+
+def mixup_for(args) -> float:
+    """The mixup strength (`--mixup`; unset: MIXUP for a run selected by cross-validation, the small ucr sets whose
+    models otherwise reach zero training loss within a few hundred steps; else off)."""
+    if args.mixup is not None:
+        return args.mixup
+    return MIXUP if (args.folds or 1) > 1 else 0.0
 
 
 def refit_wanted(args) -> bool:
