@@ -501,27 +501,18 @@ def _train_cross_validated(args, choices: list[str], folds: int) -> dict:
         fold_runs[choice], oof[choice] = (runs, fold_metrics), (y, p)
     chosen = max(choices, key=lambda c: selection_rank(args.task, figures[c]["oof_macro_auroc"], figures[c]["oof_loss"]))
     runs, fold_metrics = fold_runs[chosen]
-    loaded = [load_checkpoint(run.out / "checkpoint.pt") for run in runs]
-    ensemble = EnsembleClassifier([model for model, _, _ in loaded])
-    meta = {**loaded[0][1], "ensemble": {"members": folds, "folds": folds, "seeds": [run.args.seed for run in runs],
-                                         "combined": "the mean of the members' probabilities at every step"},
-            "validation": {"cross_validated": figures[chosen], "folds": folds}}
-    save_checkpoint(final_out / "checkpoint.pt", ensemble, meta)
-    first = fold_metrics[0]
+    metrics = _keep_ensemble(runs, fold_metrics, final_out, {"folds": folds},
+                             {"validation": {"cross_validated": figures[chosen], "folds": folds}},
+                             lambda k, run, m: {"fold": k, "epoch": m["best"]["epoch"]})
     best = {"macro_auroc": figures[chosen]["oof_macro_auroc"], "accuracy": figures[chosen]["oof_accuracy"],
             "loss": figures[chosen]["oof_loss"], "epoch": round(np.mean([m["best"]["epoch"] for m in fold_metrics])),
             "cross_validated": f"out-of-fold predictions of {folds} folds, all of TRAIN",
             **{f"bootstrap_{k}": v for k, v in bootstrap_macro_auroc(*oof[chosen], n_boot=args.n_boot).items()}}
-    metrics = {**first, "config": ensemble.cfg.to_dict(), "best": best,
-               "train_wall_seconds": sum(m["train_wall_seconds"] for runs_, ms in fold_runs.values() for m in ms),
-               "members": [{"dir": os.path.relpath(run.out, final_out), "fold": k, "epoch": m["best"]["epoch"],
-                            **{key: m[key] for key in ("test_accuracy", "test_macro_auroc") if key in m}}
-                           for k, (run, m) in enumerate(zip(runs, fold_metrics))],
-               "selection": {"cross_validation": {"folds": folds, "seed": args.seed},
-                             "template": {c: {**f, "chosen": c == chosen} for c, f in figures.items()}}}
+    metrics.update(best=best,
+                   train_wall_seconds=sum(m["train_wall_seconds"] for _, ms in fold_runs.values() for m in ms),
+                   selection={"cross_validation": {"folds": folds, "seed": args.seed},
+                              "template": {c: {**f, "chosen": c == chosen} for c, f in figures.items()}})
     metrics.pop("early_stop", None)
-    if runs[0].data.x_test is not None:
-        metrics.update(scores_on_test(ensemble, runs[0].data, args.eval_batch_size))
     (final_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -539,18 +530,29 @@ def _train_ensemble(args, refit: dict, members: int) -> dict:
         runs.append(run)
     if not runs[0].is_main:
         return {}
+    metrics = _keep_ensemble(runs, member_metrics, out, {}, {}, lambda k, run, m: {"seed": run.args.seed})
+    metrics["train_wall_seconds"] = sum(m["train_wall_seconds"] for m in member_metrics)
+    return metrics
+
+
+def _keep_ensemble(runs: list, run_metrics: list[dict], out: Path, describe: dict, meta_extra: dict,
+                   member_fields) -> dict:
+    """The finished runs' checkpoints saved as one EnsembleClassifier in out/checkpoint.pt (the first run's meta,
+    `meta_extra`, and an `ensemble` block with `describe` in it) and scored on TEST once; -> the first run's metrics
+    with the ensemble's config and TEST figures, and per member its dir, `member_fields(k, run, metrics)` and TEST
+    figures. The refits (`_train_ensemble`) and the cross-validation folds (`_train_cross_validated`) both end here."""
     loaded = [load_checkpoint(run.out / "checkpoint.pt") for run in runs]
     ensemble = EnsembleClassifier([model for model, _, _ in loaded])
-    meta = {**loaded[0][1], "ensemble": {"members": members, "seeds": [run.args.seed for run in runs],
-                                         "combined": "the mean of the members' probabilities at every step"}}
+    meta = {**loaded[0][1], "ensemble": {"members": len(runs), **describe, "seeds": [run.args.seed for run in runs],
+                                         "combined": "the mean of the members' probabilities at every step"},
+            **meta_extra}
     save_checkpoint(out / "checkpoint.pt", ensemble, meta)
-    metrics = {**member_metrics[0], "config": ensemble.cfg.to_dict(),
-               "train_wall_seconds": sum(m["train_wall_seconds"] for m in member_metrics),
-               "members": [{"dir": os.path.relpath(run.out, out), "seed": run.args.seed,
-                            **{k: m[k] for k in ("test_accuracy", "test_macro_auroc") if k in m}}
-                           for run, m in zip(runs, member_metrics)]}
+    metrics = {**run_metrics[0], "config": ensemble.cfg.to_dict(),
+               "members": [{"dir": os.path.relpath(run.out, out), **member_fields(k, run, m),
+                            **{key: m[key] for key in ("test_accuracy", "test_macro_auroc") if key in m}}
+                           for k, (run, m) in enumerate(zip(runs, run_metrics))]}
     if runs[0].data.x_test is not None:  # as Run.finish scores one model: TEST once, by the model that is kept
-        metrics.update(scores_on_test(ensemble, runs[0].data, args.eval_batch_size))
+        metrics.update(scores_on_test(ensemble, runs[0].data, runs[0].args.eval_batch_size))
     return metrics
 
 
