@@ -11,8 +11,12 @@
 3. /classify capacity (`loadtest/streams.py --classify --binary`: 10 s windows, p99 < 200 ms) -> windows/s x 1000.
 Prints each, and serving efficiency = served samples/s / bare-graph samples/s for streams and for /classify; writes
 benchmarks/results/efficiency.md (and .json) and, with --write-readme, the figures between the README's
-`<!-- efficiency -->` markers. The load generator shares the machine's cores with the server, as in every load test
-here; its CPU is in the load tests' own result files.
+`<!-- efficiency -->` markers.
+
+By default the load generator shares the machine's cores with the server (its CPU is in the load tests' own result
+files), so on a small machine the ratio also pays for the clients. With `--server-cpus 0 --loadgen-cpus 1` the
+server and the bare graph run on the same core(s) and the generator on others, as clients on other machines would:
+the ratio is then the server's alone (files and README markers `efficiency_pinned` / `efficiency-pinned`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loadtest"))
+from streams import cpu_list  # noqa: E402  (the load tests' CPU-list syntax)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 LOADTEST = REPO_ROOT / "loadtest" / "results"
@@ -36,8 +43,10 @@ BATCHES, LENGTHS = (1, 4, 16, 64, 256), (25, 100, 250, 1000)
 MAX_CALL_SAMPLES = 25_600  # bigger calls spill the cache (64 x 1000: a fifth of the rate of 64 x 250) and take long
 
 
-def _graph_worker(model_dir: str, batch: int, length: int, seconds: float, start, queue) -> None:
+def _graph_worker(model_dir: str, batch: int, length: int, seconds: float, start, queue, cpus) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     from msssm_serve.runtime import OnnxModel
 
     model = OnnxModel(model_dir, threads=1)
@@ -52,15 +61,16 @@ def _graph_worker(model_dir: str, batch: int, length: int, seconds: float, start
     queue.put(calls * batch * length / (time.perf_counter() - t0))
 
 
-def bare_graph(model_dir: str, workers: int, seconds: float, rounds: int) -> dict:
-    """samples/s summed over `workers` one-thread processes, per (batch, T), the best of `rounds` sweeps (a shared
-    machine's speed drifts over a sweep: repeating it keeps one slow moment from deciding a shape); the best shape."""
+def bare_graph(model_dir: str, workers: int, seconds: float, rounds: int, cpus: set[int] | None = None) -> dict:
+    """samples/s summed over `workers` one-thread processes (on `cpus`, the server's, when given), per (batch, T),
+    the best of `rounds` sweeps (a shared machine's speed drifts over a sweep: repeating it keeps one slow moment
+    from deciding a shape); the best shape."""
     ctx = mp.get_context("spawn")
     table: dict[str, float] = {}
     shapes = [(b, t) for b in BATCHES for t in LENGTHS if b * t <= MAX_CALL_SAMPLES]
     for batch, length in [shape for _ in range(rounds) for shape in shapes]:
         start, queue = ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_graph_worker, args=(model_dir, batch, length, seconds, start, queue))
+        procs = [ctx.Process(target=_graph_worker, args=(model_dir, batch, length, seconds, start, queue, cpus))
                  for _ in range(workers)]
         for p in procs:
             p.start()
@@ -76,7 +86,7 @@ def bare_graph(model_dir: str, workers: int, seconds: float, rounds: int) -> dic
 
 
 def load_test(extra: list[str], result: str) -> dict:
-    cmd = [sys.executable, str(REPO_ROOT / "loadtest" / "streams.py"), *extra, "--tag", "_efficiency"]
+    cmd = [sys.executable, str(REPO_ROOT / "loadtest" / "streams.py"), *extra]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO_ROOT)
     return json.loads((LOADTEST / result).read_text())
@@ -86,6 +96,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO_ROOT / "models" / "default"))
     parser.add_argument("--workers", type=int, default=2, help="server workers, and bare-graph processes")
+    parser.add_argument("--server-cpus", type=cpu_list, default=None,
+                        help="CPUs the server and the bare graph run on, e.g. 0 (default: any, shared with the load "
+                             "generator)")
+    parser.add_argument("--loadgen-cpus", type=cpu_list, default=None,
+                        help="CPUs the load generator runs on, e.g. 1 (default: any)")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per load-test step")
     parser.add_argument("--shape-seconds", type=float, default=3.0, help="bare graph: seconds per call shape")
     parser.add_argument("--rounds", type=int, default=2, help="bare graph: sweeps, each shape's best kept")
@@ -93,44 +108,59 @@ def main() -> None:
     parser.add_argument("--rates", default="20,40,60,80,100,120")
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
+    if args.server_cpus and args.workers > len(args.server_cpus):
+        parser.error(f"--workers {args.workers} on {len(args.server_cpus)} server CPU(s): one-thread workers share "
+                     "cores, and the bare graph's processes would too")
+    pinned = bool(args.server_cpus)
+    tag = "_pinned" if pinned else ""
     started = time.time()
-    bare = bare_graph(args.model, args.workers, args.shape_seconds, args.rounds)
-    common = ["--model", args.model, "--workers", str(args.workers), "--duration", str(args.duration)]
-    streams = load_test([*common, "--steps", args.steps], f"streams_w{args.workers}_efficiency.json")
+    bare = bare_graph(args.model, args.workers, args.shape_seconds, args.rounds, args.server_cpus)
+    common = ["--model", args.model, "--workers", str(args.workers), "--duration", str(args.duration),
+              "--tag", f"_efficiency{tag}"]
+    for flag in ("server_cpus", "loadgen_cpus"):
+        if getattr(args, flag):
+            common += [f"--{flag.replace('_', '-')}", ",".join(map(str, sorted(getattr(args, flag))))]
+    streams = load_test([*common, "--steps", args.steps], f"streams_w{args.workers}_efficiency{tag}.json")
     classify = load_test([*common, "--classify", "--binary", "--rates", args.rates],
-                         f"classify_w{args.workers}_binary_efficiency.json")
+                         f"classify_w{args.workers}_binary_efficiency{tag}.json")
     stream_rate = (streams["capacity_streams"] or 0) * 100.0
     classify_rate = (classify["capacity_windows_per_s"] or 0) * 1000.0
     result = {"model": os.path.relpath(args.model, REPO_ROOT), "workers": args.workers, "bare_graph": bare,
+              "server_cpus": sorted(args.server_cpus or []), "loadgen_cpus": sorted(args.loadgen_cpus or []),
               "streams": {"capacity": streams["capacity_streams"], "samples_per_s": stream_rate,
                           "efficiency": stream_rate / bare["samples_per_s"]},
               "classify": {"windows_per_s": classify["capacity_windows_per_s"], "samples_per_s": classify_rate,
                            "efficiency": classify_rate / bare["samples_per_s"]},
               "wall_seconds": time.time() - started, "cpus": os.cpu_count()}
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+    flags = " ".join(f"--{k.replace('_', '-')} {','.join(map(str, sorted(v))) if isinstance(v, set) else v}"
+                     for k, v in vars(args).items()
                      if k not in ("write_readme", "workers") and v != parser.get_default(k))
+    where = (f"the server and the bare graph on CPU {','.join(map(str, sorted(args.server_cpus)))}, the load "
+             f"generator on CPU {','.join(map(str, sorted(args.loadgen_cpus or [])))}" if pinned
+             else f"{os.cpu_count()} cores shared with the load generator")
     text = (f"Serving efficiency (`python benchmarks/efficiency.py --workers {args.workers}"
             f"{' ' + flags if flags else ''}`, "
-            f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores): bare graph "
-            f"**{bare['samples_per_s']:,.0f} samples/s** ({args.workers} one-thread processes, best shape "
-            f"{bare['best_shape']}); streams **{streams['capacity_streams']}** × 100 Hz = {stream_rate:,.0f} samples/s, "
+            f"{time.strftime('%Y-%m-%d')}, {where}): bare graph "
+            f"**{bare['samples_per_s']:,.0f} samples/s** ({args.workers} one-thread process"
+            f"{'es' if args.workers > 1 else ''}, best shape {bare['best_shape']}); streams "
+            f"**{streams['capacity_streams']}** × 100 Hz = {stream_rate:,.0f} samples/s, "
             f"**efficiency {result['streams']['efficiency']:.2f}**; /classify "
             f"**{classify['capacity_windows_per_s']:g} windows/s** = {classify_rate:,.0f} samples/s, "
             f"**efficiency {result['classify']['efficiency']:.2f}**.")
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "efficiency.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"efficiency{tag}.json").write_text(json.dumps(result, indent=2))
     rows = "\n".join(f"| {shape} | {rate:,.0f} |" for shape, rate in bare["table"].items())
-    (RESULTS / "efficiency.md").write_text(f"# Serving efficiency\n\n{text}\n\n| bare graph, rows x samples per call "
-                                           f"| samples/s |\n|---|---|\n{rows}\n")
+    (RESULTS / f"efficiency{tag}.md").write_text(f"# Serving efficiency\n\n{text}\n\n| bare graph, rows x samples "
+                                                 f"per call | samples/s |\n|---|---|\n{rows}\n")
     if args.write_readme:
+        marker = f"efficiency{tag.replace('_', '-')}"
         readme = REPO_ROOT / "README.md"
         body = readme.read_text()
-        marked = re.sub(r"<!-- efficiency -->.*?<!-- /efficiency -->", f"<!-- efficiency -->{text}<!-- /efficiency -->",
-                        body, flags=re.S)
-        if marked == body and "<!-- efficiency -->" not in body:
-            raise SystemExit("README.md has no <!-- efficiency --> markers")
-        readme.write_text(marked)
+        if f"<!-- {marker} -->" not in body:
+            raise SystemExit(f"README.md has no <!-- {marker} --> markers")
+        readme.write_text(re.sub(rf"<!-- {marker} -->.*?<!-- /{marker} -->",
+                                 lambda _: f"<!-- {marker} -->{text}<!-- /{marker} -->", body, flags=re.S))
 
 
 if __name__ == "__main__":

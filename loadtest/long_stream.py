@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-from streams import SAMPLE_RATE, Server, environment, fmt, load_records, server_arguments, tree_cpu_rss, write_results
+from streams import (SAMPLE_RATE, Server, environment, fmt, load_records, pin_load_generator, server_arguments,
+    tree_cpu_rss, write_results)
 
 
 def rss_mb(server: Server) -> float:
@@ -86,13 +87,14 @@ def main(argv=None) -> int:
     p.add_argument("--frame-samples", type=int, default=250)
     p.add_argument("--in-flight", type=int, default=1)
     args = p.parse_args(argv)
+    pin_load_generator(args)
 
     recs = load_records()
     tiled = recs.reshape(-1, recs.shape[-1])
     reps = -(-args.samples // len(tiled))
     signal = np.ascontiguousarray(np.tile(tiled, (reps, 1))[:args.samples])
     F, minute = args.frame_samples, 60 * SAMPLE_RATE
-    server = Server(args.model, args.workers, log_name="long_stream-server")
+    server = Server(args.model, args.workers, log_name="long_stream-server", cpus=args.server_cpus)
     rss = {"ready": rss_mb(server)}
     try:
         out = asyncio.run(feed(server, signal, F, args.in_flight, rss, minute))

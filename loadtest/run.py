@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from streams import REPO_ROOT, RESULTS_DIR, Sampler, Server, environment, server_arguments, write_results
+from streams import (REPO_ROOT, RESULTS_DIR, Sampler, Server, environment, pin_load_generator, server_arguments,
+    write_results)
 
 
 def parse_duration(text: str) -> float:
@@ -41,11 +42,12 @@ def main(argv=None) -> int:
     p.add_argument("--duration", default="30s", help="locust -t, e.g. 30s, 2m")
     p.add_argument("--user-class", default="", help="ClassifyUser or StreamUser (default: both)")
     args = p.parse_args(argv)
+    pin_load_generator(args)
 
     tag = f"locust_{args.user_class or 'all'}_u{args.users}_w{args.workers}"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     prefix = RESULTS_DIR / tag
-    server = Server(args.model, args.workers, log_name=f"{tag}-server")
+    server = Server(args.model, args.workers, log_name=f"{tag}-server", cpus=args.server_cpus)
     sampler = Sampler(server)
     print(f"server pid {server.process.pid} at {server.url} (workers {args.workers})", flush=True)
     locust_bin = Path(sys.executable).with_name("locust")

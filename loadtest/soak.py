@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-from streams import SAMPLE_RATE, Sampler, Server, StreamRun, environment, fmt, server_arguments, tiled_records, write_results
+from streams import (SAMPLE_RATE, Sampler, Server, StreamRun, environment, fmt, pin_load_generator, server_arguments,
+    tiled_records, write_results)
 
 
 class Timed(list):
@@ -39,9 +40,11 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--rss-drift-mb", type=float, default=50, help="goal: RSS growth after the first minute")
     args = p.parse_args(argv)
+    pin_load_generator(args)
 
     tiled = tiled_records()
-    server = Server(args.model, args.workers, extra=["--max-streams", str(args.streams * 2)], log_name="soak-server")
+    server = Server(args.model, args.workers, extra=["--max-streams", str(args.streams * 2)],
+                    log_name="soak-server", cpus=args.server_cpus)
     sampler = Sampler(server, interval=5)
     random.seed(0)
     hop = int(server.model_info.get("default_hop", 25))

@@ -99,11 +99,11 @@ class Server(LocalServer):
     """`python -m server` on a free loopback port (see server/launcher.py), watched with psutil."""
 
     def __init__(self, model: str | Path, workers: int = 1, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None, log_name: str = "server"):
+                 env: dict[str, str] | None = None, log_name: str = "server", cpus: set[int] | None = None):
         import httpx
 
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        super().__init__(model, RESULTS_DIR / f"{log_name}.log", workers, extra, env)
+        super().__init__(model, RESULTS_DIR / f"{log_name}.log", workers, extra, env, cpus=cpus)
         self.ps = psutil.Process(self.process.pid)
         # uvicorn with --workers > 1 forks its workers right away; give them a moment to be ready too
         if workers > 1:
@@ -204,7 +204,28 @@ def server_arguments(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--server-cpus", type=cpu_list, default=None,
+                   help="CPU numbers the server may run on, e.g. 0 (default: any); see --loadgen-cpus")
+    p.add_argument("--loadgen-cpus", type=cpu_list, default=None,
+                   help="CPU numbers this load generator may run on, e.g. 1 (default: any). Apart from the "
+                        "server's, the generator's work is not taken from the server's cores, as with clients on "
+                        "other machines")
     return p
+
+
+def cpu_list(text: str) -> set[int]:
+    """'0,2-3' -> {0, 2, 3}."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def pin_load_generator(args) -> None:
+    """Keep this process (and the server it starts, unless --server-cpus says otherwise) on --loadgen-cpus."""
+    if args.loadgen_cpus:
+        os.sched_setaffinity(0, args.loadgen_cpus)
 
 
 def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
@@ -464,7 +485,7 @@ def run_overload(args) -> None:
     latency of those kept."""
     tiled = tiled_records()
     server = Server(args.model, args.workers, extra=["--max-streams", str(args.overload * 2)],
-                    log_name=f"overload-w{args.workers}-server")
+                    log_name=f"overload-w{args.workers}-server", cpus=args.server_cpus)
     sampler = Sampler(server)
     hop = int(server.model_info.get("default_hop", 25))
     try:
@@ -496,7 +517,7 @@ def run_streams(args) -> None:
     steps = [int(x) for x in args.steps.split(",")]
     results: list[dict] = []
     server = Server(args.model, args.workers, extra=["--max-streams", str(max(steps) * 4)],
-                    log_name=f"streams-w{args.workers}-server")
+                    log_name=f"streams-w{args.workers}-server", cpus=args.server_cpus)
     sampler = Sampler(server)
     print(f"server pid {server.process.pid} on {server.port}, workers {args.workers}", flush=True)
     hop = int(server.model_info.get("default_hop", 25))
@@ -622,7 +643,7 @@ def run_classify(args) -> None:
         post = ("/classify", "application/json")
         body_kind = "JSON"
     rates = [float(x) for x in args.rates.split(",")]
-    server = Server(args.model, args.workers, log_name=f"classify-w{args.workers}-server")
+    server = Server(args.model, args.workers, log_name=f"classify-w{args.workers}-server", cpus=args.server_cpus)
     sampler = Sampler(server)
     print(f"server pid {server.process.pid} on {server.port}, workers {args.workers}", flush=True)
     results = []
@@ -688,6 +709,7 @@ def main(argv=None) -> int:
                    help="instead of a search: one step of this many streams (e.g. twice the capacity), reporting "
                         "those refused or shed and the latency of those kept")
     args = p.parse_args(argv)
+    pin_load_generator(args)
     try:
         import uvloop
         uvloop.install()

@@ -26,7 +26,8 @@ def free_port() -> int:
 class LocalServer:
     def __init__(self, model_dir: str | Path, log_path: str | Path, workers: int = 1,
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None, start_timeout_s: float = 120,
-                 repository: bool = False, port: int | None = None):
+                 repository: bool = False, port: int | None = None, cpus: set[int] | None = None):
+        """`cpus`: the CPU numbers the server (and the workers it forks) may run on; None: any."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/stream"
@@ -37,6 +38,7 @@ class LocalServer:
              str(workers), "--log-level", "warning", *(extra_args or [])],
             cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         deadline = time.monotonic() + start_timeout_s
         while time.monotonic() < deadline:

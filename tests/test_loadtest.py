@@ -1,0 +1,36 @@
+"""The load tests' CPU pinning: a server started on given CPUs runs only there (and so do the workers it forks),
+which is what lets `benchmarks/efficiency.py --server-cpus 0 --loadgen-cpus 1` compare the server with the bare
+graph on the same core while the load generator works on another."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import psutil
+import pytest
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "loadtest"))
+from streams import cpu_list  # noqa: E402
+
+from msssm_serve.server.launcher import LocalServer  # noqa: E402
+
+
+def test_cpu_list_reads_numbers_and_ranges():
+    assert cpu_list("0") == {0}
+    assert cpu_list("0,2-3") == {0, 2, 3}
+    with pytest.raises(ValueError):
+        cpu_list("one")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning apart needs two CPUs")
+def test_a_server_started_on_one_cpu_runs_there_with_its_workers(model_dir, tmp_path):
+    cpu = max(os.sched_getaffinity(0))
+    with LocalServer(model_dir, tmp_path / "server.log", workers=2, cpus={cpu}) as server:
+        root = psutil.Process(server.process.pid)
+        processes = [root, *root.children(recursive=True)]
+        assert len(processes) >= 3  # the supervisor and its two workers
+        assert all(p.cpu_affinity() == [cpu] for p in processes)
+    assert os.sched_getaffinity(0) != {cpu}  # the caller itself was not pinned
