@@ -660,11 +660,11 @@ def argparse_with(args, **changes):
     return argparse.Namespace(**{**vars(args), **changes})
 
 
-def test_mixup_by_default_only_where_the_run_selects_by_cross_validation():
+def test_mixup_by_default_for_ucr_whatever_the_selection_and_never_for_ptbxl():
     from msssm_serve.training.fit import parse_args
     from msssm_serve.training.recipe import MIXUP, mixup_for
 
     ucr = parse_args(["--task", "ucr", "--data-dir", "x"])
-    assert mixup_for(argparse_with(ucr, folds=5)) == MIXUP and mixup_for(argparse_with(ucr, folds=1)) == 0
+    assert mixup_for(argparse_with(ucr, folds=5)) == MIXUP and mixup_for(argparse_with(ucr, folds=1)) == MIXUP
     assert mixup_for(parse_args(["--task", "ptbxl", "--data-dir", "x"])) == 0
     assert mixup_for(argparse_with(parse_args(["--task", "ucr", "--data-dir", "x", "--mixup", "0"]), folds=5)) == 0

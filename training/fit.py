@@ -91,8 +91,7 @@ def parse_args(argv=None):
     opt.add_argument("--noise-std", type=float, default=0.0, help="white noise std, in the signal's units (0: off)")
     opt.add_argument("--mixup", type=float, default=None,
                      help="mixup: each training record blended with another of its batch, labels alike, by a weight "
-                          "from Beta(a, a) (0: off; unset: 0.4 where the run selects by cross-validation (small ucr "
-                          "sets), else off)")
+                          "from Beta(a, a) (0: off; unset: 0.4 for ucr, off for ptbxl)")
     opt.add_argument("--steps-per-epoch", type=int, default=0, help="cap on optimiser steps per epoch (0: a full pass)")
     opt.add_argument("--seed", type=int, default=0, help="weights, crops and order")
     run = p.add_argument_group("run")
