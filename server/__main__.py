@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     env_flag("--max-signal-seconds", type=float, shown=defaults.max_signal_seconds,
              help="longest /classify signal (413)")
     env_flag("--batch-wait-ms", type=float, shown=defaults.batch_wait_ms,
-             help="under load, the longest a ready stream waits for a fuller batch (a quiet server answers at once)")
+             help="under load, the longest a ready stream waits for a fuller batch, and 2.5 times this a /classify "
+                  "request (a quiet server answers at once)")
     env_flag("--cors-origins", shown="", help="comma-separated allowed origins; empty: CORS off")
     env_flag("--header-timeout-s", type=float, shown=defaults.header_timeout_s,
              help="a request's headers must arrive within this")

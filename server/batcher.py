@@ -34,6 +34,10 @@ SAMPLES_PER_TURN = 2048
 # /classify windows advanced together in one call: rows share a call's fixed costs (18 vs 27 us/sample for 4 rows
 # vs 1, benchmarks/runtime.py section 4), and the bound keeps a queue of requests from holding streams back for long.
 MAX_CLASSIFY_WINDOWS_PER_CALL = 8
+# Under load a /classify request may wait this many times `batch_wait_s` for others to share its call: a window costs
+# ~15 ms alone (one core), so only a wait of several arrivals gathers any at the rates that load a core (60 windows/s:
+# one every 17 ms), and its answer is allowed more time than a stream's hop (200 against 100 ms p99 in the load tests).
+CLASSIFY_WAIT_FACTOR = 2.5
 # Admission: the server-side latency of streams keeping real time (ready -> computed) over the last LATENCY_WINDOW_S;
 # while its 95th percentile exceeds the bound, new streams and /classify requests are refused (retry after the window)
 # instead of every accepted stream slowing down. Completed latencies lag a sudden load by up to the window, so how long
@@ -107,6 +111,7 @@ class Batcher:
         self.latency = LatencyWindow()
         self.arrived, self.computed = RateWindow(), RateWindow()  # samples: does the batcher keep up?
         self.became_ready = RateWindow()  # streams becoming ready: how soon a fuller batch would form
+        self.classify_arrived = RateWindow()  # /classify windows queued: how soon a fuller call would form
         self._timed: dict[StreamSession, float] = {}
         self.metrics = metrics
         self.batch_wait_s = batch_wait_ms / 1000
@@ -116,8 +121,8 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._work = asyncio.Event()
         self._task: asyncio.Task | None = None
-        # (signal piece, its future, whether it asked for the scale mixer's weights)
-        self._classify_queue: deque[tuple[np.ndarray, asyncio.Future, bool]] = deque()
+        # (signal piece, its future, whether it asked for the scale mixer's weights, when it was queued)
+        self._classify_queue: deque[tuple[np.ndarray, asyncio.Future, bool, float]] = deque()
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -164,7 +169,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         starts = range(0, max(len(signal), 1), piece)  # an empty signal still goes in, to get the model's error
         futures = [loop.create_future() for _ in starts]
-        self._classify_queue.extend((signal[start : start + piece], f, scale_weights) for start, f in zip(starts, futures))
+        self._classify_queue.extend((signal[start : start + piece], f, scale_weights, time.monotonic())
+                                    for start, f in zip(starts, futures))
+        self.classify_arrived.add(time.monotonic(), -(-max(len(signal), 1) // self.model.window))
         self._work.set()
         parts = await asyncio.gather(*futures)  # cancelled with the request: the batcher then skips what is left
         return merge_windows([{**w, "start": start + w["start"]} for start, part in zip(starts, parts)
@@ -176,7 +183,13 @@ class Batcher:
             await self._work.wait()
             self._work.clear()
             if self._classify_queue:
-                await self._classify_some()
+                wait = self._classify_fill_wait()
+                if wait > 0 and not self._ready:  # nothing else to do meanwhile
+                    await asyncio.sleep(wait)
+                    wait = 0.0
+                if wait <= 0:
+                    await self._classify_some()
+                # else: the streams' turn goes first, and the queue is looked at again after it
             if not self._ready:
                 continue
             await self._let_batch_fill()
@@ -203,6 +216,26 @@ class Batcher:
         per_s = self.became_ready.total(now) / self.became_ready.span(now)
         if missing > 0 and left > 0 and per_s * left >= 1:
             await asyncio.sleep(min(left, missing / per_s))
+
+    def _classify_fill_wait(self) -> float:
+        """Seconds to let /classify requests gather before the next call: its rows share the graph's cost per call
+        (bundled model, one core: 1 row x 250 samples 66 k samples/s, 4 x 100 89 k; benchmarks/results/
+        efficiency_pinned.md). As for streams (`_let_batch_fill`): only while fewer than
+        MAX_CLASSIFY_WINDOWS_PER_CALL windows wait, at most CLASSIFY_WAIT_FACTOR x `batch_wait_s` from when the oldest
+        was queued, and only
+        if the rate at which windows arrived over the last LATENCY_WINDOW_S brings at least one more in that time: a
+        quiet server answers at once (the rate is taken over the whole window, so one request reads as a slow rate,
+        and a sudden load is batched once it has lasted)."""
+        if self.batch_wait_s <= 0 or not self._classify_queue:
+            return 0.0
+        queued = sum(-(-max(len(piece), 1) // self.model.window) for piece, *_ in self._classify_queue)
+        missing = MAX_CLASSIFY_WINDOWS_PER_CALL - queued
+        now = time.monotonic()
+        left = self._classify_queue[0][3] + CLASSIFY_WAIT_FACTOR * self.batch_wait_s - now
+        per_s = self.classify_arrived.total(now) / self.classify_arrived.window_s
+        if missing > 0 and left > 0 and per_s * left >= 1:
+            return min(left, missing / per_s)
+        return 0.0
 
     def overloaded(self) -> float | None:
         """The recent p95 latency (s), or the wait so far of the oldest real-time stream if longer, when it exceeds
@@ -275,12 +308,12 @@ class Batcher:
                 except Exception as own_err:  # the request answers with its own error; the server goes on
                     self._answer(request[1], error=own_err)
 
-    async def _classify_batch(self, requests: list[tuple[np.ndarray, asyncio.Future, bool]]) -> None:
+    async def _classify_batch(self, requests: list[tuple[np.ndarray, asyncio.Future, bool, float]]) -> None:
         # The mixer's weights come out of the same call (they cost a copy): fetched for all if one asked.
         results = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.model.classify_many, [signal for signal, _, _ in requests],
-            any(wants for _, _, wants in requests))
-        for (_, future, wants), result in zip(requests, results):
+            self.executor, self.model.classify_many, [signal for signal, *_ in requests],
+            any(wants for _, _, wants, _ in requests))
+        for (_, future, wants, _), result in zip(requests, results):
             self._answer(future, result if wants else _without_scale_weights(result))
 
     @staticmethod

@@ -180,6 +180,70 @@ def test_a_long_classify_request_is_computed_in_pieces_that_streams_can_come_bet
         np.testing.assert_allclose(g["probabilities"], w["probabilities"], atol=1e-6)
 
 
+def test_classify_requests_gather_for_a_fuller_call_only_while_they_keep_arriving(model, records):
+    """Batcher level: a request on a quiet batcher goes at once; under a steady arrival rate the next call waits for
+    more (at most CLASSIFY_WAIT_FACTOR x batch_wait_ms from the oldest, never past a full call), and then the answers
+    are those of the model alone, each request its own."""
+    from server.batcher import CLASSIFY_WAIT_FACTOR, MAX_CLASSIFY_WINDOWS_PER_CALL, Batcher
+    from server.metrics import Metrics
+
+    budget = CLASSIFY_WAIT_FACTOR * 0.02
+
+    async def scenario():
+        batcher = Batcher(model, Metrics(), batch_wait_ms=20)  # not started: the decision is read by hand
+        now = time.monotonic()
+        batcher._classify_queue.append((records[0], None, False, now))
+        batcher.classify_arrived.add(now, 1)
+        quiet = batcher._classify_fill_wait()
+        for k in range(1, 120):  # the last two seconds at 60 windows/s
+            batcher.classify_arrived.add(now - k / 60, 1)
+        busy = batcher._classify_fill_wait()
+        batcher._classify_queue.extend((records[0], None, False, now) for _ in range(MAX_CLASSIFY_WINDOWS_PER_CALL - 1))
+        full = batcher._classify_fill_wait()
+        batcher._classify_queue.clear()
+        batcher._classify_queue.append((records[0], None, False, now - budget - 0.01))  # queued longer than the wait
+        late = batcher._classify_fill_wait()
+        return quiet, busy, full, late
+
+    quiet, busy, full, late = asyncio.run(scenario())
+    assert quiet == 0 and full == 0 and late == 0
+    assert 0 < busy <= budget
+
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def classify_many(self, signals, scale_weights=False):
+            calls.append(len(signals))
+            return self.inner.classify_many(signals, scale_weights)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    async def steady():
+        batcher = Batcher(Counting(model), Metrics(), batch_wait_ms=20)
+        now = time.monotonic()
+        for k in range(120):  # as if 60 requests/s had been arriving for two seconds
+            batcher.classify_arrived.add(now - k / 60, 1)
+        batcher.start()
+        try:
+            tasks = []
+            for i in range(12):
+                tasks.append(asyncio.create_task(batcher.classify(records[i % len(records)])))
+                await asyncio.sleep(1 / 60)
+            return await asyncio.gather(*tasks)
+        finally:
+            await batcher.stop()
+
+    answers = asyncio.run(steady())
+    assert sum(calls) == 12 and max(calls) > 1  # gathered
+    for i, got in enumerate(answers):
+        np.testing.assert_allclose(got["probabilities"], model.classify(records[i % len(records)])["probabilities"],
+                                   atol=TOL)
+
+
 def drain(outbox: asyncio.Queue) -> list:
     items = []
     while not outbox.empty():
