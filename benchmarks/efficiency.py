@@ -138,7 +138,8 @@ def main() -> None:
     where = (f"the server and the bare graph on CPU {','.join(map(str, sorted(args.server_cpus)))}, the load "
              f"generator on CPU {','.join(map(str, sorted(args.loadgen_cpus or [])))}" if pinned
              else f"{os.cpu_count()} cores shared with the load generator")
-    text = (f"Serving efficiency (`python benchmarks/efficiency.py --workers {args.workers}"
+    text = (f"Serving efficiency{', server alone' if pinned else ''} (`python benchmarks/efficiency.py "
+            f"--workers {args.workers}"
             f"{' ' + flags if flags else ''}`, "
             f"{time.strftime('%Y-%m-%d')}, {where}): bare graph "
             f"**{bare['samples_per_s']:,.0f} samples/s** ({args.workers} one-thread process"
