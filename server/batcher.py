@@ -112,6 +112,11 @@ class Batcher:
         self.arrived, self.computed = RateWindow(), RateWindow()  # samples: does the batcher keep up?
         self.became_ready = RateWindow()  # streams becoming ready: how soon a fuller batch would form
         self.classify_arrived = RateWindow()  # /classify windows queued: how soon a fuller call would form
+        # /classify windows asked for and not yet answered, and (when, how many) at each arrival: the most that were
+        # outstanding together lately is the most a call can expect to gather (clients that wait for each answer
+        # before the next request never bring more than themselves)
+        self._classify_outstanding = 0
+        self._classify_peaks: deque[tuple[float, int]] = deque()
         self._timed: dict[StreamSession, float] = {}
         self.metrics = metrics
         self.batch_wait_s = batch_wait_ms / 1000
@@ -169,11 +174,17 @@ class Batcher:
         loop = asyncio.get_running_loop()
         starts = range(0, max(len(signal), 1), piece)  # an empty signal still goes in, to get the model's error
         futures = [loop.create_future() for _ in starts]
-        self._classify_queue.extend((signal[start : start + piece], f, scale_weights, time.monotonic())
+        now, windows = time.monotonic(), -(-max(len(signal), 1) // self.model.window)
+        self._classify_queue.extend((signal[start : start + piece], f, scale_weights, now)
                                     for start, f in zip(starts, futures))
-        self.classify_arrived.add(time.monotonic(), -(-max(len(signal), 1) // self.model.window))
+        self.classify_arrived.add(now, windows)
+        self._classify_outstanding += windows
+        self._classify_peaks.append((now, self._classify_outstanding))
         self._work.set()
-        parts = await asyncio.gather(*futures)  # cancelled with the request: the batcher then skips what is left
+        try:
+            parts = await asyncio.gather(*futures)  # cancelled with the request: the batcher then skips what is left
+        finally:
+            self._classify_outstanding -= windows
         return merge_windows([{**w, "start": start + w["start"]} for start, part in zip(starts, parts)
                               for w in part["windows"]])
 
@@ -221,16 +232,19 @@ class Batcher:
         """Seconds to let /classify requests gather before the next call: its rows share the graph's cost per call
         (bundled model, one core: 1 row x 250 samples 66 k samples/s, 4 x 100 89 k; benchmarks/results/
         efficiency_pinned.md). As for streams (`_let_batch_fill`): only while fewer than
-        MAX_CLASSIFY_WINDOWS_PER_CALL windows wait, at most CLASSIFY_WAIT_FACTOR x `batch_wait_s` from when the oldest
-        was queued, and only
-        if the rate at which windows arrived over the last LATENCY_WINDOW_S brings at least one more in that time: a
-        quiet server answers at once (the rate is taken over the whole window, so one request reads as a slow rate,
-        and a sudden load is batched once it has lasted)."""
+        MAX_CLASSIFY_WINDOWS_PER_CALL windows wait and fewer than were outstanding together over the last
+        LATENCY_WINDOW_S (clients that send one request at a time are not waited for), at most CLASSIFY_WAIT_FACTOR x
+        `batch_wait_s` from when the oldest was queued, and only if the rate at which windows arrived over that window
+        brings at least one more in that time: a quiet server answers at once (the rate is taken over the whole
+        window, so one request reads as a slow rate, and a sudden load is batched once it has lasted)."""
         if self.batch_wait_s <= 0 or not self._classify_queue:
             return 0.0
         queued = sum(-(-max(len(piece), 1) // self.model.window) for piece, *_ in self._classify_queue)
-        missing = MAX_CLASSIFY_WINDOWS_PER_CALL - queued
         now = time.monotonic()
+        while self._classify_peaks and self._classify_peaks[0][0] < now - LATENCY_WINDOW_S:
+            self._classify_peaks.popleft()
+        peak = max((n for _, n in self._classify_peaks), default=0)
+        missing = min(MAX_CLASSIFY_WINDOWS_PER_CALL, peak) - queued
         left = self._classify_queue[0][3] + CLASSIFY_WAIT_FACTOR * self.batch_wait_s - now
         per_s = self.classify_arrived.total(now) / self.classify_arrived.window_s
         if missing > 0 and left > 0 and per_s * left >= 1:

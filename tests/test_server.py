@@ -181,9 +181,10 @@ def test_a_long_classify_request_is_computed_in_pieces_that_streams_can_come_bet
 
 
 def test_classify_requests_gather_for_a_fuller_call_only_while_they_keep_arriving(model, records):
-    """Batcher level: a request on a quiet batcher goes at once; under a steady arrival rate the next call waits for
-    more (at most CLASSIFY_WAIT_FACTOR x batch_wait_ms from the oldest, never past a full call), and then the answers
-    are those of the model alone, each request its own."""
+    """Batcher level: a request on a quiet batcher goes at once, and so does one from a client that sends one request
+    at a time; under a steady arrival rate of requests outstanding together the next call waits for more (at most
+    CLASSIFY_WAIT_FACTOR x batch_wait_ms from the oldest, never past a full call or the most outstanding together
+    lately), and then the answers are those of the model alone, each request its own."""
     from server.batcher import CLASSIFY_WAIT_FACTOR, MAX_CLASSIFY_WINDOWS_PER_CALL, Batcher
     from server.metrics import Metrics
 
@@ -197,16 +198,20 @@ def test_classify_requests_gather_for_a_fuller_call_only_while_they_keep_arrivin
         quiet = batcher._classify_fill_wait()
         for k in range(1, 120):  # the last two seconds at 60 windows/s
             batcher.classify_arrived.add(now - k / 60, 1)
+        batcher._classify_peaks.append((now, 1))
+        one_at_a_time = batcher._classify_fill_wait()  # a client that waits for each answer: nobody else to wait for
+        batcher._classify_peaks.append((now - 1, 4))  # a second ago, four were outstanding together
         busy = batcher._classify_fill_wait()
+        batcher._classify_peaks.append((now, MAX_CLASSIFY_WINDOWS_PER_CALL))
         batcher._classify_queue.extend((records[0], None, False, now) for _ in range(MAX_CLASSIFY_WINDOWS_PER_CALL - 1))
         full = batcher._classify_fill_wait()
         batcher._classify_queue.clear()
         batcher._classify_queue.append((records[0], None, False, now - budget - 0.01))  # queued longer than the wait
         late = batcher._classify_fill_wait()
-        return quiet, busy, full, late
+        return quiet, one_at_a_time, busy, full, late
 
-    quiet, busy, full, late = asyncio.run(scenario())
-    assert quiet == 0 and full == 0 and late == 0
+    quiet, one_at_a_time, busy, full, late = asyncio.run(scenario())
+    assert quiet == 0 and one_at_a_time == 0 and full == 0 and late == 0
     assert 0 < busy <= budget
 
     calls = []
