@@ -33,7 +33,8 @@ from datetime import date
 from pathlib import Path
 
 
-from streams import DEFAULT_MODEL, REPO_ROOT, RESULTS_DIR, SAMPLE_RATE, Sampler, Server, StreamRun, tiled_records
+from streams import (DEFAULT_MODEL, REPO_ROOT, RESULTS_DIR, SAMPLE_RATE, Sampler, Server, StreamRun, cpu_list,
+                     pin_load_generator, tiled_records)
 
 RESULT = RESULTS_DIR / "profile_streams.md"
 RATE_HZ = 200
@@ -130,7 +131,7 @@ def profile(args, out_dir: Path) -> tuple[Counter, dict, list[int], dict[str, fl
         raise SystemExit("error: py-spy not found (pip install py-spy)")
     tiled = tiled_records()
     server = Server(args.model, args.workers, extra=["--max-streams", str(args.streams * 2)],
-                    log_name="profile-server")
+                    log_name="profile-server", cpus=args.server_cpus)
     sampler = Sampler(server)
     hop = int(server.model_info.get("default_hop", 25))
     # with --workers > 1 uvicorn's workers are its spawned children (beside multiprocessing's resource tracker)
@@ -200,7 +201,8 @@ def report(args, stacks: Counter, result: dict, workers: list, cpu: dict) -> str
              "that.**" if shed else "None shed or refused: under capacity.")
     md = ["# Where a stream server's CPU goes\n",
           f"Measured {date.today().isoformat()}: `python loadtest/profile_streams.py --streams {args.streams} "
-          f"--workers {args.workers} --duration {args.duration:g}` ({args.streams} paced real-time streams from "
+          f"--workers {args.workers} --duration {args.duration:g}{_pinning(args)}` ({args.streams} paced real-time "
+          "streams from "
           "`loadtest/streams.py`; every worker recorded with `py-spy record --format raw --nonblocking`, idle threads "
           "unsampled). Each Python-level sample is classified by its innermost frame that belongs to a known part "
           "and counts 1/200 s; each thread's CPU time from /proc that those samples do not explain is its C-level "
@@ -214,6 +216,12 @@ def report(args, stacks: Counter, result: dict, workers: list, cpu: dict) -> str
     return "\n".join(md)
 
 
+def _pinning(args) -> str:
+    """The CPU flags as given, for the report's command line."""
+    return "".join(f" --{flag.replace('_', '-')} {','.join(map(str, sorted(getattr(args, flag))))}"
+                   for flag in ("server_cpus", "loadgen_cpus") if getattr(args, flag))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -221,7 +229,10 @@ def main(argv=None) -> int:
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--duration", type=float, default=25.0, help="measured seconds (py-spy records 2 s less)")
+    parser.add_argument("--server-cpus", type=cpu_list, default=None, help="CPUs the server runs on, e.g. 0")
+    parser.add_argument("--loadgen-cpus", type=cpu_list, default=None, help="CPUs the load generator runs on, e.g. 1")
     args = parser.parse_args(argv)
+    pin_load_generator(args)
     if args.duration < 5:
         parser.error("--duration must be at least 5 s")
     with tempfile.TemporaryDirectory(prefix="profile_streams_") as raw_dir:
