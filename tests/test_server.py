@@ -196,7 +196,7 @@ def test_classify_requests_gather_for_a_fuller_call_only_while_they_keep_arrivin
         batcher._classify_queue.append((records[0], None, False, now))
         batcher.classify_arrived.add(now, 1)
         quiet = batcher._classify_fill_wait()
-        for k in range(1, 120):  # the last two seconds at 60 windows/s
+        for k in range(119, 0, -1):  # the last two seconds at 60 windows/s
             batcher.classify_arrived.add(now - k / 60, 1)
         batcher._classify_peaks.append((now, 1))
         one_at_a_time = batcher._classify_fill_wait()  # a client that waits for each answer: nobody else to wait for
@@ -230,8 +230,9 @@ def test_classify_requests_gather_for_a_fuller_call_only_while_they_keep_arrivin
     async def steady():
         batcher = Batcher(Counting(model), Metrics(), batch_wait_ms=20)
         now = time.monotonic()
-        for k in range(120):  # as if 60 requests/s had been arriving for two seconds
+        for k in range(119, -1, -1):  # as if 60 requests/s had been arriving for two seconds, four at a time
             batcher.classify_arrived.add(now - k / 60, 1)
+            batcher._classify_peaks.append((now - k / 60, 4))
         batcher.start()
         try:
             tasks = []
