@@ -55,7 +55,8 @@ def run_one(name: str, data_dir: Path, runs: Path, extra: list[str]) -> dict:
             "val_macro_auroc": metrics["best"]["macro_auroc"], "epoch": metrics["best"]["epoch"],
             "val_accuracy": metrics["best"].get("accuracy"), "val_loss": _best_val_loss(out, metrics),
             # the epochs the served model trained: the refit's, or the folds' mean stopping epoch
-            "epochs": metrics["best"]["epoch"] if "cross_validated" in metrics["best"] else len(metrics["epochs"]), "config": {k: metrics["config"][k] for k in ("d_model", "n_layers")},
+            "epochs": metrics["best"]["epoch"] if "cross_validated" in metrics["best"] else len(metrics["epochs"]),
+            "config": {k: metrics["config"][k] for k in ("d_model", "n_layers")},
             "recipe": metrics.get("ucr_recipe"), "train_seconds": _train_seconds(out, metrics),
             "members": metrics.get("members")}
 

@@ -39,7 +39,7 @@ def mixup(xb: np.ndarray, yb: np.ndarray, rng: np.random.Generator, alpha: float
     """Each record blended with another of the batch, record and label alike, by a weight drawn from Beta(alpha,
     alpha) (mixup, Zhang et al. 2018): on a training set of a few dozen series a model otherwise reaches zero
     training loss within a few hundred steps and goes on fitting noise. alpha 0: unchanged."""
-    if not alpha or alpha <= 0 or len(xb) < 2:
+    if alpha <= 0 or len(xb) < 2:
         return xb, yb
     lam = rng.beta(alpha, alpha, len(xb)).astype(np.float32)
     lam = np.maximum(lam, 1 - lam)  # the record keeps the larger share: its own label stays the larger

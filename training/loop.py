@@ -481,7 +481,7 @@ def _train_cross_validated(args, choices: list[str], folds: int) -> dict:
     figures, fold_runs, oof = {}, {}, {}
     for choice in choices:
         base = final_out / "selection" / (f"template_{choice}" if len(choices) > 1 else "cv")
-        runs, fold_metrics, oof_p, oof_y = [], [], [], []
+        runs, fold_metrics, oof_p, oof_y, loaded = [], [], [], [], []
         for k in range(folds):
             run = Run(argparse.Namespace(**{**vars(args), "out": str(base / f"fold_{k}"), "template": choice,
                                             "seed": args.seed + k, "cv_fold": k, "cv_folds": folds,
@@ -489,8 +489,8 @@ def _train_cross_validated(args, choices: list[str], folds: int) -> dict:
             fold_metrics.append(_train_once(run))
             runs.append(run)
             if run.is_main:
-                model, _, _ = load_checkpoint(run.out / "checkpoint.pt")
-                oof_p.append(window_probabilities(model, run.data.x_val, args.eval_batch_size))
+                loaded.append(load_checkpoint(run.out / "checkpoint.pt"))  # kept: the ensemble, if this choice wins
+                oof_p.append(window_probabilities(loaded[-1][0], run.data.x_val, args.eval_batch_size))
                 oof_y.append(run.data.y_val)
         if not runs[0].is_main:
             return {}
@@ -498,18 +498,18 @@ def _train_cross_validated(args, choices: list[str], folds: int) -> dict:
         figures[choice] = {"oof_macro_auroc": macro_auroc(y, p), "oof_loss": validation_loss(p, y, False),
                            "oof_accuracy": float((p.argmax(-1) == y.argmax(-1)).mean()),
                            "dir": os.path.relpath(base, final_out)}
-        fold_runs[choice], oof[choice] = (runs, fold_metrics), (y, p)
+        fold_runs[choice], oof[choice] = (runs, fold_metrics, loaded), (y, p)
     chosen = max(choices, key=lambda c: selection_rank(args.task, figures[c]["oof_macro_auroc"], figures[c]["oof_loss"]))
-    runs, fold_metrics = fold_runs[chosen]
+    runs, fold_metrics, loaded = fold_runs[chosen]
     metrics = _keep_ensemble(runs, fold_metrics, final_out, {"folds": folds},
                              {"validation": {"cross_validated": figures[chosen], "folds": folds}},
-                             lambda k, run, m: {"fold": k, "epoch": m["best"]["epoch"]})
+                             lambda k, run, m: {"fold": k, "epoch": m["best"]["epoch"]}, loaded)
     best = {"macro_auroc": figures[chosen]["oof_macro_auroc"], "accuracy": figures[chosen]["oof_accuracy"],
             "loss": figures[chosen]["oof_loss"], "epoch": round(np.mean([m["best"]["epoch"] for m in fold_metrics])),
             "cross_validated": f"out-of-fold predictions of {folds} folds, all of TRAIN",
             **{f"bootstrap_{k}": v for k, v in bootstrap_macro_auroc(*oof[chosen], n_boot=args.n_boot).items()}}
     metrics.update(best=best,
-                   train_wall_seconds=sum(m["train_wall_seconds"] for _, ms in fold_runs.values() for m in ms),
+                   train_wall_seconds=sum(m["train_wall_seconds"] for _, ms, _ in fold_runs.values() for m in ms),
                    selection={"cross_validation": {"folds": folds, "seed": args.seed},
                               "template": {c: {**f, "chosen": c == chosen} for c, f in figures.items()}})
     metrics.pop("early_stop", None)
@@ -536,12 +536,13 @@ def _train_ensemble(args, refit: dict, members: int) -> dict:
 
 
 def _keep_ensemble(runs: list, run_metrics: list[dict], out: Path, describe: dict, meta_extra: dict,
-                   member_fields) -> dict:
-    """The finished runs' checkpoints saved as one EnsembleClassifier in out/checkpoint.pt (the first run's meta,
-    `meta_extra`, and an `ensemble` block with `describe` in it) and scored on TEST once; -> the first run's metrics
-    with the ensemble's config and TEST figures, and per member its dir, `member_fields(k, run, metrics)` and TEST
-    figures. The refits (`_train_ensemble`) and the cross-validation folds (`_train_cross_validated`) both end here."""
-    loaded = [load_checkpoint(run.out / "checkpoint.pt") for run in runs]
+                   member_fields, loaded: list | None = None) -> dict:
+    """The finished runs' checkpoints (`loaded`, as load_checkpoint gives them, where the caller has them already)
+    saved as one EnsembleClassifier in out/checkpoint.pt (the first run's meta, `meta_extra`, and an `ensemble` block
+    with `describe` in it) and scored on TEST once; -> the first run's metrics with the ensemble's config and TEST
+    figures, and per member its dir, `member_fields(k, run, metrics)` and TEST figures. The refits
+    (`_train_ensemble`) and the cross-validation folds (`_train_cross_validated`) both end here."""
+    loaded = loaded or [load_checkpoint(run.out / "checkpoint.pt") for run in runs]
     ensemble = EnsembleClassifier([model for model, _, _ in loaded])
     meta = {**loaded[0][1], "ensemble": {"members": len(runs), **describe, "seeds": [run.args.seed for run in runs],
                                          "combined": "the mean of the members' probabilities at every step"},
