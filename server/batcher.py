@@ -16,6 +16,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -96,6 +97,16 @@ class RateWindow:
         return min(self.window_s, max(now - self._counts[0][0], 1e-3)) if self._counts else self.window_s
 
 
+class ClassifyPiece(NamedTuple):
+    """One queued piece of a /classify request (a long signal is several, queued together, oldest first)."""
+    signal: np.ndarray
+    future: asyncio.Future
+    scale_weights: bool  # whether the request asked for the scale mixer's weights
+    queued_at: float
+    windows: int  # model windows in the piece (an empty signal counts as one: it is sent to get the model's error)
+    last: bool  # the request's last piece: a request's pieces leave the queue in order, so these count the requests
+
+
 @dataclass(frozen=True)
 class Load:
     """The batcher's recent work, for deciding whether it falls behind (`Batcher.load`)."""
@@ -111,10 +122,10 @@ class Batcher:
         self.latency = LatencyWindow()
         self.arrived, self.computed = RateWindow(), RateWindow()  # samples: does the batcher keep up?
         self.became_ready = RateWindow()  # streams becoming ready: how soon a fuller batch would form
-        self.classify_arrived = RateWindow()  # /classify windows queued: how soon a fuller call would form
-        # /classify windows asked for and not yet answered, and (when, how many) at each arrival: the most that were
+        self.classify_arrived = RateWindow()  # /classify requests queued: how soon a fuller call would form
+        # /classify requests asked for and not yet answered, and (when, how many) at each arrival: the most that were
         # outstanding together lately is the most a call can expect to gather (clients that wait for each answer
-        # before the next request never bring more than themselves)
+        # before the next request never bring more than themselves, and the pieces of one long request none)
         self._classify_outstanding = 0
         self._classify_peaks: deque[tuple[float, int]] = deque()
         self._timed: dict[StreamSession, float] = {}
@@ -126,8 +137,7 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._work = asyncio.Event()
         self._task: asyncio.Task | None = None
-        # (signal piece, its future, whether it asked for the scale mixer's weights, when it was queued)
-        self._classify_queue: deque[tuple[np.ndarray, asyncio.Future, bool, float]] = deque()
+        self._classify_queue: deque[ClassifyPiece] = deque()
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -167,24 +177,27 @@ class Batcher:
             self._work.set()
 
     async def classify(self, signal: np.ndarray, scale_weights: bool = False) -> dict:
-        """`OnnxModel.classify(signal, scale_weights)`, batched by the consumer with other requests waiting at the same time. A long
-        signal is queued as pieces of at most MAX_CLASSIFY_WINDOWS_PER_CALL windows, so that streams advance between
-        its calls (an hour-long recording is ~360 windows: seconds of compute that would stall every stream)."""
+        """`OnnxModel.classify(signal, scale_weights)`, batched by the consumer with other requests waiting at the same
+        time. A long signal is queued as pieces of at most MAX_CLASSIFY_WINDOWS_PER_CALL windows, so that streams
+        advance between its calls (an hour-long recording is ~360 windows: seconds of compute that would stall every
+        stream)."""
         piece = MAX_CLASSIFY_WINDOWS_PER_CALL * self.model.window
         loop = asyncio.get_running_loop()
         starts = range(0, max(len(signal), 1), piece)  # an empty signal still goes in, to get the model's error
-        futures = [loop.create_future() for _ in starts]
-        now, windows = time.monotonic(), -(-max(len(signal), 1) // self.model.window)
-        self._classify_queue.extend((signal[start : start + piece], f, scale_weights, now)
-                                    for start, f in zip(starts, futures))
-        self.classify_arrived.add(now, windows)
-        self._classify_outstanding += windows
+        now = time.monotonic()
+        pieces = [ClassifyPiece(part, loop.create_future(), scale_weights, now,
+                                windows=max(1, -(-len(part) // self.model.window)), last=start == starts[-1])
+                  for start in starts for part in [signal[start : start + piece]]]
+        self._classify_queue.extend(pieces)
+        self.classify_arrived.add(now, 1)
+        self._classify_outstanding += 1
         self._classify_peaks.append((now, self._classify_outstanding))
         self._work.set()
         try:
-            parts = await asyncio.gather(*futures)  # cancelled with the request: the batcher then skips what is left
+            # cancelled with the request: the batcher then skips what is left
+            parts = await asyncio.gather(*(p.future for p in pieces))
         finally:
-            self._classify_outstanding -= windows
+            self._classify_outstanding -= 1
         return merge_windows([{**w, "start": start + w["start"]} for start, part in zip(starts, parts)
                               for w in part["windows"]])
 
@@ -231,23 +244,24 @@ class Batcher:
     def _classify_fill_wait(self) -> float:
         """Seconds to let /classify requests gather before the next call: its rows share the graph's cost per call
         (bundled model, one core: 1 row x 250 samples 66 k samples/s, 4 x 100 89 k; benchmarks/results/
-        efficiency_pinned.md). As for streams (`_let_batch_fill`): only while fewer than
-        MAX_CLASSIFY_WINDOWS_PER_CALL windows wait and fewer than were outstanding together over the last
-        LATENCY_WINDOW_S (clients that send one request at a time are not waited for), at most CLASSIFY_WAIT_FACTOR x
-        `batch_wait_s` from when the oldest was queued, and only if the rate at which windows arrived over that window
-        brings at least one more in that time: a quiet server answers at once (the rate is taken over the whole
-        window, so one request reads as a slow rate, and a sudden load is batched once it has lasted)."""
+        efficiency_pinned.md). As for streams (`_let_batch_fill`): only while fewer than MAX_CLASSIFY_WINDOWS_PER_CALL
+        windows wait and fewer requests than were outstanding together over the last LATENCY_WINDOW_S (clients that send
+        one request at a time are not waited for, nor the rest of a long one), at most CLASSIFY_WAIT_FACTOR x
+        `batch_wait_s` from when the oldest was queued, and only if the rate at which requests arrived over that window
+        brings at least one more in that time: a quiet server answers at once (the rate is taken over the whole window,
+        so one request reads as a slow rate, and a sudden load is batched once it has lasted)."""
         if self.batch_wait_s <= 0 or not self._classify_queue:
             return 0.0
-        queued = sum(-(-max(len(piece), 1) // self.model.window) for piece, *_ in self._classify_queue)
+        queued = sum(p.windows for p in self._classify_queue)
+        requests = sum(p.last for p in self._classify_queue)
         now = time.monotonic()
         while self._classify_peaks and self._classify_peaks[0][0] < now - LATENCY_WINDOW_S:
             self._classify_peaks.popleft()
         peak = max((n for _, n in self._classify_peaks), default=0)
-        missing = min(MAX_CLASSIFY_WINDOWS_PER_CALL, peak) - queued
-        left = self._classify_queue[0][3] + CLASSIFY_WAIT_FACTOR * self.batch_wait_s - now
+        missing = peak - requests  # requests that may yet come to share the call
+        left = self._classify_queue[0].queued_at + CLASSIFY_WAIT_FACTOR * self.batch_wait_s - now
         per_s = self.classify_arrived.total(now) / self.classify_arrived.window_s
-        if missing > 0 and left > 0 and per_s * left >= 1:
+        if queued < MAX_CLASSIFY_WINDOWS_PER_CALL and missing > 0 and left > 0 and per_s * left >= 1:
             return min(left, missing / per_s)
         return 0.0
 
@@ -302,33 +316,31 @@ class Batcher:
         """Classify waiting requests, oldest first, up to MAX_CLASSIFY_WINDOWS_PER_CALL windows in one call."""
         taken, windows = [], 0
         while self._classify_queue:
-            n_windows = -(-len(self._classify_queue[0][0]) // self.model.window)
-            if taken and windows + n_windows > MAX_CLASSIFY_WINDOWS_PER_CALL:
+            if taken and windows + self._classify_queue[0].windows > MAX_CLASSIFY_WINDOWS_PER_CALL:
                 break
             taken.append(self._classify_queue.popleft())
-            windows += n_windows
+            windows += taken[-1].windows
         self._work.set()  # the rest, and any streams, on the next turn
-        taken = [request for request in taken if not request[1].done()]  # clients gone: skip
+        taken = [piece for piece in taken if not piece.future.done()]  # clients gone: skip
         if not taken:
             return
         try:
             await self._classify_batch(taken)
         except Exception as err:
             if len(taken) == 1:
-                return self._answer(taken[0][1], error=err)
-            for request in taken:  # one bad request must not fail those batched with it: each alone
+                return self._answer(taken[0].future, error=err)
+            for piece in taken:  # one bad request must not fail those batched with it: each alone
                 try:
-                    await self._classify_batch([request])
+                    await self._classify_batch([piece])
                 except Exception as own_err:  # the request answers with its own error; the server goes on
-                    self._answer(request[1], error=own_err)
+                    self._answer(piece.future, error=own_err)
 
-    async def _classify_batch(self, requests: list[tuple[np.ndarray, asyncio.Future, bool, float]]) -> None:
+    async def _classify_batch(self, pieces: list[ClassifyPiece]) -> None:
         # The mixer's weights come out of the same call (they cost a copy): fetched for all if one asked.
         results = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.model.classify_many, [signal for signal, *_ in requests],
-            any(wants for _, _, wants, _ in requests))
-        for (_, future, wants, _), result in zip(requests, results):
-            self._answer(future, result if wants else _without_scale_weights(result))
+            self.executor, self.model.classify_many, [p.signal for p in pieces], any(p.scale_weights for p in pieces))
+        for piece, result in zip(pieces, results):
+            self._answer(piece.future, result if piece.scale_weights else _without_scale_weights(result))
 
     @staticmethod
     def _answer(future: asyncio.Future, result=None, error: Exception | None = None) -> None:

@@ -185,34 +185,47 @@ def test_classify_requests_gather_for_a_fuller_call_only_while_they_keep_arrivin
     at a time; under a steady arrival rate of requests outstanding together the next call waits for more (at most
     CLASSIFY_WAIT_FACTOR x batch_wait_ms from the oldest, never past a full call or the most outstanding together
     lately), and then the answers are those of the model alone, each request its own."""
-    from server.batcher import CLASSIFY_WAIT_FACTOR, MAX_CLASSIFY_WINDOWS_PER_CALL, Batcher
+    from server.batcher import CLASSIFY_WAIT_FACTOR, MAX_CLASSIFY_WINDOWS_PER_CALL, Batcher, ClassifyPiece
     from server.metrics import Metrics
 
     budget = CLASSIFY_WAIT_FACTOR * 0.02
 
+    def piece(queued_at, last=True):
+        return ClassifyPiece(records[0], None, False, queued_at, windows=1, last=last)
+
     async def scenario():
         batcher = Batcher(model, Metrics(), batch_wait_ms=20)  # not started: the decision is read by hand
         now = time.monotonic()
-        batcher._classify_queue.append((records[0], None, False, now))
+        batcher._classify_queue.append(piece(now))
         batcher.classify_arrived.add(now, 1)
         quiet = batcher._classify_fill_wait()
-        for k in range(119, 0, -1):  # the last two seconds at 60 windows/s
+        for k in range(119, 0, -1):  # the last two seconds at 60 requests/s
             batcher.classify_arrived.add(now - k / 60, 1)
         batcher._classify_peaks.append((now, 1))
         one_at_a_time = batcher._classify_fill_wait()  # a client that waits for each answer: nobody else to wait for
         batcher._classify_peaks.append((now - 1, 4))  # a second ago, four were outstanding together
         busy = batcher._classify_fill_wait()
+        batcher._classify_queue.clear()  # the last pieces of one long request, with four requests outstanding lately:
+        batcher._classify_queue.extend([piece(now, last=False), piece(now, last=False), piece(now)])
+        batcher._classify_peaks.append((now, 1))
+        long_alone = batcher._classify_fill_wait()  # only three more requests can share them, not its own pieces
+        batcher._classify_queue.clear()
         batcher._classify_peaks.append((now, MAX_CLASSIFY_WINDOWS_PER_CALL))
-        batcher._classify_queue.extend((records[0], None, False, now) for _ in range(MAX_CLASSIFY_WINDOWS_PER_CALL - 1))
+        batcher._classify_queue.extend(piece(now) for _ in range(MAX_CLASSIFY_WINDOWS_PER_CALL))
         full = batcher._classify_fill_wait()
         batcher._classify_queue.clear()
-        batcher._classify_queue.append((records[0], None, False, now - budget - 0.01))  # queued longer than the wait
+        batcher._classify_queue.append(piece(now - budget - 0.01))  # queued longer than the wait
         late = batcher._classify_fill_wait()
-        return quiet, one_at_a_time, busy, full, late
+        batcher._classify_peaks.clear()
+        batcher._classify_peaks.append((now, 1))
+        batcher._classify_queue.clear()
+        batcher._classify_queue.extend([piece(now, last=False), piece(now)])
+        own_pieces = batcher._classify_fill_wait()  # one long request alone: its last piece waits for nobody
+        return quiet, one_at_a_time, busy, long_alone, full, late, own_pieces
 
-    quiet, one_at_a_time, busy, full, late = asyncio.run(scenario())
-    assert quiet == 0 and one_at_a_time == 0 and full == 0 and late == 0
-    assert 0 < busy <= budget
+    quiet, one_at_a_time, busy, long_alone, full, late, own_pieces = asyncio.run(scenario())
+    assert quiet == 0 and one_at_a_time == 0 and full == 0 and late == 0 and own_pieces == 0
+    assert 0 < busy <= budget and 0 < long_alone <= budget
 
     calls = []
 
