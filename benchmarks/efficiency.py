@@ -8,7 +8,10 @@
    samples/s is the ceiling.
 2. Stream capacity (`loadtest/streams.py`: real-time 100 Hz streams, p99 < 100 ms, no failures, generator kept
    pace) -> served samples/s = streams x 100.
-3. /classify capacity (`loadtest/streams.py --classify --binary`: 10 s windows, p99 < 200 ms) -> windows/s x 1000.
+3. The batcher path: as many streams, driven in-process straight into the server's `Batcher` (sessions, batching,
+   results; no sockets, no latency bound) as fast as it goes: what the server's own per-stream work leaves of the
+   bare graph before any network, so the loss splits into the batcher's share and the sockets'.
+4. /classify capacity (`loadtest/streams.py --classify --binary`: 10 s windows, p99 < 200 ms) -> windows/s x 1000.
 Prints each, and serving efficiency = served samples/s / bare-graph samples/s for streams and for /classify; writes
 benchmarks/results/efficiency.md (and .json) and, with --write-readme, the figures between the README's
 `<!-- efficiency -->` markers.
@@ -85,6 +88,67 @@ def bare_graph(model_dir: str, workers: int, seconds: float, rounds: int, cpus: 
     return {"samples_per_s": table[best], "best_shape": best, "table": table}
 
 
+def _batcher_worker(model_dir: str, streams: int, seconds: float, start, queue, cpus) -> None:
+    """`streams` sessions driven straight into a `Batcher` in this process, no sockets: every round feeds each one
+    hop and waits for each one's prediction, as fast as the batcher goes."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    sys.path.insert(0, str(REPO_ROOT))
+    import asyncio
+
+    from msssm_serve.runtime import OnnxModel, Stream
+    from server.batcher import Batcher
+    from server.metrics import Metrics
+
+    model = OnnxModel(model_dir, threads=1)
+    hop = np.random.default_rng(0).normal(0, 0.3, (model.default_hop, model.n_channels)).astype(np.float32)
+
+    async def rounds() -> float:
+        batcher = Batcher(model, Metrics(), batch_wait_ms=0)  # never waits: every round brings every stream
+        batcher.start()
+        outboxes = [asyncio.Queue() for _ in range(streams)]
+        sessions = [batcher.open(Stream(model, hop=model.default_hop), box) for box in outboxes]
+
+        async def one_round() -> None:
+            for session in sessions:
+                await session.feed(hop, stall_timeout_s=60)
+            for session, box in zip(sessions, outboxes):
+                await box.get()
+                session.message_sent()
+
+        await one_round()  # warm-up
+        start.wait()
+        t0, samples = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            await one_round()
+            samples += streams * len(hop)
+        rate = samples / (time.perf_counter() - t0)
+        await batcher.stop()
+        return rate
+
+    queue.put(asyncio.run(rounds()))
+
+
+def batcher_path(model_dir: str, workers: int, streams: int, seconds: float, cpus: set[int] | None = None) -> float:
+    """samples/s summed over `workers` processes (on `cpus` when given), each driving its share of `streams` through
+    the server's batcher with no sockets (`_batcher_worker`): what the server's own per-stream work leaves of the bare
+    graph at full load, before any network."""
+    ctx = mp.get_context("spawn")
+    start, queue = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_batcher_worker, args=(model_dir, max(16, streams // workers), seconds, start, queue,
+                                                       cpus)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    time.sleep(5)  # every process loaded and its streams open before the clock starts
+    start.set()
+    rate = sum(queue.get(timeout=seconds + 120) for _ in procs)
+    for p in procs:
+        p.join()
+    print(f"batcher path, {streams} streams, no sockets: {rate:,.0f} samples/s", flush=True)
+    return rate
+
+
 def load_test(extra: list[str], result: str) -> dict:
     cmd = [sys.executable, str(REPO_ROOT / "loadtest" / "streams.py"), *extra]
     print("+", " ".join(cmd), flush=True)
@@ -123,12 +187,16 @@ def main() -> None:
     streams = load_test([*common, "--steps", args.steps], f"streams_w{args.workers}_efficiency{tag}.json")
     classify = load_test([*common, "--classify", "--binary", "--rates", args.rates],
                          f"classify_w{args.workers}_binary_efficiency{tag}.json")
+    # the same streams (or the highest step tried, when none passed) through the batcher alone
+    path = batcher_path(args.model, args.workers, streams["capacity_streams"] or int(args.steps.split(",")[0]),
+                        args.shape_seconds * 3, args.server_cpus)
     stream_rate = (streams["capacity_streams"] or 0) * 100.0
     classify_rate = (classify["capacity_windows_per_s"] or 0) * 1000.0
     result = {"model": os.path.relpath(args.model, REPO_ROOT), "workers": args.workers, "bare_graph": bare,
               "server_cpus": sorted(args.server_cpus or []), "loadgen_cpus": sorted(args.loadgen_cpus or []),
               "streams": {"capacity": streams["capacity_streams"], "samples_per_s": stream_rate,
                           "efficiency": stream_rate / bare["samples_per_s"]},
+              "batcher_path": {"samples_per_s": path, "of_bare_graph": path / bare["samples_per_s"]},
               "classify": {"windows_per_s": classify["capacity_windows_per_s"], "samples_per_s": classify_rate,
                            "efficiency": classify_rate / bare["samples_per_s"]},
               "wall_seconds": time.time() - started, "cpus": os.cpu_count()}
@@ -145,7 +213,8 @@ def main() -> None:
             f"**{bare['samples_per_s']:,.0f} samples/s** ({args.workers} one-thread process"
             f"{'es' if args.workers > 1 else ''}, best shape {bare['best_shape']}); streams "
             f"**{streams['capacity_streams']}** × 100 Hz = {stream_rate:,.0f} samples/s, "
-            f"**efficiency {result['streams']['efficiency']:.2f}**; /classify "
+            f"**efficiency {result['streams']['efficiency']:.2f}** (the same streams through the batcher alone, no "
+            f"sockets, at full load: {path:,.0f} samples/s, {result['batcher_path']['of_bare_graph']:.2f}); /classify "
             f"**{classify['capacity_windows_per_s']:g} windows/s** = {classify_rate:,.0f} samples/s, "
             f"**efficiency {result['classify']['efficiency']:.2f}**.")
     print(text)

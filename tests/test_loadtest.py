@@ -34,3 +34,13 @@ def test_a_server_started_on_one_cpu_runs_there_with_its_workers(model_dir, tmp_
         assert len(processes) >= 3  # the supervisor and its two workers
         assert all(p.cpu_affinity() == [cpu] for p in processes)
     assert os.sched_getaffinity(0) != {cpu}  # the caller itself was not pinned
+
+
+def test_the_batcher_path_benchmark_drives_real_streams_through_the_batcher(model_dir):
+    """benchmarks/efficiency.py's no-socket figure: every stream's every hop goes through the server's batcher and
+    comes back as a prediction (a round waits for each), so a rate comes out only if the batcher serves them all."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from efficiency import batcher_path
+
+    rate = batcher_path(str(model_dir), workers=1, streams=16, seconds=0.5)
+    assert rate > 1000  # samples/s: 16 streams x 25 samples per round, many rounds in half a second
