@@ -92,6 +92,8 @@ class StreamSession:
             self._flush = None
 
     async def _wait(self, condition, timeout_s: float) -> None:
+        if condition() and not self.gone:  # the usual case: no timer to arm (one per frame is ~10 % of the loop)
+            return
         try:
             async with asyncio.timeout(timeout_s):
                 while not condition():
