@@ -291,14 +291,14 @@ def test_ucr_defaults_learn_a_small_set_without_flags(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.9, metrics["test_accuracy"]
     recipe = metrics["ucr_recipe"]
-    assert (recipe["batch_size"], recipe["epochs"]) == (4, 250)  # a fold trains on 32 series: 8 steps per epoch
+    assert (recipe["batch_size"], recipe["epochs"]) == (4, 223)  # a fold trains on 36 series: 9 steps per epoch
     assert recipe["template_share"] < 0.5  # two shapes: little of the variance is a shared one
-    # five folds (recipe.FOLDS) without and with the template; the better out of fold is the served ensemble
+    # ten folds (recipe.FOLDS) without and with the template; the better out of fold is the served ensemble
     chosen = next(c for c, v in metrics["selection"]["template"].items() if v["chosen"])
-    assert metrics["selection"]["cross_validation"]["folds"] == 5 and recipe["template"] == chosen
+    assert metrics["selection"]["cross_validation"]["folds"] == 10 and recipe["template"] == chosen
     model = load_checkpoint(out / "checkpoint.pt")[0]
-    assert len(model.members) == 5 and (model.cfg.template_length > 0) == (chosen == "on")
-    assert metrics["ema_decay"] == pytest.approx(1 - 5 / (8 * 250))
+    assert len(model.members) == 10 and (model.cfg.template_length > 0) == (chosen == "on")
+    assert metrics["ema_decay"] == pytest.approx(1 - 5 / (9 * 223))
 
 
 @pytest.mark.parametrize(
