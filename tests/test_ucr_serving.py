@@ -1,7 +1,8 @@
-"""A model trained with `--task ucr` serves like any other: trained on a real UCR dataset (the ItalyPowerDemand
-fixture: 24-sample series, 2 classes; an ensemble of cross-validation folds' models, as the defaults give a set this
-small), exported, then `/classify` of one series and a stream of it, whose final prediction equals `/classify` and whose class is the trainer's own on TEST; and a multivariate model read from the
-UEA archive's `.ts` format serves its channels as leads."""
+"""A model trained with `--task ucr` serves like any other: trained on a real UCR dataset (the ItalyPowerDemand fixture:
+24-sample series, 2 classes; an ensemble of cross-validation folds' models, as the defaults give a set this small),
+exported, then `/classify` of one series and a stream of it, whose final prediction equals `/classify` and whose
+class is the trainer's own on TEST; and a multivariate model read from the UEA archive's `.ts` format serves its
+channels as leads."""
 
 from __future__ import annotations
 
