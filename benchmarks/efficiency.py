@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loadtest"))
-from streams import cpu_list  # noqa: E402  (the load tests' CPU-list syntax)
+from streams import cpu_flags, cpu_list, cpu_text  # noqa: E402  (the load tests' CPU-list syntax)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -181,9 +181,7 @@ def main() -> None:
     bare = bare_graph(args.model, args.workers, args.shape_seconds, args.rounds, args.server_cpus)
     common = ["--model", args.model, "--workers", str(args.workers), "--duration", str(args.duration),
               "--tag", f"_efficiency{tag}"]
-    for flag in ("server_cpus", "loadgen_cpus"):
-        if getattr(args, flag):
-            common += [f"--{flag.replace('_', '-')}", ",".join(map(str, sorted(getattr(args, flag))))]
+    common += cpu_flags(args)
     streams = load_test([*common, "--steps", args.steps], f"streams_w{args.workers}_efficiency{tag}.json")
     classify = load_test([*common, "--classify", "--binary", "--rates", args.rates],
                          f"classify_w{args.workers}_binary_efficiency{tag}.json")
@@ -200,11 +198,11 @@ def main() -> None:
               "classify": {"windows_per_s": classify["capacity_windows_per_s"], "samples_per_s": classify_rate,
                            "efficiency": classify_rate / bare["samples_per_s"]},
               "wall_seconds": time.time() - started, "cpus": os.cpu_count()}
-    flags = " ".join(f"--{k.replace('_', '-')} {','.join(map(str, sorted(v))) if isinstance(v, set) else v}"
+    flags = " ".join(f"--{k.replace('_', '-')} {cpu_text(v) if isinstance(v, set) else v}"
                      for k, v in vars(args).items()
                      if k not in ("write_readme", "workers") and v != parser.get_default(k))
-    where = (f"the server and the bare graph on CPU {','.join(map(str, sorted(args.server_cpus)))}, the load "
-             f"generator on CPU {','.join(map(str, sorted(args.loadgen_cpus or [])))}" if pinned
+    where = (f"the server and the bare graph on CPU {cpu_text(args.server_cpus)}, the load "
+             f"generator on CPU {cpu_text(args.loadgen_cpus or [])}" if pinned
              else f"{os.cpu_count()} cores shared with the load generator")
     text = (f"Serving efficiency{', server alone' if pinned else ''} (`python benchmarks/efficiency.py "
             f"--workers {args.workers}"

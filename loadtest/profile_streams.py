@@ -33,8 +33,8 @@ from datetime import date
 from pathlib import Path
 
 
-from streams import (DEFAULT_MODEL, REPO_ROOT, RESULTS_DIR, SAMPLE_RATE, Sampler, Server, StreamRun, cpu_list,
-                     pin_load_generator, tiled_records)
+from streams import (DEFAULT_MODEL, REPO_ROOT, RESULTS_DIR, SAMPLE_RATE, Sampler, Server, StreamRun, cpu_flags,
+                     cpu_list, pin_load_generator, tiled_records)
 
 RESULT = RESULTS_DIR / "profile_streams.md"
 RATE_HZ = 200
@@ -199,10 +199,10 @@ def report(args, stacks: Counter, result: dict, workers: list, cpu: dict) -> str
     shed = result.get("shed", 0) or result.get("refused", 0)
     state = (f"**{shed} streams were shed or refused: the server was past its capacity, and this profile describes "
              "that.**" if shed else "None shed or refused: under capacity.")
+    command = " ".join(["python loadtest/profile_streams.py", "--streams", str(args.streams), "--workers",
+                        str(args.workers), "--duration", f"{args.duration:g}", *cpu_flags(args)])
     md = ["# Where a stream server's CPU goes\n",
-          f"Measured {date.today().isoformat()}: `python loadtest/profile_streams.py --streams {args.streams} "
-          f"--workers {args.workers} --duration {args.duration:g}{_pinning(args)}` ({args.streams} paced real-time "
-          "streams from "
+          f"Measured {date.today().isoformat()}: `{command}` ({args.streams} paced real-time streams from "
           "`loadtest/streams.py`; every worker recorded with `py-spy record --format raw --nonblocking`, idle threads "
           "unsampled). Each Python-level sample is classified by its innermost frame that belongs to a known part "
           "and counts 1/200 s; each thread's CPU time from /proc that those samples do not explain is its C-level "
@@ -214,12 +214,6 @@ def report(args, stacks: Counter, result: dict, workers: list, cpu: dict) -> str
           f"% of all cores. {state}\n",
           "```", *lines, "```", ""]
     return "\n".join(md)
-
-
-def _pinning(args) -> str:
-    """The CPU flags as given, for the report's command line."""
-    return "".join(f" --{flag.replace('_', '-')} {','.join(map(str, sorted(getattr(args, flag))))}"
-                   for flag in ("server_cpus", "loadgen_cpus") if getattr(args, flag))
 
 
 def main(argv=None) -> int:

@@ -222,6 +222,17 @@ def cpu_list(text: str) -> set[int]:
     return cpus
 
 
+def cpu_text(cpus) -> str:
+    """{0, 2, 3} -> '0,2,3' (what cpu_list reads back)."""
+    return ",".join(map(str, sorted(cpus)))
+
+
+def cpu_flags(args) -> list[str]:
+    """The --server-cpus / --loadgen-cpus flags given, as arguments for another load test or a report's command."""
+    return [part for flag in ("server_cpus", "loadgen_cpus") if getattr(args, flag)
+            for part in (f"--{flag.replace('_', '-')}", cpu_text(getattr(args, flag)))]
+
+
 def pin_load_generator(args) -> None:
     """Keep this process (and the server it starts, unless --server-cpus says otherwise) on --loadgen-cpus."""
     if args.loadgen_cpus:
