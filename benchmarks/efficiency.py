@@ -46,10 +46,32 @@ BATCHES, LENGTHS = (1, 4, 16, 64, 256), (25, 100, 250, 1000)
 MAX_CALL_SAMPLES = 25_600  # bigger calls spill the cache (64 x 1000: a fifth of the rate of 64 x 250) and take long
 
 
-def _graph_worker(model_dir: str, batch: int, length: int, seconds: float, start, queue, cpus) -> None:
+def _one_thread_on(cpus: set[int] | None) -> None:
+    """A measuring process runs as a server worker does: one onnxruntime thread, on the server's CPUs when given."""
     os.environ["OMP_NUM_THREADS"] = "1"
     if cpus:
         os.sched_setaffinity(0, cpus)
+
+
+def _rate_together(worker, args: tuple, workers: int, seconds: float, settle_s: float, cpus) -> float:
+    """`workers` spawned processes run `worker(*args, seconds, start, queue, cpus)` at once; each puts its samples/s
+    once `start` is set, `settle_s` after they were started (every process loaded and warm before the clock starts).
+    -> the sum."""
+    ctx = mp.get_context("spawn")
+    start, queue = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(*args, seconds, start, queue, cpus)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    time.sleep(settle_s)
+    start.set()
+    rate = sum(queue.get(timeout=seconds + 120) for _ in procs)
+    for p in procs:
+        p.join()
+    return rate
+
+
+def _graph_worker(model_dir: str, batch: int, length: int, seconds: float, start, queue, cpus) -> None:
+    _one_thread_on(cpus)
     from msssm_serve.runtime import OnnxModel
 
     model = OnnxModel(model_dir, threads=1)
@@ -68,20 +90,10 @@ def bare_graph(model_dir: str, workers: int, seconds: float, rounds: int, cpus: 
     """samples/s summed over `workers` one-thread processes (on `cpus`, the server's, when given), per (batch, T),
     the best of `rounds` sweeps (a shared machine's speed drifts over a sweep: repeating it keeps one slow moment
     from deciding a shape); the best shape."""
-    ctx = mp.get_context("spawn")
     table: dict[str, float] = {}
     shapes = [(b, t) for b in BATCHES for t in LENGTHS if b * t <= MAX_CALL_SAMPLES]
     for batch, length in [shape for _ in range(rounds) for shape in shapes]:
-        start, queue = ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_graph_worker, args=(model_dir, batch, length, seconds, start, queue, cpus))
-                 for _ in range(workers)]
-        for p in procs:
-            p.start()
-        time.sleep(3)  # every process loaded and warm before the clock starts
-        start.set()
-        rate = sum(queue.get(timeout=seconds + 120) for _ in procs)
-        for p in procs:
-            p.join()
+        rate = _rate_together(_graph_worker, (model_dir, batch, length), workers, seconds, 3, cpus)
         table[f"{batch}x{length}"] = max(rate, table.get(f"{batch}x{length}", 0.0))
         print(f"bare graph {batch:>3} rows x {length:>4} samples: {rate:,.0f} samples/s", flush=True)
     best = max(table, key=table.get)
@@ -91,9 +103,7 @@ def bare_graph(model_dir: str, workers: int, seconds: float, rounds: int, cpus: 
 def _batcher_worker(model_dir: str, streams: int, seconds: float, start, queue, cpus) -> None:
     """`streams` sessions driven straight into a `Batcher` in this process, no sockets: every round feeds each one
     hop and waits for each one's prediction, as fast as the batcher goes."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    if cpus:
-        os.sched_setaffinity(0, cpus)
+    _one_thread_on(cpus)
     sys.path.insert(0, str(REPO_ROOT))
     import asyncio
 
@@ -134,17 +144,8 @@ def batcher_path(model_dir: str, workers: int, streams: int, seconds: float, cpu
     """samples/s summed over `workers` processes (on `cpus` when given), each driving its share of `streams` through
     the server's batcher with no sockets (`_batcher_worker`): what the server's own per-stream work leaves of the bare
     graph at full load, before any network."""
-    ctx = mp.get_context("spawn")
-    start, queue = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_batcher_worker, args=(model_dir, max(16, streams // workers), seconds, start, queue,
-                                                       cpus)) for _ in range(workers)]
-    for p in procs:
-        p.start()
-    time.sleep(5)  # every process loaded and its streams open before the clock starts
-    start.set()
-    rate = sum(queue.get(timeout=seconds + 120) for _ in procs)
-    for p in procs:
-        p.join()
+    # (5 s: every process loaded and its streams open before the clock starts)
+    rate = _rate_together(_batcher_worker, (model_dir, max(16, streams // workers)), workers, seconds, 5, cpus)
     print(f"batcher path, {streams} streams, no sockets: {rate:,.0f} samples/s", flush=True)
     return rate
 
