@@ -4,8 +4,10 @@
   * `classify(signal)`: a recording cut into windows, each window one call from the zero state;
   * `advance(x, state)`: many streams (batch rows) by the same number of samples;
   * `advance_streams(segments, states)`: many streams by different numbers of samples, grouped into as few calls
-    as there are distinct lengths (the server's batched primitive).
-`Stream` holds one stream's state, its pending samples and its position in the current window.
+    as there are distinct lengths; `advance_pooled(segments, pool, slots)` the same for streams whose states are rows
+    of a `StatePool` (the server's batched primitive: states gathered and written back in place).
+`Stream` holds one stream's state (its own arrays, or a pool row), its pending samples and its position in the
+current window.
 
 The graph's last output, `scale_weights`, is every layer's scale-mixer weights E_t per step; with `scale_weights=True`
 the calls above also return them, and `summarise_scale_weights` turns them into one share per scale (model.json
@@ -220,11 +222,8 @@ class OnnxModel:
         """Advance stream i by segments[i] [T_i, C] from states[i]; streams of equal T_i share one call.
         -> list of (probabilities [T_i, K], new StreamState), in input order; with `scale_weights` the mixer's
         weights [T_i, layers, scales] third, as `advance`."""
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, seg in enumerate(segments):
-            groups[len(seg)].append(i)
         results: list = [None] * len(segments)
-        for members in groups.values():
+        for members in _equal_lengths(segments):
             x = np.stack([segments[i] for i in members])
             batch_state = [np.concatenate([states[i][j] for i in members]) for j in range(len(self.state_names))]
             probs, new_state, *weights = self.advance(x, batch_state, scale_weights)
@@ -232,6 +231,23 @@ class OnnxModel:
                 # copies, so a stream's state does not pin the whole batch's arrays in memory
                 results[i] = (probs[row], [s[row : row + 1].copy() for s in new_state],
                               *(w[row] for w in weights))
+        return results
+
+    def advance_pooled(self, segments: list[np.ndarray], pool: StatePool, slots: list[int],
+                       scale_weights: bool = False):
+        """`advance_streams` for streams whose states are rows `slots` of `pool` (the server's streams): each call's
+        states are gathered, and its new states written back in place, with one index per state tensor instead of
+        a concatenation and a copy per stream and tensor. -> list of (probabilities, None) in input order (the new
+        state is in the pool; with `scale_weights` the mixer's weights third)."""
+        results: list = [None] * len(segments)
+        for members in _equal_lengths(segments):
+            members.sort(key=slots.__getitem__)  # the pool's rows in ascending order (StatePool.gather)
+            rows = np.array([slots[i] for i in members])
+            probs, new_state, *weights = self.advance(np.stack([segments[i] for i in members]), pool.gather(rows),
+                                                      scale_weights)
+            pool.scatter(rows, new_state)
+            for row, i in enumerate(members):
+                results[i] = (probs[row], None, *(w[row] for w in weights))
         return results
 
     def classify(self, signal: np.ndarray, scale_weights: bool = False) -> dict:
@@ -253,12 +269,17 @@ class OnnxModel:
                 starts.append(start)
                 segments.append(signal[start : start + w])
                 owner.append(k)
-        results = self.advance_streams(segments, [self.zero_state(1)] * len(segments), scale_weights)
+        computed: list[dict] = [{} for _ in segments]
+        for members in _equal_lengths(segments):  # every window from the zero state; no new state kept
+            probs, _, *weights = self.advance(np.stack([segments[i] for i in members]),
+                                              self.zero_state(len(members)), scale_weights)
+            for row, i in enumerate(members):
+                computed[i] = {"start": starts[i], "probabilities": probs[row, -1]}
+                if scale_weights:
+                    computed[i].update(scale_weights=summarise_scale_weights(weights[0][row]).mean(0),
+                                       samples=probs.shape[1])
         windows: list[list[dict]] = [[] for _ in signals]
-        for k, start, (probs, _, *weights) in zip(owner, starts, results):
-            window = {"start": start, "probabilities": probs[-1]}
-            if scale_weights:
-                window.update(scale_weights=summarise_scale_weights(weights[0]).mean(0), samples=len(probs))
+        for k, window in zip(owner, computed):  # each signal's windows in time order
             windows[k].append(window)
         return [merge_windows(ws) for ws in windows]
 
@@ -276,6 +297,71 @@ def merge_windows(windows: list[dict]) -> dict:
 
 def _join(parts: list[np.ndarray], axis: int) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+
+
+def _equal_lengths(segments: list[np.ndarray]) -> list[list[int]]:
+    """Indices of the segments grouped by length, in first-seen order: each group is one batched call."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, seg in enumerate(segments):
+        groups[len(seg)].append(i)
+    return list(groups.values())
+
+
+class StatePool:
+    """The model states of many streams, each one row of one array per state tensor, in blocks of `block_rows`.
+    A batch gathers its streams' rows with one fancy index per tensor and writes their new states back the same way;
+    per-stream concatenations and copies (the bundled model has 14 state tensors) were a tenth of a stream worker's
+    CPU (`loadtest/profile_streams.py`). Blocks are made with np.zeros, whose untouched pages cost no memory, and
+    never move once made, so the inference thread may write the rows of a batch while the event loop hands out
+    others. Rows are handed out and released on one thread (the event loop); a row whose stream is in a batch is
+    released only once the batch is back."""
+
+    def __init__(self, model: OnnxModel, block_rows: int = 1024):
+        self.model, self.block_rows = model, block_rows
+        self.blocks: list[StreamState] = []
+        self._free: list[int] = []  # last released first: its pages are the ones already in memory
+
+    def acquire(self, state: StreamState | None = None) -> int:
+        """A free row holding `state` (the zero state if None)."""
+        if not self._free:
+            base = len(self.blocks) * self.block_rows
+            self.blocks.append(self.model.zero_state(self.block_rows))
+            self._free = list(range(base + self.block_rows - 1, base - 1, -1))
+        slot = self._free.pop()
+        for row, value in zip(self.row(slot), state or self.model.zero_state(1)):
+            row[...] = value
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def row(self, slot: int) -> StreamState:
+        """Views of the row's tensors, each [1, ...]: writing them writes the pool."""
+        block, r = divmod(slot, self.block_rows)
+        return [a[r : r + 1] for a in self.blocks[block]]
+
+    def gather(self, slots: np.ndarray) -> StreamState:
+        """The states of ascending `slots`, as one batch (copies)."""
+        parts = self._by_block(slots)
+        if len(parts) == 1:
+            block, rows = parts[0]
+            return [a[rows] for a in self.blocks[block]]
+        return [np.concatenate([self.blocks[block][j][rows] for block, rows in parts])
+                for j in range(len(self.model.state_names))]
+
+    def scatter(self, slots: np.ndarray, state: StreamState) -> None:
+        """Write a batch's states (rows in the order of ascending `slots`) into their rows."""
+        start = 0
+        for block, rows in self._by_block(slots):
+            for dst, src in zip(self.blocks[block], state):
+                dst[rows] = src[start : start + len(rows)]
+            start += len(rows)
+
+    def _by_block(self, slots: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        blocks = slots // self.block_rows
+        if blocks[0] == blocks[-1]:  # the usual case: one block holds every stream
+            return [(int(blocks[0]), slots - blocks[0] * self.block_rows)]
+        return [(int(b), slots[blocks == b] - b * self.block_rows) for b in np.unique(blocks)]
 
 
 class Stream:
@@ -296,7 +382,9 @@ class Stream:
         # that is follows from t (`_hop_samples`)
         self._hop_share_sum = np.zeros(len(model.scales))
         self.max_pending = max_pending or 4 * model.window
-        self.state: StreamState = model.zero_state(1)
+        self._state: StreamState | None = model.zero_state(1)  # its own, until `use_pool`
+        self._pool: StatePool | None = None
+        self.slot: int | None = None  # its row of the pool
         self.window_index = 0
         self.t = 0  # samples of the current window already advanced
         self._pending = np.empty((self.max_pending, model.n_channels), np.float32)
@@ -308,6 +396,30 @@ class Stream:
     @property
     def free(self) -> int:
         return self.max_pending - self.pending
+
+    @property
+    def state(self) -> StreamState:
+        """The model state, [1, ...] per tensor: its own arrays, or views of its pool row."""
+        return self._state if self._pool is None else self._pool.row(self.slot)
+
+    @state.setter
+    def state(self, value: StreamState) -> None:
+        if self._pool is None:
+            self._state = value
+        else:
+            for row, v in zip(self._pool.row(self.slot), value):
+                row[...] = v
+
+    def use_pool(self, pool: StatePool) -> None:
+        """Keep the state in a row of `pool` from now on (the server batches pooled streams: `advance_pooled`)."""
+        self.slot, self._pool, self._state = pool.acquire(self._state), pool, None
+
+    def leave_pool(self) -> None:
+        """Give the pool row back, keeping a copy of the state (never while a batch holds the row)."""
+        if self._pool is not None:
+            self._state = [s.copy() for s in self.state]
+            self._pool.release(self.slot)
+            self._pool, self.slot = None, None
 
     def feed(self, samples: np.ndarray) -> None:
         n = len(samples)
@@ -334,7 +446,8 @@ class Stream:
         self.pending -= n
         return segment
 
-    def apply(self, probs: np.ndarray, new_state: StreamState, weights: np.ndarray | None = None) -> list[Prediction]:
+    def apply(self, probs: np.ndarray, new_state: StreamState | None,
+              weights: np.ndarray | None = None) -> list[Prediction]:
         """Take the result of advancing by the last `take` (probs [n, K]; with `scale_weights`, the mixer's weights
         [n, layers, scales]) -> the predictions it completes."""
         out = []
@@ -358,7 +471,7 @@ class Stream:
             self.t = 0
             self.state = self.model.zero_state(1)
             self._last = None
-        else:
+        elif new_state is not None:  # None: `advance_pooled` already wrote it into the pool
             self.state = new_state
         if out:
             self._last_made = (out[-1].window, out[-1].t)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from msssm_serve.runtime import OnnxModel, merge_windows
+from msssm_serve.runtime import OnnxModel, StatePool, merge_windows
 
 from .metrics import Metrics
 from .session import StreamSession
@@ -132,6 +132,7 @@ class Batcher:
         self.metrics = metrics
         self.batch_wait_s = batch_wait_ms / 1000
         self.sessions: set[StreamSession] = set()
+        self.states = StatePool(model)  # every open stream's model state, one row each (batches gather and scatter)
         self._ready: dict[StreamSession, float] = {}  # session -> when it became ready; insertion order: oldest first
         # One thread: one inference at a time per process, all its intra-op threads on that call.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -155,15 +156,19 @@ class Batcher:
 
     # --- what sessions and requests call ------------------------------------------------------------------------
     def open(self, stream, outbox: asyncio.Queue, model_name: str = "default") -> StreamSession:
+        stream.use_pool(self.states)
         session = StreamSession(stream, self, outbox, model_name)
         self.sessions.add(session)
         return session
 
     def close(self, session: StreamSession) -> None:
-        """Forget the stream at once; a batch it is in still completes, and its result is dropped."""
+        """Forget the stream at once; a batch it is in still completes, its result is dropped and its state row is
+        given back then (the inference thread writes the row until the batch is back)."""
         self.sessions.discard(session)
         self._ready.pop(session, None)
         session.stop()
+        if not session.in_flight:
+            session.stream.leave_pool()
 
     def arrived_samples(self, n: int) -> None:
         self.arrived.add(time.monotonic(), n)
@@ -360,7 +365,7 @@ class Batcher:
         scale_weights = any(s.stream.scale_weights for s in sessions)
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._compute, segments, [s.stream.state for s in sessions], scale_weights)
+                self.executor, self._compute, segments, [s.stream.slot for s in sessions], scale_weights)
         except Exception:  # keep serving the other streams; these are told and closed (1011)
             log.exception("batched inference failed")
             results = None
@@ -372,6 +377,7 @@ class Batcher:
         for i, s in enumerate(sessions):
             s.in_flight = False
             if s.gone:
+                s.stream.leave_pool()  # closed while in this batch: its row is free now
                 continue
             if results is None:
                 s.failed()
@@ -382,10 +388,10 @@ class Batcher:
                 log.exception("stream result could not be applied")
                 s.failed()
 
-    def _compute(self, segments, states, scale_weights: bool):
+    def _compute(self, segments, slots, scale_weights: bool):
         """On the inference thread."""
         started = time.perf_counter()
-        results = self.model.advance_streams(segments, states, scale_weights)
+        results = self.model.advance_pooled(segments, self.states, slots, scale_weights)
         self.metrics.inference_seconds.labels("stream").observe(time.perf_counter() - started)
         return results
 

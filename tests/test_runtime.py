@@ -57,6 +57,58 @@ def test_advance_streams_batches_streams_at_different_positions(model, records):
         assert np.abs(probs - want).max() <= 1e-4
 
 
+def test_pooled_streams_advance_as_their_own_states_do(model, records):
+    """The server's primitive: states kept as rows of a StatePool (blocks of 2 rows here, so one call spans blocks,
+    and rows handed out out of order) give the same probabilities and new states as streams with their own."""
+    from msssm_serve.runtime import StatePool
+
+    x = records[:3]
+    states, segments = [], []
+    for i, (offset, length) in enumerate([(0, 50), (100, 50), (475, 25), (30, 50)]):
+        _, st = model.advance(x[i % 3 : i % 3 + 1, :offset], model.zero_state(1)) if offset else (None, model.zero_state(1))
+        states.append(st)
+        segments.append(x[i % 3, offset : offset + length])
+    pool = StatePool(model, block_rows=2)
+    spare = pool.acquire()  # row 0; the streams' rows are then 1..4, in three blocks
+    slots = [0] * 4
+    for i in (3, 1, 2, 0):  # rows not in the streams' order
+        slots[i] = pool.acquire(states[i])
+    pooled = model.advance_pooled(segments, pool, slots)
+    own = model.advance_streams(segments, states)
+    for (probs, new_state), (want, want_state), slot in zip(pooled, own, slots):
+        assert new_state is None and np.abs(probs - want).max() <= 1e-6
+        for got, value in zip(pool.row(slot), want_state):
+            assert np.abs(got - value).max() <= 1e-6
+    assert all(not row.any() for row in pool.row(spare))  # a row no call named is untouched
+    # a row given back and handed out again starts from the zero state, or from the state it is handed
+    pool.release(slots[0])
+    again = pool.acquire()
+    assert again == slots[0] and all(not row.any() for row in pool.row(again))
+
+
+def test_a_stream_moves_its_state_into_a_pool_and_out_again(model, records):
+    from msssm_serve.runtime import StatePool, Stream
+
+    pool = StatePool(model, block_rows=4)
+    alone, pooled = Stream(model, hop=25), Stream(model, hop=25)
+    alone.push(records[0][:60])
+    pooled.push(records[0][:10])
+    pooled.use_pool(pool)  # mid-window: the state it had goes with it
+    pooled.feed(records[0][10:60])
+    while n := pooled.next_segment_length():
+        segment = pooled.take(n)
+        (result,) = model.advance_pooled([segment], pool, [pooled.slot])
+        pooled.apply(*result)
+    assert pooled.t == alone.t == 50
+    for got, want in zip(pooled.state, alone.state):
+        assert np.abs(got - want).max() <= 1e-6
+    slot = pooled.slot
+    pooled.leave_pool()
+    assert pooled.slot is None and pool.acquire() == slot  # the row is free again; the stream keeps its state
+    for got, want in zip(pooled.state, alone.state):
+        assert np.abs(got - want).max() <= 1e-6
+
+
 def test_long_input_is_split_at_max_chunk(model, records):
     x = np.tile(records[:1], (1, 40, 1))[:, : model.max_chunk + 500]
     probs, state = model.advance(x, model.zero_state(1))

@@ -283,11 +283,11 @@ def test_a_flush_in_a_failing_batch_is_released_and_the_batcher_goes_on(model, r
         def __init__(self, inner):
             self.inner, self.failed = inner, False
 
-        def advance_streams(self, segments, states, scale_weights=False):
+        def advance_pooled(self, segments, pool, slots, scale_weights=False):
             if not self.failed:
                 self.failed = True
                 raise RuntimeError("simulated inference failure")
-            return self.inner.advance_streams(segments, states, scale_weights)
+            return self.inner.advance_pooled(segments, pool, slots, scale_weights)
 
         def __getattr__(self, name):
             return getattr(self.inner, name)
