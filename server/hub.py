@@ -34,6 +34,9 @@ from .streaming import POLICY, RETRY_AFTER_S, SENDER_DRAIN_S, TRY_LATER, Connect
 log = logging.getLogger(__name__)
 
 SHED_EVERY_S = 0.25
+# How often every connection's idle and send deadlines are looked at (`Connection.enforce_deadlines`): one sweep
+# instead of a timer armed and cancelled around each frame and each send, two per hop per stream.
+DEADLINE_SWEEP_S = 0.25
 LOAD_WINDOW_S = 1.0
 CATCH_UP_S = 2.0
 SHED_SETTLE_S = 2.0
@@ -60,6 +63,7 @@ class StreamHub:
         self.connections: dict[Connection, None] = {}  # insertion order: the newest last (shedding takes those)
         self.draining = False  # set on SIGTERM: no new streams; open ones get a final snapshot and close 1001
         self._shedder: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
         self._last_admitted = 0.0  # monotonic time of the newest admission: a burst of handshakes may be under way
 
     def authorized(self, ws: WebSocket) -> bool:
@@ -86,11 +90,22 @@ class StreamHub:
         self.metrics.active_streams.set(len(self.connections))
         if self._shedder is None or self._shedder.done():
             self._shedder = asyncio.get_running_loop().create_task(self._shed_while_overloaded(), name="shedder")
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._enforce_deadlines(), name="deadlines")
         try:
             await conn.run()
         finally:
             self.connections.pop(conn, None)
             self.metrics.active_streams.set(len(self.connections))
+
+    async def _enforce_deadlines(self) -> None:
+        """While streams are open: every DEADLINE_SWEEP_S, end those idle or stuck beyond the idle timeout."""
+        loop = asyncio.get_running_loop()
+        while self.connections:
+            await asyncio.sleep(DEADLINE_SWEEP_S)
+            now = loop.time()
+            for conn in list(self.connections):
+                conn.enforce_deadlines(now)
 
     async def _shed_while_overloaded(self) -> None:
         """While streams are open: when a model is over its latency bound and its batcher falls behind, close the

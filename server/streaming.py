@@ -65,6 +65,14 @@ class Connection:
         self._device_per_model = 1.0  # device samples per model-rate sample
         # What the sender is to write, in order; once the stream exists its session adds predictions to it.
         self.outbox: asyncio.Queue = asyncio.Queue()
+        # Deadlines, enforced by the hub's sweep (`enforce_deadlines`) rather than by a timer armed and cancelled
+        # around every frame and every send: since when (loop time) the receive loop has waited for a frame, and the
+        # sender for the client to take a message; None while not waiting.
+        self._receiving_since: float | None = None
+        self._sending_since: float | None = None
+        self._receiver: asyncio.Task | None = None
+        self._sender: asyncio.Task | None = None
+        self._went_idle = False
 
     def send(self, item: dict | Close) -> None:
         self.outbox.put_nowait(item)
@@ -75,8 +83,20 @@ class Connection:
         await self.ws.send_json({"type": "error", "detail": close.detail, **hint})
         await self.ws.close(close.code, close_reason(close.detail))
 
+    def enforce_deadlines(self, now: float) -> None:
+        """End a connection whose client sent nothing for the idle timeout (closed 1000 with the reason), or whose
+        client has not taken a message for as long (it stopped reading; the stream ends)."""
+        idle_s = self.hub.settings.idle_timeout_s
+        if self._receiving_since is not None and now - self._receiving_since > idle_s and not self._went_idle:
+            self._went_idle = True
+            self._receiver.cancel()
+        if self._sending_since is not None and now - self._sending_since > idle_s:
+            self._sending_since = None
+            self._sender.cancel()
+
     async def run(self) -> None:
-        sender = asyncio.create_task(self._send_loop())
+        self._receiver = asyncio.current_task()
+        self._sender = sender = asyncio.create_task(self._send_loop())
         close = None
         try:
             close = await self._receive_loop()
@@ -97,14 +117,19 @@ class Connection:
     async def _receive_loop(self) -> Close | None:
         first = True
         idle_s = self.hub.settings.idle_timeout_s
+        loop = asyncio.get_running_loop()
         try:
             while True:
+                self._receiving_since = loop.time()
                 try:
-                    # asyncio.timeout, not wait_for: no extra task per frame (wait_for made one in Python 3.11)
-                    async with asyncio.timeout(idle_s):
-                        message = await self.ws.receive()
-                except TimeoutError:
-                    return Close(NORMAL, f"idle for {idle_s:g} s, closing")
+                    message = await self.ws.receive()
+                except asyncio.CancelledError:
+                    # the hub's sweep found it idle (`enforce_deadlines`), and nothing else cancelled it
+                    if self._went_idle and self._receiver.uncancel() == 0:
+                        return Close(NORMAL, f"idle for {idle_s:g} s, closing")
+                    raise
+                finally:
+                    self._receiving_since = None
                 if message["type"] == "websocket.disconnect":
                     return None
                 await self._handle(message, first)
@@ -303,6 +328,7 @@ class Connection:
 
     # --- sending ------------------------------------------------------------------------------------------------
     async def _send_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 item = await self.outbox.get()
@@ -310,8 +336,9 @@ class Connection:
                     route.session.message_sent()
                 if isinstance(item, Close):
                     return await self._close(item)
-                async with asyncio.timeout(self.hub.settings.idle_timeout_s):  # a client that stopped reading
-                    await self.ws.send_text(encode_json(item))
+                self._sending_since = loop.time()  # a client that stopped reading: `enforce_deadlines`
+                await self.ws.send_text(encode_json(item))
+                self._sending_since = None
         except Exception:  # the socket is gone or stuck: stop
             pass
         finally:

@@ -389,6 +389,50 @@ def test_a_client_that_never_reads_is_closed_and_holds_bounded_memory(model, rec
     assert took < 10
 
 
+def test_the_hub_sweep_ends_a_connection_idle_or_stuck_past_the_idle_timeout():
+    """Connection level: no timer per frame or per send; the hub's sweep (`enforce_deadlines`) ends a receive loop
+    that has waited for a frame longer than the idle timeout (it returns the idle close) and a sender whose write the
+    client has not taken for as long (a client that stopped reading), and leaves a connection within both alone."""
+    from types import SimpleNamespace
+
+    from server.settings import Settings
+    from server.streaming import NORMAL, Connection
+
+    class SilentStuckSocket:
+        """A client that sends nothing and reads nothing: every receive and every send waits for ever."""
+        async def receive(self):
+            await asyncio.Event().wait()
+
+        async def send_text(self, text):
+            await asyncio.Event().wait()
+
+    async def scenario():
+        hub = SimpleNamespace(settings=Settings(idle_timeout_s=0.3))
+        conn = Connection(hub, SilentStuckSocket())
+        conn.send({"type": "config"})  # a message its client will never take
+        run = asyncio.create_task(conn.run())
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0.1)
+        conn.enforce_deadlines(loop.time())  # within both deadlines: nothing happens
+        await asyncio.sleep(0)
+        assert not run.done() and not conn._sender.done()
+        give_up = loop.time() + 5
+        while not run.done() and loop.time() < give_up:
+            await asyncio.sleep(0.05)
+            conn.enforce_deadlines(loop.time())
+        await asyncio.wait_for(run, 1)
+        return conn
+
+    started = time.monotonic()
+    conn = asyncio.run(scenario())
+    assert conn._sender.cancelled()  # the stuck send was given up
+    assert conn._went_idle and time.monotonic() - started < 2
+    closes = []
+    while not conn.outbox.empty():
+        closes.append(conn.outbox.get_nowait())
+    assert closes and closes[-1].code == NORMAL and "idle" in closes[-1].detail
+
+
 def test_classify_reorders_leads_and_resamples(server, model, records):
     x = records[0]
     shuffled = [LEADS[i] for i in np.random.default_rng(0).permutation(12)]
