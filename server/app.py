@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -46,9 +47,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.model, app.state.batcher = default.model, default.batcher
         app.state.hub = StreamHub(models, default.name, settings, metrics)
         restore_sigterm = _close_streams_on_sigterm(app.state.hub)
+        restore_gc = _freeze_startup_objects(metrics)
         try:
             yield
         finally:
+            restore_gc()
             restore_sigterm()
             await app.state.hub.close_all(GOING_AWAY, "server shutting down")
             for served in models.values():
@@ -178,3 +181,28 @@ def _close_streams_on_sigterm(hub: StreamHub):
 
     signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _freeze_startup_objects(metrics: Metrics):
+    """Every object made while starting (modules, onnxruntime sessions, the app: ~113,000 for the bundled model) goes
+    to the collector's permanent generation, so that no full collection scans them again: one stops every thread
+    (the event loop and the inference thread) for as long as it scans, 45 ms for those objects alone, 82 ms at 500
+    streams, a hop's latency budget spent at once. Pauses are recorded in `msssm_gc_pause_seconds`.
+    -> a restore function."""
+    gc.collect()
+    gc.freeze()
+    started: list[float] = []
+
+    def record(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            metrics.gc_pause_seconds.labels(str(info["generation"])).observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(record)
+
+    def restore() -> None:
+        gc.callbacks.remove(record)
+        gc.unfreeze()
+
+    return restore

@@ -22,6 +22,8 @@ class Metrics:
                                            buckets=LATENCY_BUCKETS, registry=r)
         self.samples = Counter("msssm_samples_processed", "Samples run through the model", ["kind"], registry=r)
         self.stream_closes = Counter("msssm_stream_closes", "Streams closed by the server", ["code"], registry=r)
+        self.gc_pause_seconds = Histogram("msssm_gc_pause_seconds", "Garbage-collector pauses (every thread of the "
+                                          "worker waits)", ["generation"], buckets=LATENCY_BUCKETS, registry=r)
         self.streams_shed = Counter("msssm_streams_shed", "Streams closed (1013) to bring a model back under its "
                                     "latency bound, the newest first", registry=r)
 

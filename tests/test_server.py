@@ -701,6 +701,25 @@ def test_a_draining_server_is_not_ready_and_takes_no_new_stream(model_dir):
             assert "draining" in ws.receive_json()["detail"]
 
 
+def test_a_running_app_keeps_its_startup_objects_out_of_collections_and_reports_pauses(model_dir):
+    """What was made while starting is frozen (no full collection scans it again), collector pauses are in /metrics
+    by generation, and shutting down unfreezes and unhooks (tests start many apps in one process)."""
+    import gc
+
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    hooks = len(gc.callbacks)
+    with TestClient(create_app(Settings(model_dir=model_dir))) as client:
+        assert gc.get_freeze_count() > 10_000
+        gc.collect()
+        text = client.get("/metrics").text
+        assert 'msssm_gc_pause_seconds_count{generation="2"} 1.0' in text
+    assert gc.get_freeze_count() == 0 and len(gc.callbacks) == hooks
+
+
 def test_serving_path_never_imports_torch():
     import subprocess
     import sys
