@@ -193,7 +193,10 @@ class OnnxModel:
         n_state = len(self.state_names)
         batch, length = x.shape[:2]
         if self._cut_calls:
-            rows_per_call = min(batch, self.rows_per_call(length))
+            # the batch cut into as few calls as the best size allows, of equal rows (26 streams: 13 + 13, not
+            # 20 + 6; a call of few rows costs more per sample)
+            calls = -(-batch // self.rows_per_call(length))
+            rows_per_call = -(-batch // calls)
             steps = min(self.max_chunk, max(1, SAMPLES_PER_CALL // rows_per_call))
         else:  # a GPU takes the whole batch in one call
             rows_per_call, steps = batch, self.max_chunk
