@@ -186,8 +186,8 @@ def _close_streams_on_sigterm(hub: StreamHub):
 def _freeze_startup_objects(metrics: Metrics):
     """Every object made while starting (modules, onnxruntime sessions, the app: ~113,000 for the bundled model) goes
     to the collector's permanent generation, so that no full collection scans them again: one stops every thread
-    (the event loop and the inference thread) for as long as it scans, 45 ms for those objects alone, 82 ms at 500
-    streams, a hop's latency budget spent at once. Pauses are recorded in `msssm_gc_pause_seconds`.
+    (the event loop and the inference thread) for as long as it scans: 45 ms for those objects alone, 82–107 ms at
+    500 streams on one core (31 ms frozen), a hop's latency budget spent at once. Pauses are recorded in `msssm_gc_pause_seconds`.
     -> a restore function."""
     gc.collect()
     gc.freeze()
