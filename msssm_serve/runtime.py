@@ -331,8 +331,7 @@ class StatePool:
             self.blocks.append(self.model.zero_state(self.block_rows))
             self._free = list(range(base + self.block_rows - 1, base - 1, -1))
         slot = self._free.pop()
-        for row, value in zip(self.row(slot), state or self.model.zero_state(1)):
-            row[...] = value
+        self.write(slot, state or self.model.zero_state(1))
         return slot
 
     def release(self, slot: int) -> None:
@@ -342,6 +341,11 @@ class StatePool:
         """Views of the row's tensors, each [1, ...]: writing them writes the pool."""
         block, r = divmod(slot, self.block_rows)
         return [a[r : r + 1] for a in self.blocks[block]]
+
+    def write(self, slot: int, state: StreamState) -> None:
+        """Put `state` ([1, ...] per tensor) into the row."""
+        for row, value in zip(self.row(slot), state):
+            row[...] = value
 
     def gather(self, slots: np.ndarray) -> StreamState:
         """The states of ascending `slots`, as one batch (copies)."""
@@ -410,8 +414,7 @@ class Stream:
         if self._pool is None:
             self._state = value
         else:
-            for row, v in zip(self._pool.row(self.slot), value):
-                row[...] = v
+            self._pool.write(self.slot, value)
 
     def use_pool(self, pool: StatePool) -> None:
         """Keep the state in a row of `pool` from now on (the server batches pooled streams: `advance_pooled`)."""
