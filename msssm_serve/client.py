@@ -1,7 +1,10 @@
-"""A resumable streaming client (torch-free: numpy and websockets): streams a signal to `/stream`, keeps the latest
-snapshot token and the frames sent since it, and when the connection drops (Wi-Fi, a replica killed, a rolling
-restart) reconnects with backoff and resumes, re-sending only those frames. Predictions are collected once each,
-keyed by (model, window, t): the ones recomputed after a resume replace their first copies, which they equal.
+"""Streaming clients (torch-free: numpy and websockets). `gateway_frames` packs many streams' frames into one
+binary message for WS /gateway (docs/api.md).
+
+`ResumableStream` streams a signal to `/stream`, keeps the latest snapshot token and the frames sent since it, and
+when the connection drops (Wi-Fi, a replica killed, a rolling restart) reconnects with backoff and resumes,
+re-sending only those frames. Predictions are collected once each, keyed by (model, window, t): the ones recomputed
+after a resume replace their first copies, which they equal.
 
     import asyncio, numpy as np
     from msssm_serve.client import ResumableStream
@@ -18,6 +21,16 @@ import json
 from collections import deque
 
 import numpy as np
+
+
+def gateway_frames(frames: dict[int, np.ndarray]) -> bytes:
+    """{stream id: frame [T, C]} -> one binary /gateway message: per stream, a little-endian uint32 id and uint32
+    byte count, then the frame as little-endian float32, time-major (int16 counts for a stream configured so)."""
+    parts = []
+    for stream_id, frame in frames.items():
+        data = np.ascontiguousarray(frame, dtype="<i2" if frame.dtype == np.int16 else "<f4").tobytes()
+        parts += [np.array([stream_id, len(data)], dtype="<u4").tobytes(), data]
+    return b"".join(parts)
 
 
 class StreamRefused(Exception):

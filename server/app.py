@@ -151,6 +151,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def stream(ws: WebSocket):
         await ws.app.state.hub.serve(ws)
 
+    @app.websocket("/gateway")
+    async def gateway(ws: WebSocket):
+        await ws.app.state.hub.serve_gateway(ws)
+
     return app
 
 

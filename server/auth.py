@@ -10,7 +10,7 @@ import re
 
 from starlette.datastructures import Headers, QueryParams
 
-QUERY_KEY_ROUTES = ("/stream",)
+QUERY_KEY_ROUTES = ("/stream", "/gateway")
 OPEN_ROUTES = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")  # probes carry no secrets
 # The monitor page and its static files hold no data: the page asks for the key and sends it with its API calls.
 OPEN_PAGES = ("/",)

@@ -16,6 +16,7 @@ from .metrics import Metrics
 from .registry import ServedModel
 from .session import Close
 from .settings import Settings
+from .gateway import Gateway
 from .streaming import POLICY, RETRY_AFTER_S, SENDER_DRAIN_S, TRY_LATER, Connection
 
 # Shedding: admission looks at latency, so streams that connect together before their load shows are all admitted.
@@ -61,50 +62,84 @@ class StreamHub:
     def __init__(self, models: dict[str, ServedModel], default: str, settings: Settings, metrics: Metrics):
         self.models, self.default, self.settings, self.metrics = models, default, settings, metrics
         self.connections: dict[Connection, None] = {}  # insertion order: the newest last (shedding takes those)
+        self.gateways: dict[Gateway, None] = {}  # /gateway connections (their streams are in `connections` too)
         self.draining = False  # set on SIGTERM: no new streams; open ones get a final snapshot and close 1001
         self._shedder: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
         self._last_admitted = 0.0  # monotonic time of the newest admission: a burst of handshakes may be under way
 
-    def authorized(self, ws: WebSocket) -> bool:
+    def authorized(self, ws: WebSocket, path: str = "/stream") -> bool:
         key = self.settings.api_key
-        return key is None or key_matches(offered_key(ws.headers, ws.query_params, "/stream"), key)
+        return key is None or key_matches(offered_key(ws.headers, ws.query_params, path), key)
+
+    def refusal(self) -> Close | None:
+        """Why a new stream cannot be taken now (draining, full, at the latency bound); None: it can."""
+        if self.draining:
+            return Close(TRY_LATER, "server draining for a restart; connect again (another replica takes the "
+                                    "stream)")
+        if len(self.connections) >= self.settings.max_streams:
+            return Close(TRY_LATER, "server full, try later", retry_after_s=RETRY_AFTER_S)
+        loaded = [(m.name, p95) for m in self.models.values() if (p95 := m.batcher.overloaded()) is not None]
+        if loaded:
+            name, p95 = loaded[0]
+            return Close(TRY_LATER, f"server at its latency bound (model {name}: p95 {p95 * 1e3:.0f} ms), try later",
+                         retry_after_s=RETRY_AFTER_S)
+        return None
+
+    def admit(self, conn: Connection) -> None:
+        """Count an admitted stream (a connection of /stream, or one stream of a /gateway connection)."""
+        self.connections[conn] = None
+        self._last_admitted = time.monotonic()
+        self.metrics.active_streams.set(len(self.connections))
+        self._start_watching()
+
+    def release(self, conn: Connection) -> None:
+        self.connections.pop(conn, None)
+        self.metrics.active_streams.set(len(self.connections))
+
+    def _start_watching(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._shedder is None or self._shedder.done():
+            self._shedder = loop.create_task(self._shed_while_overloaded(), name="shedder")
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = loop.create_task(self._enforce_deadlines(), name="deadlines")
 
     async def serve(self, ws: WebSocket) -> None:
         await ws.accept()  # a close code and an error message can only be sent on an accepted socket
         conn = Connection(self, ws)
         if not self.authorized(ws):
             return await conn.refuse(Close(POLICY, missing_key_detail("/stream")))
-        if self.draining:
-            return await conn.refuse(Close(TRY_LATER, "server draining for a restart; connect again (another replica "
-                                                      "takes the stream)"))
-        if len(self.connections) >= self.settings.max_streams:
-            return await conn.refuse(Close(TRY_LATER, "server full, try later"), retry_after_s=RETRY_AFTER_S)
-        loaded = [(m.name, p95) for m in self.models.values() if (p95 := m.batcher.overloaded()) is not None]
-        if loaded:
-            name, p95 = loaded[0]
-            return await conn.refuse(Close(TRY_LATER, f"server at its latency bound (model {name}: p95 "
-                                                      f"{p95 * 1e3:.0f} ms), try later"), retry_after_s=RETRY_AFTER_S)
-        self.connections[conn] = None
-        self._last_admitted = time.monotonic()
-        self.metrics.active_streams.set(len(self.connections))
-        if self._shedder is None or self._shedder.done():
-            self._shedder = asyncio.get_running_loop().create_task(self._shed_while_overloaded(), name="shedder")
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(self._enforce_deadlines(), name="deadlines")
+        refused = self.refusal()
+        if refused is not None:
+            return await conn.refuse(refused)
+        self.admit(conn)
         try:
             await conn.run()
         finally:
-            self.connections.pop(conn, None)
-            self.metrics.active_streams.set(len(self.connections))
+            self.release(conn)
+
+    async def serve_gateway(self, ws: WebSocket) -> None:
+        """WS /gateway: many streams over one connection (server/gateway.py)."""
+        await ws.accept()
+        gateway = Gateway(self, ws)
+        if not self.authorized(ws, "/gateway"):
+            return await gateway.refuse(Close(POLICY, missing_key_detail("/gateway")))
+        if self.draining:
+            return await gateway.refuse(self.refusal())
+        self.gateways[gateway] = None
+        self._start_watching()
+        try:
+            await gateway.run()
+        finally:
+            self.gateways.pop(gateway, None)
 
     async def _enforce_deadlines(self) -> None:
         """While streams are open: every DEADLINE_SWEEP_S, end those idle or stuck beyond the idle timeout."""
         loop = asyncio.get_running_loop()
-        while self.connections:
+        while self.connections or self.gateways:
             await asyncio.sleep(DEADLINE_SWEEP_S)
             now = loop.time()
-            for conn in list(self.connections):
+            for conn in [*self.connections, *self.gateways]:
                 conn.enforce_deadlines(now)
 
     async def _shed_while_overloaded(self) -> None:
@@ -144,6 +179,8 @@ class StreamHub:
         for conn in list(self.connections):
             await conn.final_snapshot()
             conn.send(Close(code, detail))
+        for gateway in list(self.gateways):  # after their streams' closes
+            gateway.send(Close(code, detail))
         deadline = asyncio.get_running_loop().time() + SENDER_DRAIN_S
-        while self.connections and asyncio.get_running_loop().time() < deadline:
+        while (self.connections or self.gateways) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)

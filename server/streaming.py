@@ -36,6 +36,12 @@ class StreamError(Exception):
         self.close = Close(code, detail)
 
 
+def close_message(close: Close) -> dict:
+    """The error message that goes before a close frame (with the retry hint, when there is one)."""
+    hint = {} if close.retry_after_s is None else {"retry_after_s": close.retry_after_s}
+    return {"type": "error", "detail": close.detail, **hint}
+
+
 def close_reason(detail: str) -> str:
     """A close frame's reason is at most 123 bytes of UTF-8: cut there, never inside a character."""
     return detail.encode()[:123].decode(errors="ignore")
@@ -54,17 +60,23 @@ class Route:
         return self.leads(self.resampler.push(samples))
 
 
-class Connection:
+def parse_text_frame(text: str) -> dict:
+    try:
+        body = parse_json(text, "text frame")
+    except InvalidJSON as err:
+        raise StreamError(INVALID_DATA, str(err)) from err
+    if not isinstance(body, dict):
+        raise StreamError(INVALID_DATA, "text frames must be JSON objects")
+    return body
+
+
+class Peer:
+    """One WebSocket connection's two loops, whatever it carries: the receive loop (hands each message to `_handle`)
+    and the sender (`_send_loop`, the only writer on the socket), with the idle and stuck-send deadlines that the
+    hub's sweep enforces (`enforce_deadlines`). `Connection` carries one stream; `Gateway` (server/gateway.py) many."""
+
     def __init__(self, hub: StreamHub, ws: WebSocket):
         self.hub, self.ws = hub, ws
-        self.routes: list[Route] = []  # empty until the stream's config (or first samples) arrived
-        self.n_channels = 0  # columns of the client's frames
-        self.dtype, self.gain = "float32", 1.0  # how its binary frames are to be read (the config may say int16)
-        self.config: dict = {}  # the stream's config message, as given (a snapshot carries it)
-        self._since_snapshot = 0  # device samples received since the last unprompted snapshot
-        self._device_per_model = 1.0  # device samples per model-rate sample
-        # What the sender is to write, in order; once the stream exists its session adds predictions to it.
-        self.outbox: asyncio.Queue = asyncio.Queue()
         # Deadlines, enforced by the hub's sweep (`enforce_deadlines`) rather than by a timer armed and cancelled
         # around every frame and every send: since when (loop time) the receive loop has waited for a frame, and the
         # sender for the client to take a message; None while not waiting.
@@ -74,13 +86,26 @@ class Connection:
         self._sender: asyncio.Task | None = None
         self._went_idle = False
 
-    def send(self, item: dict | Close) -> None:
-        self.outbox.put_nowait(item)
+    # what a kind of connection defines
+    def send(self, item) -> None:
+        raise NotImplementedError
 
-    async def refuse(self, close: Close, retry_after_s: float | None = None) -> None:
+    async def _handle(self, message: dict, first: bool) -> None:
+        raise NotImplementedError
+
+    async def _send_loop(self) -> None:
+        raise NotImplementedError
+
+    def _end_stream(self) -> None:
+        raise NotImplementedError
+
+    async def refuse(self, close: Close) -> None:
+        """Turn the connection away before it carries anything: the error message (with the retry hint), the close."""
+        await self._close(close)
+
+    async def _close(self, close: Close) -> None:
         self.hub.metrics.stream_closes.labels(str(close.code)).inc()
-        hint = {} if retry_after_s is None else {"retry_after_s": retry_after_s}
-        await self.ws.send_json({"type": "error", "detail": close.detail, **hint})
+        await self.ws.send_text(encode_json(close_message(close)))
         await self.ws.close(close.code, close_reason(close.detail))
 
     def enforce_deadlines(self, now: float) -> None:
@@ -109,11 +134,14 @@ class Connection:
         await asyncio.wait([sender], timeout=SENDER_DRAIN_S)
         sender.cancel()
 
-    def _end_stream(self) -> None:
-        for route in self.routes:
-            route.served.batcher.close(route.session)
-
     # --- receiving ----------------------------------------------------------------------------------------------
+    def _check_size(self, message: dict) -> None:
+        limit = self.hub.settings.max_frame_bytes
+        data, text = message.get("bytes"), message.get("text")
+        size = len(data) if data is not None else len(text.encode()) if text is not None else 0
+        if size > limit:
+            raise StreamError(TOO_BIG, f"frame of {size} bytes exceeds the {limit}-byte limit")
+
     async def _receive_loop(self) -> Close | None:
         first = True
         idle_s = self.hub.settings.idle_timeout_s
@@ -132,6 +160,7 @@ class Connection:
                     self._receiving_since = None
                 if message["type"] == "websocket.disconnect":
                     return None
+                self._check_size(message)
                 await self._handle(message, first)
                 first = False
         except StreamError as err:
@@ -141,24 +170,42 @@ class Connection:
         except (StreamGone, WebSocketDisconnect):
             return None
 
+
+class Connection(Peer):
+    def __init__(self, hub: StreamHub, ws: WebSocket):
+        super().__init__(hub, ws)
+        self.routes: list[Route] = []  # empty until the stream's config (or first samples) arrived
+        self.n_channels = 0  # columns of the client's frames
+        self.dtype, self.gain = "float32", 1.0  # how its binary frames are to be read (the config may say int16)
+        self.config: dict = {}  # the stream's config message, as given (a snapshot carries it)
+        self._since_snapshot = 0  # device samples received since the last unprompted snapshot
+        self._device_per_model = 1.0  # device samples per model-rate sample
+        # What the sender is to write, in order; once the stream exists its session adds predictions to it.
+        self.outbox: asyncio.Queue = asyncio.Queue()
+
+    def send(self, item: dict | Close) -> None:
+        self.outbox.put_nowait(item)
+
+    def _end_stream(self) -> None:
+        for route in self.routes:
+            route.served.batcher.close(route.session)
+
     async def _handle(self, message: dict, first: bool) -> None:
-        limit = self.hub.settings.max_frame_bytes
         data, text = message.get("bytes"), message.get("text")
-        size = len(data) if data is not None else len(text.encode()) if text is not None else 0
-        if size > limit:
-            raise StreamError(TOO_BIG, f"frame of {size} bytes exceeds the {limit}-byte limit")
         if data is not None:
-            self._ensure_stream({})
-            return await self._feed(self._decode(
-                lambda: samples_from_bytes(data, self.n_channels, "frame", self.dtype, self.gain)))
+            return await self.feed_bytes(data)
         if text is None:
             raise StreamError(UNSUPPORTED, "unsupported frame")
-        try:
-            body = parse_json(text, "text frame")
-        except InvalidJSON as err:
-            raise StreamError(INVALID_DATA, str(err)) from err
-        if not isinstance(body, dict):
-            raise StreamError(INVALID_DATA, "text frames must be JSON objects")
+        return await self.handle_body(parse_text_frame(text), first)
+
+    async def feed_bytes(self, data) -> None:
+        """A binary frame: samples, little-endian, time-major, in the stream's dtype."""
+        self._ensure_stream({})
+        await self._feed(self._decode(
+            lambda: samples_from_bytes(data, self.n_channels, "frame", self.dtype, self.gain)))
+
+    async def handle_body(self, body: dict, first: bool) -> None:
+        """A text frame's JSON object: samples, a flush or snapshot request, the first message's config or resume."""
         if "samples" in body:
             self._ensure_stream({})
             signal = self._decode(lambda: samples_from_json(body["samples"], self.n_channels, "samples"))
@@ -345,9 +392,3 @@ class Connection:
             # Whatever ended the sender (socket gone, a close the session queued), the stream is over: this frees
             # its state and releases a receive loop waiting for room or on a flush.
             self._end_stream()
-
-    async def _close(self, close: Close) -> None:
-        self.hub.metrics.stream_closes.labels(str(close.code)).inc()
-        hint = {} if close.retry_after_s is None else {"retry_after_s": close.retry_after_s}
-        await self.ws.send_text(encode_json({"type": "error", "detail": close.detail, **hint}))
-        await self.ws.close(close.code, close_reason(close.detail))
