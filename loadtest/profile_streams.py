@@ -164,7 +164,8 @@ def profile(args, out_dir: Path) -> tuple[Counter, dict, list[int], dict[str, fl
     try:
         random.seed(args.streams)
         recorder = threading.Thread(target=record, daemon=True)
-        run = StreamRun(server.ws_url, args.streams, hop, {"hop": hop}, SAMPLE_RATE, args.warmup, args.duration)
+        run = StreamRun(server.ws_url, args.streams, hop, {"hop": hop}, SAMPLE_RATE, args.warmup, args.duration,
+                        args.per_connection)
         recorder.start()
         result = asyncio.run(run.go(tiled, sampler))
         recorder.join(timeout=30)
@@ -188,7 +189,8 @@ def report(args, stacks: Counter, result: dict, workers: list, cpu: dict) -> str
     leaves: Counter = Counter()
     for stack, n in stacks.items():
         leaves[short(stack[-1]) if stack else "?"] += n
-    lines = [f"{len(workers)} worker(s) serving {args.streams} real-time streams (100 Hz, hop 25), {wall:.1f} s: "
+    over = f", {args.per_connection} per /gateway connection" if args.per_connection > 1 else ""
+    lines = [f"{len(workers)} worker(s) serving {args.streams} real-time streams (100 Hz, hop 25{over}), {wall:.1f} s: "
              f"{os_total:.1f} CPU s by the OS ({100 * os_total / wall:.0f} % of one core; event-loop threads "
              f"{100 * cpu['main'] / wall:.0f} %, inference threads {100 * cpu['other'] / wall:.0f} %)",
              f"{'share':>7}  {'% core':>6}  part"]
@@ -200,7 +202,8 @@ def report(args, stacks: Counter, result: dict, workers: list, cpu: dict) -> str
     state = (f"**{shed} streams were shed or refused: the server was past its capacity, and this profile describes "
              "that.**" if shed else "None shed or refused: under capacity.")
     command = " ".join(["python loadtest/profile_streams.py", "--streams", str(args.streams), "--workers",
-                        str(args.workers), "--duration", f"{args.duration:g}", *cpu_flags(args)])
+                        str(args.workers), "--duration", f"{args.duration:g}", *cpu_flags(args),
+                        *(["--per-connection", str(args.per_connection)] if args.per_connection > 1 else [])])
     md = ["# Where a stream server's CPU goes\n",
           f"Measured {date.today().isoformat()}: `{command}` ({args.streams} paced real-time streams from "
           "`loadtest/streams.py`; every worker recorded with `py-spy record --format raw --nonblocking`, idle threads "
@@ -225,6 +228,8 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=25.0, help="measured seconds (py-spy records 2 s less)")
     parser.add_argument("--server-cpus", type=cpu_list, default=None, help="CPUs the server runs on, e.g. 0")
     parser.add_argument("--loadgen-cpus", type=cpu_list, default=None, help="CPUs the load generator runs on, e.g. 1")
+    parser.add_argument("--per-connection", type=int, default=1,
+                        help="streams per connection; above 1 they go over /gateway connections")
     args = parser.parse_args(argv)
     pin_load_generator(args)
     if args.duration < 5:
@@ -233,8 +238,9 @@ def main(argv=None) -> int:
         stacks, result, workers, cpu = profile(args, Path(raw_dir))
     text = report(args, stacks, result, workers, cpu)
     print(text)
-    RESULT.write_text(text)
-    print(f"wrote {RESULT}")
+    result = RESULT.with_stem(RESULT.stem + (f"_gateway{args.per_connection}" if args.per_connection > 1 else ""))
+    result.write_text(text)
+    print(f"wrote {result}")
     return 0
 
 

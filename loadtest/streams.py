@@ -343,13 +343,11 @@ class StreamClient:
 
     async def sender(self) -> None:
         r = self.run
-        F = r.frame_samples
-        period = F / r.device_rate
+        period = r.frame_samples / r.device_rate
         # wait for every client to connect, then start at a random phase within one frame period
         await r.all_connected.wait()
         t_next = r.t_start + random.random() * period
         loop = asyncio.get_running_loop()
-        n = len(self.signal)
         while not r.stop_sending and not self.shed:
             delay = t_next - loop.time()
             if delay > 0:
@@ -357,23 +355,37 @@ class StreamClient:
             now = loop.time()
             if r.measuring(now):
                 r.lag_ms.append((now - t_next) * 1000)
-            # frame from the tiled signal
-            if self.pos + F <= n:
-                frame = self.signal[self.pos:self.pos + F]
-            else:
-                frame = np.concatenate([self.signal[self.pos:], self.signal[:F - (n - self.pos)]])
-            self.pos = (self.pos + F) % n
-            # hops this frame completes: model-rate samples the server's resampler can give out after it
-            before, after = self.sent_samples, self.sent_samples + F
-            t_send = time.perf_counter()
-            for key in self.counter.completed(before, after):
-                self.pending[key] = t_send
-                if r.measuring(now):
-                    r.expected += 1
-                    r.measured_keys.add((self.idx, key))
-            self.sent_samples = after
-            await self.ws.send(frame.tobytes())
+            await self.ws.send(self.next_frame(time.perf_counter(), r.measuring(now)).tobytes())
             t_next += period
+
+    def next_frame(self, produced_at: float, measuring: bool) -> np.ndarray:
+        """The device's next frame from the tiled signal; the hops it completes (model-rate samples the server's
+        resampler can give out after it) are expected, timed from `produced_at` (perf_counter)."""
+        r, F, n = self.run, self.run.frame_samples, len(self.signal)
+        if self.pos + F <= n:
+            frame = self.signal[self.pos:self.pos + F]
+        else:
+            frame = np.concatenate([self.signal[self.pos:], self.signal[:F - (n - self.pos)]])
+        self.pos = (self.pos + F) % n
+        before, after = self.sent_samples, self.sent_samples + F
+        for key in self.counter.completed(before, after):
+            self.pending[key] = produced_at
+            if measuring:
+                r.expected += 1
+                r.measured_keys.add((self.idx, key))
+        if measuring:
+            r.frames_measured += 1
+        self.sent_samples = after
+        return frame
+
+    def on_prediction(self, m: dict) -> None:
+        r = self.run
+        key = (m["window"], m["t"])
+        t0 = self.pending.pop(key, None)
+        if t0 is not None and (self.idx, key) in r.measured_keys:
+            r.measured_keys.discard((self.idx, key))
+            r.latency_ms.append((time.perf_counter() - t0) * 1000)
+            self.latency_ms.append(r.latency_ms[-1])
 
     async def receiver(self) -> None:
         r = self.run
@@ -383,12 +395,7 @@ class StreamClient:
             m = json.loads(msg)
             typ = m.get("type")
             if typ == "prediction":
-                key = (m["window"], m["t"])
-                t0 = self.pending.pop(key, None)
-                if t0 is not None and (self.idx, key) in r.measured_keys:
-                    r.measured_keys.discard((self.idx, key))
-                    r.latency_ms.append((time.perf_counter() - t0) * 1000)
-                    self.latency_ms.append(r.latency_ms[-1])
+                self.on_prediction(m)
             elif typ == "error" and "retry_after_s" in m:  # shed for load: its missing hops are not failures
                 self.mark_shed()
                 return
@@ -398,10 +405,108 @@ class StreamClient:
             r.fail(f"closed by server: {self.ws.close_code} {self.ws.close_reason}")
 
 
+class GatewayClient:
+    """Several paced real-time streams over one /gateway connection, as a gateway forwarding a ward's devices would:
+    each device produces a frame per period on its own random phase; every `tick_s` the gateway sends what its
+    devices produced since its last send as one binary message, and it reads the server's batched messages. A hop's
+    latency runs from when its device produced the completing frame, so the gateway's forwarding delay counts."""
+
+    def __init__(self, run: "StreamRun", streams: list[StreamClient], tick_s: float):
+        self.run, self.streams, self.tick_s = run, streams, tick_s
+        self.open: list[StreamClient] = []  # streams the server took
+        self.ws = None
+
+    async def main(self) -> None:
+        import websockets
+
+        r = self.run
+        try:
+            async with r.connect_sem:
+                self.ws = await websockets.connect(r.gateway_url, max_size=2**24, ping_interval=None,
+                                                   compression=None, open_timeout=30)
+                for s in self.streams:
+                    await self.ws.send(json.dumps({"type": "open", "id": s.idx, **r.config}))
+                waiting = {s.idx: s for s in self.streams}
+                while waiting:
+                    for m in json.loads(await asyncio.wait_for(self.ws.recv(), 30))["messages"]:
+                        s = waiting.pop(m["id"])
+                        if m["type"] == "config":
+                            s.counter = HopCounter(int(m["window"]), int(m["hop"]), r.device_rate,
+                                                   int(m["sample_rate"]))
+                            self.open.append(s)
+                            r.connected += 1
+                        elif m["type"] == "closed" and "retry_after_s" in m:
+                            r.refused += 1  # admission said no, with a retry hint
+                        else:
+                            raise RuntimeError(f"unexpected first message {m}")
+            recv = asyncio.create_task(self.receiver())
+            try:
+                await self.sender()
+            finally:
+                recv.cancel()
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:
+            for _ in range(max(1, len(self.streams) - len(self.open))):  # every stream it had not opened yet
+                r.fail(f"gateway {type(e).__name__}: {str(e)[:120]}")
+        finally:
+            if self.ws is not None:
+                try:
+                    await asyncio.wait_for(self.ws.close(), 5)
+                except Exception:
+                    pass
+
+    async def sender(self) -> None:
+        from msssm_serve.client import gateway_frames
+
+        r = self.run
+        period = r.frame_samples / r.device_rate
+        await r.all_connected.wait()
+        loop = asyncio.get_running_loop()
+        due = {s: r.t_start + random.random() * period for s in self.open}
+        t_tick = r.t_start + random.random() * self.tick_s
+        while not r.stop_sending:
+            delay = t_tick - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now, clock = loop.time(), time.perf_counter()
+            if r.measuring(now):
+                r.lag_ms.append((now - t_tick) * 1000)
+            frames = {}
+            for s in self.open:
+                while not s.shed and due[s] <= now:  # what the device produced since the last send
+                    frame = s.next_frame(clock - (now - due[s]), r.measuring(due[s]))
+                    frames[s.idx] = np.concatenate([frames[s.idx], frame]) if s.idx in frames else frame
+                    due[s] += period
+            if frames:
+                await self.ws.send(gateway_frames(frames))
+            t_tick += self.tick_s
+
+    async def receiver(self) -> None:
+        r = self.run
+        by_id = {s.idx: s for s in self.open}
+        async for text in self.ws:
+            for m in json.loads(text)["messages"]:
+                s, typ = by_id[m["id"]], m["type"]
+                if typ == "prediction":
+                    s.on_prediction(m)
+                elif typ == "closed" and "retry_after_s" in m:  # shed for load: its missing hops are not failures
+                    s.mark_shed()
+                elif typ in ("closed", "error"):
+                    r.fail(f"{typ} message: {m.get('detail')}")
+        if not r.stop_sending:
+            r.fail(f"gateway closed by server: {self.ws.close_code} {self.ws.close_reason}")
+
+
 class StreamRun:
     def __init__(self, ws_url: str, n: int, frame_samples: int, config: dict, device_rate: float, warmup: float,
-                 duration: float):
+                 duration: float, per_connection: int = 1, tick_s: float = 0.02):
+        """`per_connection` > 1: the streams go in groups of that many over /gateway connections (`GatewayClient`,
+        sending every `tick_s`); 1: each over its own /stream connection."""
         self.ws_url, self.n, self.frame_samples, self.config = ws_url, n, frame_samples, config
+        self.gateway_url = ws_url.rsplit("/", 1)[0] + "/gateway"
+        self.per_connection, self.tick_s = per_connection, tick_s
+        self.frames_measured = 0
         self.device_rate = device_rate
         self.warmup, self.duration = warmup, duration
         self.latency_ms: list[float] = []
@@ -429,7 +534,11 @@ class StreamRun:
         for i in range(self.n):
             sig = signals[i % len(signals)]
             clients.append(StreamClient(self, i, sig, random.randrange(len(sig))))
-        tasks = [asyncio.create_task(c.main()) for c in clients]
+        if self.per_connection > 1:
+            groups = [clients[i : i + self.per_connection] for i in range(0, self.n, self.per_connection)]
+            tasks = [asyncio.create_task(GatewayClient(self, group, self.tick_s).main()) for group in groups]
+        else:
+            tasks = [asyncio.create_task(c.main()) for c in clients]
         t_conn = loop.time()
         while self.connected + self.refused + sum(self.failures.values()) < self.n and loop.time() - t_conn < 120:
             await asyncio.sleep(0.05)
@@ -459,7 +568,7 @@ class StreamRun:
                "failure_kinds": self.failures, **latency_summary(self.latency_ms),
                "send_lag_p50_ms": pct(self.lag_ms, 50), "send_lag_p99_ms": pct(self.lag_ms, 99),
                "send_lag_max_ms": float(max(self.lag_ms)) if self.lag_ms else None,
-               "achieved_frames_per_s": round(len(self.lag_ms) / self.duration, 1),
+               "achieved_frames_per_s": round(self.frames_measured / self.duration, 1),
                "target_frames_per_s": round(self.n * self.device_rate / self.frame_samples, 1),
                **sampler.window(m0, m1)}
         return res
@@ -543,7 +652,8 @@ def run_streams(args) -> None:
 
     def one(n: int) -> dict:
         random.seed(n)
-        run = StreamRun(server.ws_url, n, frame_samples, config, device_rate, args.warmup, args.duration)
+        run = StreamRun(server.ws_url, n, frame_samples, config, device_rate, args.warmup, args.duration,
+                        args.per_connection, args.tick_ms / 1000)
         r = asyncio.run(run.go(tiled, sampler))
         r["pass"] = stream_pass(r, args.p99_ms, args.lag_ms)
         results.append(r)
@@ -568,7 +678,9 @@ def run_streams(args) -> None:
 
     data = {"mode": "streams", "model": str(args.model), "workers": args.workers,
             "msssm_threads_env": os.environ.get("MSSSM_THREADS"), "frame_samples": frame_samples,
-            "sample_rate": device_rate, "leads": config.get("leads", "all"), "hop": hop, "warmup_s": args.warmup, "duration_s": args.duration,
+            "sample_rate": device_rate, "leads": config.get("leads", "all"), "hop": hop, "warmup_s": args.warmup,
+            "duration_s": args.duration, "streams_per_connection": args.per_connection,
+            "gateway_tick_ms": args.tick_ms if args.per_connection > 1 else None,
             "criteria": {"p99_ms_below": args.p99_ms, "failures": 0, "send_lag_p99_ms_below": args.lag_ms},
             "capacity_streams": last_pass, "first_failing_streams": first_fail,
             "capacity_note": ("no failing step found within the step list/time budget; capacity is at least this"
@@ -580,6 +692,9 @@ def run_streams(args) -> None:
           f"(leads {', '.join(config.get('leads', ['all']))}; hop {hop} model-rate samples), "
           f"{args.warmup:g} s warm-up + {args.duration:g} s per step. Pass: p99 < {args.p99_ms:g} ms, no failures, "
           f"load-generator send lag p99 < {args.lag_ms:g} ms.\n",
+          *([f"Streams go {args.per_connection} to a `/gateway` connection, each gateway sending what its devices "
+             f"produced every {args.tick_ms:g} ms (latency counted from when the device produced the frame).\n"]
+            if args.per_connection > 1 else []),
           f"**Capacity: {last_pass} streams** (first failing step: {first_fail}).\n",
           "| streams | hops/s | p50 ms | p95 ms | p99 ms | failures | send lag p99 ms | server CPU % | server RSS MB "
           "| loadgen CPU % | machine CPU % | pass |",
@@ -594,7 +709,8 @@ def run_streams(args) -> None:
         if r["failure_kinds"]:
             md.append(f"\nFailures at {r['streams']} streams: `{json.dumps(r['failure_kinds'])[:400]}`")
     device_tag = f"_{device_rate:g}hz_{len(config['leads'])}leads" if args.sample_rate or args.leads else ""
-    jp, mp = write_results(f"streams_w{args.workers}{device_tag}{args.tag}", data, "\n".join(md) + "\n")
+    gateway_tag = f"_gateway{args.per_connection}" if args.per_connection > 1 else ""
+    jp, mp = write_results(f"streams_w{args.workers}{device_tag}{gateway_tag}{args.tag}", data, "\n".join(md) + "\n")
     print(f"capacity {last_pass} streams (first fail {first_fail}); wrote {jp} {mp}", flush=True)
 
 
@@ -711,6 +827,10 @@ def main(argv=None) -> int:
                    help="samples per frame at the device rate (default: one hop, 25 at 100 Hz)")
     p.add_argument("--sample-rate", type=float, default=None, help="stream mode: the device's rate (default: 100)")
     p.add_argument("--leads", default=None, help="stream mode: the device's leads, e.g. II,V1 (default: all 12)")
+    p.add_argument("--per-connection", type=int, default=1,
+                   help="stream mode: streams per connection; above 1 they go over /gateway connections")
+    p.add_argument("--tick-ms", type=float, default=20.0,
+                   help="stream mode with --per-connection: how often a gateway sends its devices' frames")
     p.add_argument("--p99-ms", type=float, default=100.0)
     p.add_argument("--classify-p99-ms", type=float, default=200.0)
     p.add_argument("--lag-ms", type=float, default=50.0, help="load generator pacing: send-lag p99 limit")
