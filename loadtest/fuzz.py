@@ -6,8 +6,11 @@ Each hostile connection draws, from its own seeded generator, a first message (a
 then a few dozen of: binary frames of random sizes (whole samples or not) and contents (ECG-like, huge, NaN bytes,
 random bytes), JSON sample frames (valid, ragged, strings, huge), flushes, unknown or repeated configs, non-JSON
 text, frames over the size limit, bursts larger than the stream's buffer; it reads, stops reading, or aborts the
-TCP connection at a random point. Beside them, honest streams send real records in real time (sped up by
---speedup) and check every prediction against a reference computed by POST /classify of the same samples.
+TCP connection at a random point. Hostile `/gateway` connections (`--gateways`) open a few streams each with such
+configs and carry the same frames and messages as records and id-tagged messages for them, for ids never opened,
+with ids of the wrong type and with records cut short. Beside them, honest streams send real records in real time
+(sped up by --speedup) and check every prediction against a reference computed by POST /classify of the same
+samples.
 
 Asserts (exit 1 and says which otherwise): no close with 1011; no traceback in the server log; the server still
 answers; `msssm_active_streams` back to 0 once every client is gone; every slot reusable (max_streams streams open at
@@ -153,6 +156,81 @@ async def hostile(url: str, seed: int, signal: np.ndarray, max_frame_bytes: int,
         findings.close(getattr(getattr(err, "rcvd", None), "code", None))
 
 
+def gateway_message(rng: np.random.Generator, kind: str, payload, ids: list[int]):
+    """A hostile stream message as a /gateway connection would carry it: a binary frame becomes one or more
+    records (for open ids, unknown ids, or with a header cut short or lying about its length), a text message gets
+    an id (a good one, an unknown one, none, or one of the wrong type) or becomes an open or close."""
+    stream_id = pick(rng, ids) if ids and rng.random() < 0.85 else int(rng.integers(0, 2**32))
+    if kind == "binary":
+        records = [gateway_frames_raw(stream_id, payload)]
+        if rng.random() < 0.3:
+            records.append(gateway_frames_raw(pick(rng, ids) if ids else 0, payload[: len(payload) // 2 // 48 * 48]))
+        data = b"".join(records)
+        variant = rng.random()
+        if variant < 0.05:
+            data = data[: int(rng.integers(0, 8))]  # a header cut short
+        elif variant < 0.10:
+            data = np.array([stream_id, len(payload) + 100], dtype="<u4").tobytes() + payload  # says more than follows
+        return data
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return payload  # not JSON: the connection's own fault
+    if not isinstance(body, dict):
+        return payload
+    variant = rng.random()
+    if variant < 0.05:
+        return json.dumps(body)  # no id
+    body["id"] = pick(rng, [True, "3", -1, 2**40, 1.5]) if variant < 0.10 else stream_id
+    if variant > 0.9:
+        body["type"] = pick(rng, ["open", "close"])
+    return json.dumps(body)
+
+
+def gateway_frames_raw(stream_id: int, data: bytes) -> bytes:
+    return np.array([stream_id, len(data)], dtype="<u4").tobytes() + data
+
+
+async def hostile_gateway(url: str, seed: int, signal: np.ndarray, max_frame_bytes: int, findings: Findings) -> None:
+    """A hostile /gateway connection: a few streams opened with hostile configs, then hostile frames and messages
+    spread over them (and over ids never opened), ended as `hostile` ends a stream."""
+    rng = np.random.default_rng(seed)
+    ending = rng.choice(["read", "ignore", "abort", "close"])
+    valid_only = rng.random() < 0.5
+    ids = [int(i) for i in rng.choice(1000, size=int(rng.integers(1, 6)), replace=False)]
+    try:
+        async with connect(url, max_size=None, open_timeout=30, ping_interval=None) as ws:
+            reader = asyncio.create_task(_read_all(ws)) if ending != "ignore" else None
+            for stream_id in ids:
+                config = json.dumps({"hop": pick(rng, HOPS[:4])}) if valid_only else hostile_config(rng) or "{}"
+                try:
+                    opened = json.dumps({**json.loads(config), "type": "open", "id": stream_id})
+                except ValueError:
+                    opened = config  # broken JSON: the connection's own fault
+                await ws.send(opened)
+            for kind, payload in hostile_frames(rng, signal, max_frame_bytes, valid_only):
+                if kind == "sleep":
+                    await asyncio.sleep(payload)
+                    continue
+                try:
+                    await asyncio.wait_for(ws.send(gateway_message(rng, kind, payload, ids)), 5)
+                except (ConnectionClosed, TimeoutError):
+                    break
+            if ending == "abort":
+                ws.transport.abort()
+            elif ending == "close":
+                await ws.close()
+            if reader is not None:
+                try:
+                    await asyncio.wait_for(reader, 5)
+                except TimeoutError:
+                    reader.cancel()
+            await asyncio.sleep(0)
+        findings.close(ws.close_code)
+    except (ConnectionClosed, OSError, InvalidStatus, TimeoutError) as err:
+        findings.close(getattr(getattr(err, "rcvd", None), "code", None))
+
+
 async def _read_all(ws) -> None:
     try:
         async for message in ws:
@@ -227,18 +305,23 @@ def active_streams(base: str) -> float:
 
 
 async def fuzz(base: str, connections: int, honest_streams: int, seed: int, speedup: float,
-               max_frame_bytes: int, parallel: int) -> Findings:
+               max_frame_bytes: int, parallel: int, gateways: int = 0) -> Findings:
     signal = load_signal()
     findings = Findings()
     url = base.replace("http", "ws", 1) + "/stream"
+    gateway_url = base.replace("http", "ws", 1) + "/gateway"
     gate = asyncio.Semaphore(parallel)
+    gateway_gate = asyncio.Semaphore(max(1, parallel // 5))  # a gateway holds up to 5 streams
 
     async def gated(i):
         async with gate:
-            await hostile(url, seed * 100_003 + i, signal, max_frame_bytes, findings)
+            if i < connections:
+                return await hostile(url, seed * 100_003 + i, signal, max_frame_bytes, findings)
+            async with gateway_gate:
+                await hostile_gateway(gateway_url, seed * 100_003 + i, signal, max_frame_bytes, findings)
 
     async with httpx.AsyncClient(base_url=base, timeout=60) as http:
-        await asyncio.gather(*(gated(i) for i in range(connections)),
+        await asyncio.gather(*(gated(i) for i in range(connections + gateways)),
                              *(honest(url, http, seed * 7 + j, signal, speedup, findings)
                                for j in range(honest_streams)))
     return findings
@@ -250,6 +333,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=str(ROOT / "models/default"), help="model directory to serve")
     p.add_argument("--url", help="fuzz a running server at this base URL instead of starting one")
     p.add_argument("--connections", type=int, default=200, help="hostile connections")
+    p.add_argument("--gateways", type=int, default=40,
+                   help="hostile /gateway connections (each opens 1-5 streams), after the /stream ones")
     p.add_argument("--parallel", type=int, default=50, help="hostile connections open at once")
     p.add_argument("--honest", type=int, default=20, help="honest real-time streams beside them")
     p.add_argument("--speedup", type=float, default=4.0, help="honest streams send this many times real time")
@@ -282,7 +367,8 @@ def main(argv=None) -> int:
     try:
         started = time.perf_counter()
         findings = asyncio.run(fuzz(base, args.connections, args.honest, args.seed, args.speedup, max_frame_bytes,
-                                    min(args.parallel, max(1, args.max_streams - args.honest))))
+                                    min(args.parallel, max(1, args.max_streams - args.honest)),
+                                    args.gateways))
         took = time.perf_counter() - started
         # a client that stopped reading or left mid-close holds its slot until the idle timeout, then the drain
         deadline = time.monotonic() + args.idle_timeout_s + 10
@@ -304,7 +390,8 @@ def main(argv=None) -> int:
     finally:
         if server is not None:
             server.stop()
-    report = {"seed": args.seed, "connections": args.connections, "honest_streams": args.honest,
+    report = {"seed": args.seed, "connections": args.connections, "gateways": args.gateways,
+              "honest_streams": args.honest,
               "seconds": round(took, 1), "close_codes": dict(sorted(findings.close_codes.items())),
               "honest_predictions_checked": findings.honest_checked,
               "honest_hop_latency_ms": {"p50": round(float(np.percentile(findings.latencies, 50) * 1000), 1),

@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fuzz_leaves_no_1011_no_traceback_no_leaked_slot(model_dir, seed):
-    run = subprocess.run([sys.executable, "loadtest/fuzz.py", "--model", str(model_dir), "--connections", "120",
+    run = subprocess.run([sys.executable, "loadtest/fuzz.py", "--model", str(model_dir), "--connections", "120", "--gateways", "30",
                           "--parallel", "30", "--honest", "6", "--max-streams", "40", "--seed", str(seed),
                           "--p99-ms", "2000"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
