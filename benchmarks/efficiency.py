@@ -7,7 +7,8 @@
    graph at every shape of a batch x T sweep from the zero state for `--shape-seconds` each; its best summed
    samples/s is the ceiling.
 2. Stream capacity (`loadtest/streams.py`: real-time 100 Hz streams, p99 < 100 ms, no failures, generator kept
-   pace) -> served samples/s = streams x 100.
+   pace) -> served samples/s = streams x 100: each stream on its own /stream connection, then the same streams
+   `--per-connection` to a /gateway connection (`loadtest/streams.py --per-connection`).
 3. The batcher path: as many streams, driven in-process straight into the server's `Batcher` (sessions, batching,
    results; no sockets, no latency bound) as fast as it goes: what the server's own per-stream work leaves of the
    bare graph before any network, so the loss splits into the batcher's share and the sockets'.
@@ -170,6 +171,8 @@ def main() -> None:
     parser.add_argument("--shape-seconds", type=float, default=3.0, help="bare graph: seconds per call shape")
     parser.add_argument("--rounds", type=int, default=2, help="bare graph: sweeps, each shape's best kept")
     parser.add_argument("--steps", default="300,400,500,600,700,800")
+    parser.add_argument("--gateway-steps", default=None, help="stream counts for the /gateway search (default: --steps)")
+    parser.add_argument("--per-connection", type=int, default=100, help="streams per /gateway connection")
     parser.add_argument("--rates", default="20,40,60,80,100,120")
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
@@ -184,17 +187,23 @@ def main() -> None:
               "--tag", f"_efficiency{tag}"]
     common += cpu_flags(args)
     streams = load_test([*common, "--steps", args.steps], f"streams_w{args.workers}_efficiency{tag}.json")
+    gateway = load_test([*common, "--steps", args.gateway_steps or args.steps, "--per-connection",
+                         str(args.per_connection)],
+                        f"streams_w{args.workers}_gateway{args.per_connection}_efficiency{tag}.json")
     classify = load_test([*common, "--classify", "--binary", "--rates", args.rates],
                          f"classify_w{args.workers}_binary_efficiency{tag}.json")
     # the same streams (or the highest step tried, when none passed) through the batcher alone
     path = batcher_path(args.model, args.workers, streams["capacity_streams"] or int(args.steps.split(",")[0]),
                         args.shape_seconds * 3, args.server_cpus)
     stream_rate = (streams["capacity_streams"] or 0) * 100.0
+    gateway_rate = (gateway["capacity_streams"] or 0) * 100.0
     classify_rate = (classify["capacity_windows_per_s"] or 0) * 1000.0
     result = {"model": os.path.relpath(args.model, REPO_ROOT), "workers": args.workers, "bare_graph": bare,
               "server_cpus": sorted(args.server_cpus or []), "loadgen_cpus": sorted(args.loadgen_cpus or []),
               "streams": {"capacity": streams["capacity_streams"], "samples_per_s": stream_rate,
                           "efficiency": stream_rate / bare["samples_per_s"]},
+              "gateway_streams": {"per_connection": args.per_connection, "capacity": gateway["capacity_streams"],
+                                  "samples_per_s": gateway_rate, "efficiency": gateway_rate / bare["samples_per_s"]},
               "batcher_path": {"samples_per_s": path, "of_bare_graph": path / bare["samples_per_s"]},
               "classify": {"windows_per_s": classify["capacity_windows_per_s"], "samples_per_s": classify_rate,
                            "efficiency": classify_rate / bare["samples_per_s"]},
@@ -212,8 +221,11 @@ def main() -> None:
             f"**{bare['samples_per_s']:,.0f} samples/s** ({args.workers} one-thread process"
             f"{'es' if args.workers > 1 else ''}, best shape {bare['best_shape']}); streams "
             f"**{streams['capacity_streams']}** × 100 Hz = {stream_rate:,.0f} samples/s, "
-            f"**efficiency {result['streams']['efficiency']:.2f}** (the same streams through the batcher alone, no "
-            f"sockets, at full load: {path:,.0f} samples/s, {result['batcher_path']['of_bare_graph']:.2f}); /classify "
+            f"**efficiency {result['streams']['efficiency']:.2f}**; over /gateway ({args.per_connection} streams per "
+            f"connection) **{gateway['capacity_streams']}** = {gateway_rate:,.0f} samples/s, "
+            f"**efficiency {result['gateway_streams']['efficiency']:.2f}** (the same streams through the batcher "
+            f"alone, no sockets, at full load: {path:,.0f} samples/s, {result['batcher_path']['of_bare_graph']:.2f}); "
+            f"/classify "
             f"**{classify['capacity_windows_per_s']:g} windows/s** = {classify_rate:,.0f} samples/s, "
             f"**efficiency {result['classify']['efficiency']:.2f}**.")
     print(text)
