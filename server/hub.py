@@ -126,6 +126,8 @@ class StreamHub:
             return await gateway.refuse(Close(POLICY, missing_key_detail("/gateway")))
         if self.draining:
             return await gateway.refuse(self.refusal())
+        if len(self.gateways) >= self.settings.max_streams:  # every gateway may hold one stream at least
+            return await gateway.refuse(Close(TRY_LATER, "server full, try later", retry_after_s=RETRY_AFTER_S))
         self.gateways[gateway] = None
         self._start_watching()
         try:

@@ -44,3 +44,28 @@ def test_the_batcher_path_benchmark_drives_real_streams_through_the_batcher(mode
 
     rate = batcher_path(str(model_dir), workers=1, streams=16, seconds=0.5)
     assert rate > 1000  # samples/s: 16 streams x 25 samples per round, many rounds in half a second
+
+
+@pytest.mark.parametrize("per_connection", [1, 4])
+def test_the_stream_load_test_measures_every_hop_of_every_stream(server, per_connection):
+    """loadtest/streams.py's clients, each stream on its own /stream connection or four to a /gateway connection:
+    every stream opens, every hop completed in the measured span comes back and is timed, nothing fails."""
+    import asyncio
+    import random
+
+    import httpx
+    from streams import StreamRun, tiled_records
+
+    class NoSampler:  # the server's CPU is not what this test looks at
+        def window(self, t0, t1):
+            return {}
+
+    hop = int(httpx.get(server.url + "/model").json()["default_hop"])
+    random.seed(0)
+    run = StreamRun(server.ws_url, 12, hop, {"hop": hop}, 100, warmup=1.0, duration=3.0,
+                    per_connection=per_connection, tick_s=0.02)
+    result = asyncio.run(run.go(tiled_records(), NoSampler()))
+    assert result["connected"] == 12 and result["failures"] == 0, result
+    # 12 streams x 4 hops/s x 3 s, each timed once
+    assert result["expected_hops"] >= 12 * 4 * 3 - 12 and result["count"] == result["expected_hops"], result
+    assert result["achieved_frames_per_s"] == pytest.approx(12 * 4, rel=0.15)
