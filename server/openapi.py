@@ -145,7 +145,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             document = get_openapi(title="msssm-serve", version="1", routes=[],
-                                   description="MS-SSM streaming ECG classification. WebSocket /stream: see "
+                                   description="MS-SSM streaming ECG classification. WebSockets /stream and /gateway: see "
                                                "docs/api.md.")
             document["paths"] = _operations(app.state.model, sorted(app.state.models), settings)
             if settings.api_key:

@@ -204,3 +204,41 @@ def test_a_gateway_stream_snapshot_resumes_on_stream(server, model, records):
     assert [(p["window"], p["t"]) for p in predictions if p["window"] == 0] == [(0, t) for t in range(50, 1001, 50)]
     for p in predictions:
         np.testing.assert_allclose(p["probabilities"], reference[p["window"]][p["t"] - 1], atol=TOL)
+
+
+def test_sigterm_gives_each_gateway_stream_a_snapshot_and_a_close_then_closes_the_connection(model_dir, records):
+    """Draining: every stream of a gateway gets its final snapshot (to resume on another replica) and a `closed`
+    1001, then the connection itself closes 1001."""
+    import signal
+
+    from conftest import ServerProcess
+
+    proc = ServerProcess(model_dir, {})
+    try:
+        async def interrupted():
+            async with connect(gateway_url(proc), max_size=None) as ws:
+                reader = GatewayReader(ws)
+                for i in (1, 2):
+                    await ws.send(json.dumps({"type": "open", "id": i}))
+                await ws.send(gateway_frames({1: records[0][:100], 2: records[1][:60]}))
+                await reader.until(lambda: len(reader.of(1, "prediction")) == 4 and len(reader.of(2, "prediction")) == 2)
+                proc.process.send_signal(signal.SIGTERM)
+                last = None
+                async for text in ws:
+                    message = json.loads(text)
+                    if message["type"] == "messages":
+                        for m in message["messages"]:
+                            reader.by_id.setdefault(m["id"], []).append(m)
+                    else:
+                        last = message
+                return reader, last, ws.close_code
+
+        reader, last, code = asyncio.run(interrupted())
+        assert code == 1001 and last == {"type": "error", "detail": "server shutting down"}
+        for i, sent in ((1, 100), (2, 60)):
+            snapshot, closed = reader.by_id[i][-2:]
+            assert snapshot["type"] == "snapshot" and snapshot["t"] + snapshot["pending"] == sent
+            assert closed["type"] == "closed" and closed["code"] == 1001
+        assert proc.process.wait(timeout=15) in (0, -signal.SIGTERM)
+    finally:
+        proc.stop()
