@@ -123,22 +123,44 @@ def hostile_config(rng: np.random.Generator) -> str | None:
     return json.dumps(config) if rng.random() < 0.9 else "{" + json.dumps(config)
 
 
-async def hostile(url: str, seed: int, signal: np.ndarray, max_frame_bytes: int, findings: Findings) -> None:
+def opening_messages(rng: np.random.Generator, valid_only: bool, ids: list[int]) -> list[str]:
+    """What a hostile connection sends first: on /stream its config (valid, hostile or none); on /gateway (`ids`) an
+    open for each stream, with such a config (a broken one is sent as it is: the connection's own fault)."""
+    def config() -> str | None:
+        return json.dumps({"hop": pick(rng, HOPS[:4])}) if valid_only else hostile_config(rng)
+
+    if not ids:
+        first = config()
+        return [] if first is None else [first]
+    messages = []
+    for stream_id in ids:
+        text = config() or "{}"
+        try:
+            messages.append(json.dumps({**json.loads(text), "type": "open", "id": stream_id}))
+        except ValueError:
+            messages.append(text)
+    return messages
+
+
+async def hostile(url: str, seed: int, signal: np.ndarray, max_frame_bytes: int, findings: Findings,
+                  gateway: bool = False) -> None:
+    """One hostile connection to /stream, or with `gateway` to /gateway: a few streams opened, the same frames and
+    messages carried for them (and for ids never opened) by `gateway_message`."""
     rng = np.random.default_rng(seed)
     ending = rng.choice(["read", "ignore", "abort", "close"])
     valid_only = rng.random() < 0.5
+    ids = [int(i) for i in rng.choice(1000, size=int(rng.integers(1, 6)), replace=False)] if gateway else []
     try:
         async with connect(url, max_size=None, open_timeout=30, ping_interval=None) as ws:
             reader = asyncio.create_task(_read_all(ws)) if ending != "ignore" else None
-            config = json.dumps({"hop": pick(rng, HOPS[:4])}) if valid_only else hostile_config(rng)
-            if config is not None:
-                await ws.send(config)
+            for first in opening_messages(rng, valid_only, ids):
+                await ws.send(first)
             for kind, payload in hostile_frames(rng, signal, max_frame_bytes, valid_only):
                 if kind == "sleep":
                     await asyncio.sleep(payload)
                     continue
                 try:
-                    await asyncio.wait_for(ws.send(payload), 5)
+                    await asyncio.wait_for(ws.send(gateway_message(rng, kind, payload, ids) if gateway else payload), 5)
                 except (ConnectionClosed, TimeoutError):
                     break
             if ending == "abort":
@@ -189,46 +211,6 @@ def gateway_message(rng: np.random.Generator, kind: str, payload, ids: list[int]
 
 def gateway_frames_raw(stream_id: int, data: bytes) -> bytes:
     return np.array([stream_id, len(data)], dtype="<u4").tobytes() + data
-
-
-async def hostile_gateway(url: str, seed: int, signal: np.ndarray, max_frame_bytes: int, findings: Findings) -> None:
-    """A hostile /gateway connection: a few streams opened with hostile configs, then hostile frames and messages
-    spread over them (and over ids never opened), ended as `hostile` ends a stream."""
-    rng = np.random.default_rng(seed)
-    ending = rng.choice(["read", "ignore", "abort", "close"])
-    valid_only = rng.random() < 0.5
-    ids = [int(i) for i in rng.choice(1000, size=int(rng.integers(1, 6)), replace=False)]
-    try:
-        async with connect(url, max_size=None, open_timeout=30, ping_interval=None) as ws:
-            reader = asyncio.create_task(_read_all(ws)) if ending != "ignore" else None
-            for stream_id in ids:
-                config = json.dumps({"hop": pick(rng, HOPS[:4])}) if valid_only else hostile_config(rng) or "{}"
-                try:
-                    opened = json.dumps({**json.loads(config), "type": "open", "id": stream_id})
-                except ValueError:
-                    opened = config  # broken JSON: the connection's own fault
-                await ws.send(opened)
-            for kind, payload in hostile_frames(rng, signal, max_frame_bytes, valid_only):
-                if kind == "sleep":
-                    await asyncio.sleep(payload)
-                    continue
-                try:
-                    await asyncio.wait_for(ws.send(gateway_message(rng, kind, payload, ids)), 5)
-                except (ConnectionClosed, TimeoutError):
-                    break
-            if ending == "abort":
-                ws.transport.abort()
-            elif ending == "close":
-                await ws.close()
-            if reader is not None:
-                try:
-                    await asyncio.wait_for(reader, 5)
-                except TimeoutError:
-                    reader.cancel()
-            await asyncio.sleep(0)
-        findings.close(ws.close_code)
-    except (ConnectionClosed, OSError, InvalidStatus, TimeoutError) as err:
-        findings.close(getattr(getattr(err, "rcvd", None), "code", None))
 
 
 async def _read_all(ws) -> None:
@@ -318,7 +300,7 @@ async def fuzz(base: str, connections: int, honest_streams: int, seed: int, spee
             if i < connections:
                 return await hostile(url, seed * 100_003 + i, signal, max_frame_bytes, findings)
             async with gateway_gate:
-                await hostile_gateway(gateway_url, seed * 100_003 + i, signal, max_frame_bytes, findings)
+                await hostile(gateway_url, seed * 100_003 + i, signal, max_frame_bytes, findings, gateway=True)
 
     async with httpx.AsyncClient(base_url=base, timeout=60) as http:
         await asyncio.gather(*(gated(i) for i in range(connections + gateways)),

@@ -257,6 +257,32 @@ def fmt(v, nd=1) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- stream mode
+async def close_quietly(ws) -> None:
+    """Close a client connection if there is one, whatever state it is in (the run is over for it)."""
+    if ws is not None:
+        try:
+            await asyncio.wait_for(ws.close(), 5)
+        except Exception:
+            pass
+
+
+async def paced(run: "StreamRun", period: float, phase: float):
+    """Once every client is connected: yield the loop time every `period` s from the run's start + `phase` until the
+    run stops sending, recording how late each tick came (the generator's pacing) while measuring."""
+    await run.all_connected.wait()
+    loop = asyncio.get_running_loop()
+    t_next = run.t_start + phase
+    while not run.stop_sending:
+        delay = t_next - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = loop.time()
+        if run.measuring(now):
+            run.lag_ms.append((now - t_next) * 1000)
+        yield now
+        t_next += period
+
+
 class HopCounter:
     """Which predictions (window, t) a stream's server can make once it holds a given number of device samples:
     the hops whose last model-rate sample its resampler has given out (`msssm_serve.resample` counts them)."""
@@ -335,28 +361,15 @@ class StreamClient:
             else:
                 r.fail(f"{type(e).__name__}: {str(e)[:120]}")
         finally:
-            if self.ws is not None:
-                try:
-                    await asyncio.wait_for(self.ws.close(), 5)
-                except Exception:
-                    pass
+            await close_quietly(self.ws)
 
     async def sender(self) -> None:
         r = self.run
         period = r.frame_samples / r.device_rate
-        # wait for every client to connect, then start at a random phase within one frame period
-        await r.all_connected.wait()
-        t_next = r.t_start + random.random() * period
-        loop = asyncio.get_running_loop()
-        while not r.stop_sending and not self.shed:
-            delay = t_next - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            now = loop.time()
-            if r.measuring(now):
-                r.lag_ms.append((now - t_next) * 1000)
+        async for now in paced(r, period, random.random() * period):  # a random phase within one frame period
+            if self.shed:
+                break
             await self.ws.send(self.next_frame(time.perf_counter(), r.measuring(now)).tobytes())
-            t_next += period
 
     def next_frame(self, produced_at: float, measuring: bool) -> np.ndarray:
         """The device's next frame from the tiled signal; the hops it completes (model-rate samples the server's
@@ -450,28 +463,18 @@ class GatewayClient:
             for _ in range(max(1, len(self.streams) - len(self.open))):  # every stream it had not opened yet
                 r.fail(f"gateway {type(e).__name__}: {str(e)[:120]}")
         finally:
-            if self.ws is not None:
-                try:
-                    await asyncio.wait_for(self.ws.close(), 5)
-                except Exception:
-                    pass
+            await close_quietly(self.ws)
 
     async def sender(self) -> None:
         from msssm_serve.client import gateway_frames
 
         r = self.run
         period = r.frame_samples / r.device_rate
-        await r.all_connected.wait()
-        loop = asyncio.get_running_loop()
-        due = {s: r.t_start + random.random() * period for s in self.open}
-        t_tick = r.t_start + random.random() * self.tick_s
-        while not r.stop_sending:
-            delay = t_tick - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            now, clock = loop.time(), time.perf_counter()
-            if r.measuring(now):
-                r.lag_ms.append((now - t_tick) * 1000)
+        phases = {s: random.random() * period for s in self.open}  # each device's own
+        due: dict[StreamClient, float] = {}
+        async for now in paced(r, self.tick_s, random.random() * self.tick_s):
+            due = due or {s: r.t_start + phases[s] for s in self.open}
+            clock = time.perf_counter()
             frames = {}
             for s in self.open:
                 while not s.shed and due[s] <= now:  # what the device produced since the last send
@@ -480,7 +483,6 @@ class GatewayClient:
                     due[s] += period
             if frames:
                 await self.ws.send(gateway_frames(frames))
-            t_tick += self.tick_s
 
     async def receiver(self) -> None:
         r = self.run

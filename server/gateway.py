@@ -38,6 +38,10 @@ if TYPE_CHECKING:  # the hub imports this module
     from .hub import StreamHub
 
 RECORD_HEADER = struct.Struct("<II")  # stream id, frame bytes
+# Answers about ids with no open stream that a connection may owe at once (about 1 MB): records for streams the
+# server just shed or closed are answered once per id and message, and a client that keeps sending such records
+# without reading is closed (1008) before they pile up.
+MAX_NOTES_OWED = 4096
 
 
 class StreamOutbox:
@@ -89,10 +93,20 @@ class Gateway(Peer):
         # for the connection's own close
         self._queue: list[tuple[GatewayStream | None, dict | Close]] = []
         self._queued = asyncio.Event()
+        self._notes_owed = 0  # `note` messages queued and not yet sent
 
     def queue(self, stream: GatewayStream | None, item: dict | Close) -> None:
         self._queue.append((stream, item))
         self._queued.set()
+
+    def note(self, message: dict) -> None:
+        """A message about an id that has no open stream. Bounded: a client that keeps sending for ids it has not
+        opened while not reading the answers is closed, instead of the answers piling up."""
+        if self._notes_owed >= MAX_NOTES_OWED:
+            raise StreamError(POLICY, f"{MAX_NOTES_OWED} answers about streams that are not open are unread: the "
+                                      "client must read what it is sent")
+        self._notes_owed += 1
+        self.queue(None, message)
 
     def send(self, close: Close) -> None:
         """Close the connection after what is queued (what `Peer.run` and the hub's shutdown call)."""
@@ -133,7 +147,7 @@ class Gateway(Peer):
         await self._for_stream(stream, stream.handle_body(body, first=False))
 
     async def _feed_records(self, data: bytes) -> None:
-        view, at = memoryview(data), 0
+        view, at, unknown = memoryview(data), 0, set()
         while at < len(view):
             if len(view) - at < RECORD_HEADER.size:
                 raise StreamError(INVALID_DATA, f"binary record at byte {at}: {len(view) - at} bytes left, a record "
@@ -143,18 +157,23 @@ class Gateway(Peer):
             if size > len(view) - at:
                 raise StreamError(INVALID_DATA, f"binary record for stream {stream_id} says {size} bytes, "
                                                 f"{len(view) - at} follow")
-            stream = self._stream(stream_id)
-            if stream is not None:
+            stream = self.streams.get(stream_id)
+            if stream is None:
+                unknown.add(stream_id)  # answered once, after the message
+            else:
+                stream.last_message = asyncio.get_running_loop().time()
                 await self._for_stream(stream, stream.feed_bytes(view[at : at + size]))
             at += size
+        for stream_id in sorted(unknown):
+            self.note(no_stream(stream_id))
 
     async def _open(self, stream_id: int, body: dict) -> None:
         if stream_id in self.streams:
-            return self.queue(None, {"type": "error", "id": stream_id, "detail": f"stream {stream_id} is already "
-                                     "open on this connection (close it first, or pick another id)"})
+            return self.note({"type": "error", "id": stream_id, "detail": f"stream {stream_id} is already open on "
+                              "this connection (close it first, or pick another id)"})
         refused = self.hub.refusal()
         if refused is not None:
-            return self.queue(None, closed_message(stream_id, refused))
+            return self.note(closed_message(stream_id, refused))
         stream = self.streams[stream_id] = GatewayStream(self, stream_id)
         self.hub.admit(stream)
         del body["type"]
@@ -164,8 +183,7 @@ class Gateway(Peer):
         """The open stream `stream_id`; None (and an error message saying so) when there is none."""
         stream = self.streams.get(stream_id)
         if stream is None:
-            self.queue(None, {"type": "error", "id": stream_id, "detail": f"no open stream {stream_id} on this "
-                              "connection: open it first ({\"type\": \"open\", \"id\": ...}), or it was closed"})
+            self.note(no_stream(stream_id))
         else:
             stream.last_message = asyncio.get_running_loop().time()
         return stream
@@ -199,6 +217,7 @@ class Gateway(Peer):
                         if isinstance(item, Close):
                             close = item
                             break
+                        self._notes_owed -= 1
                         messages.append(item)
                         continue
                     stream.outbox.owed -= 1
@@ -222,6 +241,11 @@ class Gateway(Peer):
             pass
         finally:
             self._end_stream()
+
+
+def no_stream(stream_id: int) -> dict:
+    return {"type": "error", "id": stream_id, "detail": f"no open stream {stream_id} on this connection: open it "
+                                                        "first ({\"type\": \"open\", \"id\": ...}), or it was closed"}
 
 
 def closed_message(stream_id: int, close: Close) -> dict:

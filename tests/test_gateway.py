@@ -242,3 +242,20 @@ def test_sigterm_gives_each_gateway_stream_a_snapshot_and_a_close_then_closes_th
         assert proc.process.wait(timeout=15) in (0, -signal.SIGTERM)
     finally:
         proc.stop()
+
+
+def test_records_for_ids_not_open_are_answered_once_per_id_and_message(server, records):
+    """A gateway still sending for streams the server has closed (shed, say) is told once per id and message, not
+    once per record; the connection stays open."""
+
+    async def scenario():
+        async with connect(gateway_url(server), max_size=None) as ws:
+            reader = GatewayReader(ws)
+            frame = records[0][:5]
+            await ws.send(b"".join(gateway_frames({i: frame}) for i in (41, 42, 41, 41, 42)))
+            await ws.send(json.dumps({"type": "open", "id": 3}))
+            await reader.until(lambda: reader.of(3, "config"))
+            return reader
+
+    reader = asyncio.run(scenario())
+    assert len(reader.of(41, "error")) == 1 and len(reader.of(42, "error")) == 1
