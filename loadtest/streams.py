@@ -291,6 +291,11 @@ class HopCounter:
         self.window, self.hop = window, hop
         self.resampler = WindowResampler(device_rate, model_rate, window, 1)
 
+    @classmethod
+    def from_config(cls, reply: dict, device_rate: float) -> HopCounter:
+        """For the stream a config reply describes."""
+        return cls(int(reply["window"]), int(reply["hop"]), device_rate, int(reply["sample_rate"]))
+
     def available(self, n_device: int) -> tuple[int, int]:
         """(window k, model samples of window k out) after n_device device samples of the stream."""
         rs = self.resampler
@@ -312,11 +317,52 @@ class HopCounter:
         return keys
 
 
-class StreamClient:
-    """One paced real-time stream over `websockets`."""
+class Client:
+    """A load-test connection: opened under the run's limit on connections being opened (`start`: False when the
+    server refused it), then its sender and receiver run until the run ends; `failed` accounts for what broke it."""
+    url: str
+    ws = None
+
+    async def start(self) -> bool:
+        raise NotImplementedError
+
+    def failed(self, e: Exception) -> None:
+        raise NotImplementedError
+
+    async def sender(self) -> None:
+        raise NotImplementedError
+
+    async def receiver(self) -> None:
+        raise NotImplementedError
+
+    async def main(self) -> None:
+        import websockets
+
+        try:
+            async with self.run.connect_sem:
+                self.ws = await websockets.connect(self.url, max_size=2**24, ping_interval=None, compression=None,
+                                                   open_timeout=30)
+                if not await self.start():
+                    return
+            recv = asyncio.create_task(self.receiver())
+            try:
+                await self.sender()
+            finally:
+                recv.cancel()
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # connection refused / closed / server error
+            self.failed(e)
+        finally:
+            await close_quietly(self.ws)
+
+
+class StreamClient(Client):
+    """One paced real-time stream over its own /stream connection."""
 
     def __init__(self, run: "StreamRun", idx: int, signal: np.ndarray, offset: int):
         self.run, self.idx, self.signal, self.pos = run, idx, signal, offset
+        self.url = run.ws_url
         self.sent_samples = 0
         self.pending: dict[tuple[int, int], float] = {}  # (window, t) -> send time of completing frame
         self.ws = None
@@ -331,37 +377,24 @@ class StreamClient:
             self.run.shed += 1
             self.run.measured_keys -= {k for k in self.run.measured_keys if k[0] == self.idx}
 
-    async def main(self) -> None:
-        import websockets
-
+    async def start(self) -> bool:
         r = self.run
-        try:
-            async with r.connect_sem:
-                self.ws = await websockets.connect(r.ws_url, max_size=2**22, ping_interval=None,
-                                                   compression=None, open_timeout=30)
-                await self.ws.send(json.dumps(r.config))
-                cfg = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
-                if cfg.get("type") == "error" and "retry_after_s" in cfg:
-                    r.refused += 1  # admission said no, with a retry hint: not a failure of an accepted stream
-                    return
-                if cfg.get("type") != "config":
-                    raise RuntimeError(f"unexpected first message {cfg}")
-                self.counter = HopCounter(int(cfg["window"]), int(cfg["hop"]), r.device_rate, int(cfg["sample_rate"]))
-            r.connected += 1
-            recv = asyncio.create_task(self.receiver())
-            try:
-                await self.sender()
-            finally:
-                recv.cancel()
-        except asyncio.CancelledError:
-            pass
-        except Exception as e:  # connection refused / closed / server error
-            if getattr(getattr(e, "rcvd", None), "code", None) == 1013 and r.connected:  # shed for load, mid-send
-                self.mark_shed()
-            else:
-                r.fail(f"{type(e).__name__}: {str(e)[:120]}")
-        finally:
-            await close_quietly(self.ws)
+        await self.ws.send(json.dumps(r.config))
+        cfg = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
+        if cfg.get("type") == "error" and "retry_after_s" in cfg:
+            r.refused += 1  # admission said no, with a retry hint: not a failure of an accepted stream
+            return False
+        if cfg.get("type") != "config":
+            raise RuntimeError(f"unexpected first message {cfg}")
+        self.counter = HopCounter.from_config(cfg, r.device_rate)
+        r.connected += 1
+        return True
+
+    def failed(self, e: Exception) -> None:
+        if getattr(getattr(e, "rcvd", None), "code", None) == 1013 and self.run.connected:  # shed for load, mid-send
+            self.mark_shed()
+        else:
+            self.run.fail(f"{type(e).__name__}: {str(e)[:120]}")
 
     async def sender(self) -> None:
         r = self.run
@@ -418,7 +451,7 @@ class StreamClient:
             r.fail(f"closed by server: {self.ws.close_code} {self.ws.close_reason}")
 
 
-class GatewayClient:
+class GatewayClient(Client):
     """Several paced real-time streams over one /gateway connection, as a gateway forwarding a ward's devices would:
     each device produces a frame per period on its own random phase; every `tick_s` the gateway sends what its
     devices produced since its last send as one binary message, and it reads the server's batched messages. A hop's
@@ -426,44 +459,30 @@ class GatewayClient:
 
     def __init__(self, run: "StreamRun", streams: list[StreamClient], tick_s: float):
         self.run, self.streams, self.tick_s = run, streams, tick_s
+        self.url = run.gateway_url
         self.open: list[StreamClient] = []  # streams the server took
-        self.ws = None
 
-    async def main(self) -> None:
-        import websockets
-
+    async def start(self) -> bool:
         r = self.run
-        try:
-            async with r.connect_sem:
-                self.ws = await websockets.connect(r.gateway_url, max_size=2**24, ping_interval=None,
-                                                   compression=None, open_timeout=30)
-                for s in self.streams:
-                    await self.ws.send(json.dumps({"type": "open", "id": s.idx, **r.config}))
-                waiting = {s.idx: s for s in self.streams}
-                while waiting:
-                    for m in json.loads(await asyncio.wait_for(self.ws.recv(), 30))["messages"]:
-                        s = waiting.pop(m["id"])
-                        if m["type"] == "config":
-                            s.counter = HopCounter(int(m["window"]), int(m["hop"]), r.device_rate,
-                                                   int(m["sample_rate"]))
-                            self.open.append(s)
-                            r.connected += 1
-                        elif m["type"] == "closed" and "retry_after_s" in m:
-                            r.refused += 1  # admission said no, with a retry hint
-                        else:
-                            raise RuntimeError(f"unexpected first message {m}")
-            recv = asyncio.create_task(self.receiver())
-            try:
-                await self.sender()
-            finally:
-                recv.cancel()
-        except asyncio.CancelledError:
-            pass
-        except Exception as e:
-            for _ in range(max(1, len(self.streams) - len(self.open))):  # every stream it had not opened yet
-                r.fail(f"gateway {type(e).__name__}: {str(e)[:120]}")
-        finally:
-            await close_quietly(self.ws)
+        for s in self.streams:
+            await self.ws.send(json.dumps({"type": "open", "id": s.idx, **r.config}))
+        waiting = {s.idx: s for s in self.streams}
+        while waiting:
+            for m in json.loads(await asyncio.wait_for(self.ws.recv(), 30))["messages"]:
+                s = waiting.pop(m["id"])
+                if m["type"] == "config":
+                    s.counter = HopCounter.from_config(m, r.device_rate)
+                    self.open.append(s)
+                    r.connected += 1
+                elif m["type"] == "closed" and "retry_after_s" in m:
+                    r.refused += 1  # admission said no, with a retry hint
+                else:
+                    raise RuntimeError(f"unexpected first message {m}")
+        return True
+
+    def failed(self, e: Exception) -> None:
+        for _ in range(max(1, len(self.streams) - len(self.open))):  # every stream it had not opened yet
+            self.run.fail(f"gateway {type(e).__name__}: {str(e)[:120]}")
 
     async def sender(self) -> None:
         from msssm_serve.client import gateway_frames
