@@ -1,8 +1,9 @@
 """WS /stream: one connection = one `Stream` registered with the batcher (server/hub.py admits and sheds them).
 
-Two tasks per connection: the receive loop (parses frames, feeds its `StreamSession`, which waits for room when the
-stream's buffer is full) and the sender (the only writer on the socket: config, predictions, errors and the close,
-in order, from the session's outbox).
+Two tasks per connection (`Peer`, shared with /gateway's connections): the receive loop (parses frames, feeds its
+`StreamSession`, which waits for room when the stream's buffer is full) and the sender (the only writer on the
+socket: config, predictions, errors and the close, in order, from the session's outbox). `Connection` is one
+stream's protocol; a /gateway connection (server/gateway.py) holds many of them without sockets of their own.
 """
 
 from __future__ import annotations
