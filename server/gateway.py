@@ -31,8 +31,8 @@ from starlette.websockets import WebSocket
 
 from .session import Close, Stalled, StreamGone
 from .signals import encode_json
-from .streaming import (INVALID_DATA, NORMAL, POLICY, UNSUPPORTED, Connection, Peer, StreamError, close_message,
-                        parse_text_frame)
+from .streaming import (INVALID_DATA, NORMAL, POLICY, Connection, Peer, StreamError, close_message, idle_close,
+                        unread_close)
 
 if TYPE_CHECKING:  # the hub imports this module
     from .hub import StreamHub
@@ -82,7 +82,7 @@ class GatewayStream(Connection):
         gateway that stops reading is its connection's business (`Gateway.enforce_deadlines`)."""
         idle_s = self.hub.settings.idle_timeout_s
         if now - self.last_message > idle_s:
-            self.end(Close(NORMAL, f"idle for {idle_s:g} s, closing"))
+            self.end(idle_close(idle_s))
 
 
 class Gateway(Peer):
@@ -125,13 +125,8 @@ class Gateway(Peer):
             self.drop(stream)
 
     # --- receiving ----------------------------------------------------------------------------------------------
-    async def _handle(self, message: dict, first: bool) -> None:
-        data, text = message.get("bytes"), message.get("text")
-        if data is not None:
-            return await self._feed_records(data)
-        if text is None:
-            raise StreamError(UNSUPPORTED, "unsupported frame")
-        body = parse_text_frame(text)
+    async def handle_body(self, body: dict, first: bool) -> None:
+        """A text message: an open, or a message for one open stream (named by its `id`)."""
         stream_id = body.pop("id", None)
         if isinstance(stream_id, bool) or not isinstance(stream_id, int) or not 0 <= stream_id < 2**32:
             raise StreamError(INVALID_DATA, "every gateway text message names its stream: 'id', an integer in "
@@ -146,7 +141,8 @@ class Gateway(Peer):
             return stream.end(Close(NORMAL, "closed at the client's request"))
         await self._for_stream(stream, stream.handle_body(body, first=False))
 
-    async def _feed_records(self, data: bytes) -> None:
+    async def feed_bytes(self, data) -> None:
+        """A binary message: records of frames, each for one open stream."""
         view, at, unknown = memoryview(data), 0, set()
         while at < len(view):
             if len(view) - at < RECORD_HEADER.size:
@@ -195,8 +191,7 @@ class Gateway(Peer):
         except StreamError as err:
             stream.end(err.close)
         except Stalled:
-            idle_s = self.hub.settings.idle_timeout_s
-            stream.end(Close(POLICY, f"predictions unread for {idle_s:g} s: the client must read what it is sent"))
+            stream.end(unread_close(self.hub.settings.idle_timeout_s))
         except StreamGone:
             pass
 

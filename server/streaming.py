@@ -43,6 +43,14 @@ def close_message(close: Close) -> dict:
     return {"type": "error", "detail": close.detail, **hint}
 
 
+def idle_close(idle_s: float) -> Close:
+    return Close(NORMAL, f"idle for {idle_s:g} s, closing")
+
+
+def unread_close(idle_s: float) -> Close:
+    return Close(POLICY, f"predictions unread for {idle_s:g} s: the client must read what it is sent")
+
+
 def close_reason(detail: str) -> str:
     """A close frame's reason is at most 123 bytes of UTF-8: cut there, never inside a character."""
     return detail.encode()[:123].decode(errors="ignore")
@@ -91,7 +99,12 @@ class Peer:
     def send(self, item) -> None:
         raise NotImplementedError
 
-    async def _handle(self, message: dict, first: bool) -> None:
+    async def feed_bytes(self, data) -> None:
+        """A binary message."""
+        raise NotImplementedError
+
+    async def handle_body(self, body: dict, first: bool) -> None:
+        """A text message's JSON object."""
         raise NotImplementedError
 
     async def _send_loop(self) -> None:
@@ -143,6 +156,14 @@ class Peer:
         if size > limit:
             raise StreamError(TOO_BIG, f"frame of {size} bytes exceeds the {limit}-byte limit")
 
+    async def _handle(self, message: dict, first: bool) -> None:
+        data, text = message.get("bytes"), message.get("text")
+        if data is not None:
+            return await self.feed_bytes(data)
+        if text is None:
+            raise StreamError(UNSUPPORTED, "unsupported frame")
+        return await self.handle_body(parse_text_frame(text), first)
+
     async def _receive_loop(self) -> Close | None:
         first = True
         idle_s = self.hub.settings.idle_timeout_s
@@ -155,7 +176,7 @@ class Peer:
                 except asyncio.CancelledError:
                     # the hub's sweep found it idle (`enforce_deadlines`), and nothing else cancelled it
                     if self._went_idle and self._receiver.uncancel() == 0:
-                        return Close(NORMAL, f"idle for {idle_s:g} s, closing")
+                        return idle_close(idle_s)
                     raise
                 finally:
                     self._receiving_since = None
@@ -167,7 +188,7 @@ class Peer:
         except StreamError as err:
             return err.close
         except Stalled:
-            return Close(POLICY, f"predictions unread for {idle_s:g} s: the client must read what it is sent")
+            return unread_close(idle_s)
         except (StreamGone, WebSocketDisconnect):
             return None
 
@@ -190,14 +211,6 @@ class Connection(Peer):
     def _end_stream(self) -> None:
         for route in self.routes:
             route.served.batcher.close(route.session)
-
-    async def _handle(self, message: dict, first: bool) -> None:
-        data, text = message.get("bytes"), message.get("text")
-        if data is not None:
-            return await self.feed_bytes(data)
-        if text is None:
-            raise StreamError(UNSUPPORTED, "unsupported frame")
-        return await self.handle_body(parse_text_frame(text), first)
 
     async def feed_bytes(self, data) -> None:
         """A binary frame: samples, little-endian, time-major, in the stream's dtype."""
