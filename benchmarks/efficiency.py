@@ -13,7 +13,9 @@
    results; no sockets, no latency bound) as fast as it goes: what the server's own per-stream work leaves of the
    bare graph before any network, so the loss splits into the batcher's share and the sockets'.
 4. /classify capacity (`loadtest/streams.py --classify --binary`: 10 s windows, p99 < 200 ms) -> windows/s x 1000.
-Prints each, and serving efficiency = served samples/s / bare-graph samples/s for streams and for /classify; writes
+Prints each, and serving efficiency = served samples/s / bare-graph samples/s for streams and for /classify: against
+the sweep's best and, since a shared machine's speed drifts over the run, against the graph's best shape measured again
+just before and after each load test (the mean of the two, in parentheses); writes
 benchmarks/results/efficiency.md (and .json) and, with --write-readme, the figures between the README's
 `<!-- efficiency -->` markers.
 
@@ -101,6 +103,18 @@ def bare_graph(model_dir: str, workers: int, seconds: float, rounds: int, cpus: 
     return {"samples_per_s": table[best], "best_shape": best, "table": table}
 
 
+def bare_graph_again(model_dir: str, workers: int, shape: str, seconds: float, rounds: int,
+                     cpus: set[int] | None) -> float:
+    """The bare graph at its best shape once more, the best of `rounds`: taken between the load tests, so that each
+    capacity is compared with the graph as fast as the machine was around it (a shared machine's speed moves by a
+    third within minutes: `docs/performance.md`)."""
+    batch, length = map(int, shape.split("x"))
+    rate = max(_rate_together(_graph_worker, (model_dir, batch, length), workers, seconds, 3, cpus)
+               for _ in range(rounds))
+    print(f"bare graph {shape} again: {rate:,.0f} samples/s", flush=True)
+    return rate
+
+
 def _batcher_worker(model_dir: str, streams: int, seconds: float, start, queue, cpus) -> None:
     """`streams` sessions driven straight into a `Batcher` in this process, no sockets: every round feeds each one
     hop and waits for each one's prediction, as fast as the batcher goes."""
@@ -186,27 +200,44 @@ def main() -> None:
     common = ["--model", args.model, "--workers", str(args.workers), "--duration", str(args.duration),
               "--tag", f"_efficiency{tag}"]
     common += cpu_flags(args)
+    def graph_now() -> float:
+        return bare_graph_again(args.model, args.workers, bare["best_shape"], args.shape_seconds, args.rounds,
+                                args.server_cpus)
+
+    # the graph measured again after each load test: each capacity also against the graph around it
+    around = [bare["samples_per_s"]]
     streams = load_test([*common, "--steps", args.steps], f"streams_w{args.workers}_efficiency{tag}.json")
+    around.append(graph_now())
     gateway = load_test([*common, "--steps", args.gateway_steps or args.steps, "--per-connection",
                          str(args.per_connection)],
                         f"streams_w{args.workers}_gateway{args.per_connection}_efficiency{tag}.json")
+    around.append(graph_now())
     classify = load_test([*common, "--classify", "--binary", "--rates", args.rates],
                          f"classify_w{args.workers}_binary_efficiency{tag}.json")
+    around.append(graph_now())
+    bare["around_load_tests"] = around
     # the same streams (or the highest step tried, when none passed) through the batcher alone
     path = batcher_path(args.model, args.workers, streams["capacity_streams"] or int(args.steps.split(",")[0]),
                         args.shape_seconds * 3, args.server_cpus)
     stream_rate = (streams["capacity_streams"] or 0) * 100.0
     gateway_rate = (gateway["capacity_streams"] or 0) * 100.0
     classify_rate = (classify["capacity_windows_per_s"] or 0) * 1000.0
+    best = bare["samples_per_s"]
+
+    def served(rate: float, test: int) -> dict:
+        """A capacity's efficiency against the best bare graph of the run, and against the graph measured just
+        before and just after its load test (the mean of the two: the machine's speed around it)."""
+        nearby = (around[test] + around[test + 1]) / 2
+        return {"samples_per_s": rate, "efficiency": rate / best, "bare_graph_around": nearby,
+                "efficiency_around": rate / nearby}
+
     result = {"model": os.path.relpath(args.model, REPO_ROOT), "workers": args.workers, "bare_graph": bare,
               "server_cpus": sorted(args.server_cpus or []), "loadgen_cpus": sorted(args.loadgen_cpus or []),
-              "streams": {"capacity": streams["capacity_streams"], "samples_per_s": stream_rate,
-                          "efficiency": stream_rate / bare["samples_per_s"]},
+              "streams": {"capacity": streams["capacity_streams"], **served(stream_rate, 0)},
               "gateway_streams": {"per_connection": args.per_connection, "capacity": gateway["capacity_streams"],
-                                  "samples_per_s": gateway_rate, "efficiency": gateway_rate / bare["samples_per_s"]},
-              "batcher_path": {"samples_per_s": path, "of_bare_graph": path / bare["samples_per_s"]},
-              "classify": {"windows_per_s": classify["capacity_windows_per_s"], "samples_per_s": classify_rate,
-                           "efficiency": classify_rate / bare["samples_per_s"]},
+                                  **served(gateway_rate, 1)},
+              "batcher_path": {"samples_per_s": path, "of_bare_graph": path / best},
+              "classify": {"windows_per_s": classify["capacity_windows_per_s"], **served(classify_rate, 2)},
               "wall_seconds": time.time() - started, "cpus": os.cpu_count()}
     flags = " ".join(f"--{k.replace('_', '-')} {cpu_text(v) if isinstance(v, set) else v}"
                      for k, v in vars(args).items()
@@ -219,15 +250,18 @@ def main() -> None:
             f"{' ' + flags if flags else ''}`, "
             f"{time.strftime('%Y-%m-%d')}, {where}): bare graph "
             f"**{bare['samples_per_s']:,.0f} samples/s** ({args.workers} one-thread process"
-            f"{'es' if args.workers > 1 else ''}, best shape {bare['best_shape']}); streams "
+            f"{'es' if args.workers > 1 else ''}, best shape {bare['best_shape']}; measured again after each load "
+            f"test: {', '.join(f'{r:,.0f}' for r in around[1:])}); streams "
             f"**{streams['capacity_streams']}** × 100 Hz = {stream_rate:,.0f} samples/s, "
-            f"**efficiency {result['streams']['efficiency']:.2f}**; over /gateway ({args.per_connection} streams per "
+            f"**efficiency {result['streams']['efficiency']:.2f}** ({result['streams']['efficiency_around']:.2f} "
+            f"against the graph around its test); over /gateway ({args.per_connection} streams per "
             f"connection) **{gateway['capacity_streams']}** = {gateway_rate:,.0f} samples/s, "
-            f"**efficiency {result['gateway_streams']['efficiency']:.2f}** (the same streams through the batcher "
+            f"**efficiency {result['gateway_streams']['efficiency']:.2f}** "
+            f"({result['gateway_streams']['efficiency_around']:.2f}; the same streams through the batcher "
             f"alone, no sockets, at full load: {path:,.0f} samples/s, {result['batcher_path']['of_bare_graph']:.2f}); "
             f"/classify "
             f"**{classify['capacity_windows_per_s']:g} windows/s** = {classify_rate:,.0f} samples/s, "
-            f"**efficiency {result['classify']['efficiency']:.2f}**.")
+            f"**efficiency {result['classify']['efficiency']:.2f}** ({result['classify']['efficiency_around']:.2f}).")
     print(text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"efficiency{tag}.json").write_text(json.dumps(result, indent=2))
