@@ -14,8 +14,9 @@
    bare graph before any network, so the loss splits into the batcher's share and the sockets'.
 4. /classify capacity (`loadtest/streams.py --classify --binary`: 10 s windows, p99 < 200 ms) -> windows/s x 1000.
 Prints each, and serving efficiency = served samples/s / bare-graph samples/s for streams and for /classify: against
-the sweep's best and, since a shared machine's speed drifts over the run, against the graph's best shape measured again
-just before and after each load test (the mean of the two, in parentheses); writes
+the sweep's best and, since a shared machine's speed drifts over the run, against the graph around each load test (in
+parentheses: the mean of the graph's best shape measured again right after the test and right before it, the sweep's
+best standing for "before" the first); writes
 benchmarks/results/efficiency.md (and .json) and, with --write-readme, the figures between the README's
 `<!-- efficiency -->` markers.
 
@@ -106,8 +107,8 @@ def bare_graph(model_dir: str, workers: int, seconds: float, rounds: int, cpus: 
 def bare_graph_again(model_dir: str, workers: int, shape: str, seconds: float, rounds: int,
                      cpus: set[int] | None) -> float:
     """The bare graph at its best shape once more, the best of `rounds`: taken between the load tests, so that each
-    capacity is compared with the graph as fast as the machine was around it (a shared machine's speed moves by a
-    third within minutes: `docs/performance.md`)."""
+    capacity is compared with the graph as fast as the machine was around it (a shared machine's graph speed moved
+    2x within the hour on 2026-12-07: `docs/performance.md`)."""
     batch, length = map(int, shape.split("x"))
     rate = max(_rate_together(_graph_worker, (model_dir, batch, length), workers, seconds, 3, cpus)
                for _ in range(rounds))
@@ -200,6 +201,7 @@ def main() -> None:
     common = ["--model", args.model, "--workers", str(args.workers), "--duration", str(args.duration),
               "--tag", f"_efficiency{tag}"]
     common += cpu_flags(args)
+
     def graph_now() -> float:
         return bare_graph_again(args.model, args.workers, bare["best_shape"], args.shape_seconds, args.rounds,
                                 args.server_cpus)
@@ -225,8 +227,8 @@ def main() -> None:
     best = bare["samples_per_s"]
 
     def served(rate: float, test: int) -> dict:
-        """A capacity's efficiency against the best bare graph of the run, and against the graph measured just
-        before and just after its load test (the mean of the two: the machine's speed around it)."""
+        """A capacity's efficiency against the best bare graph of the run, and against the graph measured right
+        before and right after its load test (the mean of the two: the machine's speed around it)."""
         nearby = (around[test] + around[test + 1]) / 2
         return {"samples_per_s": rate, "efficiency": rate / best, "bare_graph_around": nearby,
                 "efficiency_around": rate / nearby}
