@@ -121,9 +121,10 @@ def bare_graph_again(model_dir: str, workers: int, shape: str, seconds: float, r
     return rate
 
 
-def _batcher_worker(model_dir: str, streams: int, seconds: float, start, queue, cpus) -> None:
+def _batcher_worker(model_dir: str, streams: int, on_loop: bool, seconds: float, start, queue, cpus) -> None:
     """`streams` sessions driven straight into a `Batcher` in this process, no sockets: every round feeds each one
-    hop and waits for each one's prediction, as fast as the batcher goes."""
+    hop and waits for each one's prediction, as fast as the batcher goes (its calls on the event loop's thread with
+    `on_loop`, as the server's workers make them on these cores)."""
     _one_thread_on(cpus)
     sys.path.insert(0, str(REPO_ROOT))
     import asyncio
@@ -136,7 +137,8 @@ def _batcher_worker(model_dir: str, streams: int, seconds: float, start, queue, 
     hop = np.random.default_rng(0).normal(0, 0.3, (model.default_hop, model.n_channels)).astype(np.float32)
 
     async def rounds() -> float:
-        batcher = Batcher(model, Metrics(), batch_wait_ms=0)  # never waits: every round brings every stream
+        # never waits: every round brings every stream
+        batcher = Batcher(model, Metrics(), batch_wait_ms=0, streams_on_loop=on_loop)
         batcher.start()
         outboxes = [asyncio.Queue() for _ in range(streams)]
         sessions = [batcher.open(Stream(model, hop=model.default_hop), box) for box in outboxes]
@@ -165,8 +167,13 @@ def batcher_path(model_dir: str, workers: int, streams: int, seconds: float, cpu
     """samples/s summed over `workers` processes (on `cpus` when given), each driving its share of `streams` through
     the server's batcher with no sockets (`_batcher_worker`): what the server's own per-stream work leaves of the bare
     graph at full load, before any network."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from server.settings import streams_on_loop_for
+
+    on_loop = streams_on_loop_for(len(cpus or os.sched_getaffinity(0)), workers)  # as `python -m server` decides
     # (5 s: every process loaded and its streams open before the clock starts)
-    rate = _rate_together(_batcher_worker, (model_dir, max(16, streams // workers)), workers, seconds, 5, cpus)
+    rate = _rate_together(_batcher_worker, (model_dir, max(16, streams // workers), on_loop), workers, seconds, 5,
+                          cpus)
     print(f"batcher path, {streams} streams, no sockets: {rate:,.0f} samples/s", flush=True)
     return rate
 

@@ -113,7 +113,7 @@ class OnnxModel:
         except Exception as err:  # onnxruntime raises its own Fail / InvalidProtobuf types
             raise ModelDirError(f"{onnx_path}: cannot be loaded by onnxruntime ({err})") from err
         # On the CPU, calls are cut to stay in cache (see ROWS_PER_CALL); a GPU wants the largest calls.
-        self._cut_calls = self.session.get_providers()[0] == "CPUExecutionProvider"
+        self.on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"  # calls cut to stay in L2
         self.state_names = [s["name"] for s in self.meta["state"]]
         self.state_shapes = [tuple(s["shape"]) for s in self.meta["state"]]
         expected_inputs = ["x", *self.state_names]
@@ -178,7 +178,7 @@ class OnnxModel:
         """Streams of `length` samples a call is best given: on the CPU about SAMPLES_PER_CALL samples' worth (short
         hops: more rows; `advance` cuts larger batches there); a GPU wants the largest calls (256 streams x 25
         samples cost 1.5 us/sample on an H100, 16 x 25 19). Under load the batcher waits for this many."""
-        return max(ROWS_PER_CALL, SAMPLES_PER_CALL // max(1, length)) if self._cut_calls else GPU_ROWS_PER_CALL
+        return max(ROWS_PER_CALL, SAMPLES_PER_CALL // max(1, length)) if self.on_cpu else GPU_ROWS_PER_CALL
 
     def advance(self, x: np.ndarray, state: list[np.ndarray], scale_weights: bool = False):
         """x [B, T, C] float32 -> (probabilities [B, T, K], new state), and with `scale_weights` the mixer's weights
@@ -192,7 +192,7 @@ class OnnxModel:
         outputs = self.output_names + (["scale_weights"] if scale_weights else [])
         n_state = len(self.state_names)
         batch, length = x.shape[:2]
-        if self._cut_calls:
+        if self.on_cpu:
             # the batch cut into as few calls as the best size allows, of equal rows (26 streams: 13 + 13, not
             # 20 + 6; a call of few rows costs more per sample)
             calls = -(-batch // self.rows_per_call(length))

@@ -15,7 +15,7 @@ import uvicorn
 from msssm_serve.runtime import DEFAULT_MODEL_DIR, ModelDirError, OnnxModel
 
 from .registry import model_dirs
-from .settings import Settings
+from .settings import Settings, streams_on_loop_for
 
 # flag -> environment variable; flags left out keep the environment's (or the default) value
 ENV_FLAGS = {
@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     # Workers share the cores, and each worker's event loop needs CPU beside its inference thread: each
     # onnxruntime session gets its slice of what the event loops leave. On 2 cores, 1 worker with 1 thread held 325
     # streams, with 2 threads 275 (loadtest/results/streams_w1*.md).
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))  # the cores this server may use (taskset, a container's cpuset)
     os.environ.setdefault("MSSSM_THREADS", str(max(1, (cores - args.workers) // args.workers)))
+    os.environ.setdefault("MSSSM_STREAMS_ON_LOOP", "1" if streams_on_loop_for(cores, args.workers) else "0")
     frame_limit = int(os.environ.get("MSSSM_MAX_FRAME_BYTES", 1024 * 1024))
     # By this package's own name: `server` from a checkout, `msssm_serve.server` when installed (msssm-serve).
     uvicorn.run(f"{__package__}.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,

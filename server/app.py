@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         models = registry.load(settings.model_dir, settings.models_dir, metrics, settings.batch_wait_ms,
-                               settings.admit_latency_ms)
+                               settings.admit_latency_ms, settings.streams_on_loop)
         for served in models.values():
             served.batcher.start()
         default = models[registry.default_name(models)]

@@ -1,6 +1,7 @@
 """Cross-stream batching: one consumer task advances every stream that has work in one onnxruntime call per
-distinct segment length, on a single inference thread, so the event loop never blocks on the model and a stream's
-state is never advanced by two calls at once.
+distinct segment length, so a stream's state is never advanced by two calls at once. Calls run on a single inference
+thread, so the event loop never blocks on the model; or, for a worker with one core of its own (`streams_on_loop`),
+streams' calls run on the event loop's thread one call's rows at a time, with the sockets served between calls.
 
 The batcher schedules and nothing else. Streams that have work notify it and wait in an ordered set (never scanned
 whole); each turn asks every waiting `StreamSession` for its next segment (at most MAX_HOPS_PER_BATCH hops: a burst
@@ -116,8 +117,15 @@ class Load:
 
 
 class Batcher:
-    def __init__(self, model: OnnxModel, metrics: Metrics, batch_wait_ms: float, latency_bound_ms: float = 50.0):
+    def __init__(self, model: OnnxModel, metrics: Metrics, batch_wait_ms: float, latency_bound_ms: float = 50.0,
+                 streams_on_loop: bool = False):
         self.model = model
+        # Streams' calls on the event loop's own thread, one call's rows per turn, the loop reading and writing
+        # sockets between calls: for a worker with one core to itself (server/__main__.py decides), where the
+        # inference thread only takes turns with the loop, and every socket wake-up during a call cost a switch
+        # between the two threads (docs/performance.md: one core took 280 streams instead of 220). /classify calls
+        # (up to 8 windows: far longer than a hop's budget) stay on the inference thread.
+        self.streams_on_loop = streams_on_loop and model.on_cpu
         self.latency_bound_s = latency_bound_ms / 1000
         self.latency = LatencyWindow()
         self.arrived, self.computed = RateWindow(), RateWindow()  # samples: does the batcher keep up?
@@ -225,6 +233,8 @@ class Batcher:
             jobs = self._take_turn()
             if jobs:
                 await self._advance(jobs)
+                if self.streams_on_loop:
+                    await asyncio.sleep(0)  # the sockets' turn: frames in, predictions out, before the next call
             if self._ready or self._classify_queue:
                 self._work.set()
 
@@ -305,6 +315,9 @@ class Batcher:
         self._timed = {}  # on-time sessions of this turn -> when they became ready (their latency is measured)
         keeping_pace = set(on_time)
         jobs, budget = [], SAMPLES_PER_TURN
+        if self.streams_on_loop and (on_time or ahead):  # one call's worth: the loop is blocked while it runs
+            hop = (on_time or ahead)[0].stream.hop
+            budget = min(budget, self.model.rows_per_call(hop) * hop)
         for session in on_time + ahead:
             if budget <= 0:
                 break
@@ -363,9 +376,13 @@ class Batcher:
         self.metrics.batch_size.observe(len(jobs))
         self.metrics.samples.labels("stream").inc(sum(map(len, segments)))
         scale_weights = any(s.stream.scale_weights for s in sessions)
+        slots = [s.stream.slot for s in sessions]
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._compute, segments, [s.stream.slot for s in sessions], scale_weights)
+            if self.streams_on_loop:
+                results = self._compute(segments, slots, scale_weights)
+            else:
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._compute, segments, slots, scale_weights)
         except Exception:  # keep serving the other streams; these are told and closed (1011)
             log.exception("batched inference failed")
             results = None
@@ -389,7 +406,7 @@ class Batcher:
                 s.failed()
 
     def _compute(self, segments, slots, scale_weights: bool):
-        """On the inference thread."""
+        """On the inference thread, or on the event loop's with `streams_on_loop`."""
         started = time.perf_counter()
         results = self.model.advance_pooled(segments, self.states, slots, scale_weights)
         self.metrics.inference_seconds.labels("stream").observe(time.perf_counter() - started)

@@ -83,7 +83,8 @@ def default_name(names) -> str:
 
 
 def load(model_dir: Path, models_dir: Path | None, metrics: Metrics, batch_wait_ms: float,
-         admit_latency_ms: float = 0.0) -> dict[str, ServedModel]:
+         admit_latency_ms: float = 0.0, streams_on_loop: bool = False) -> dict[str, ServedModel]:
     bound = admit_latency_ms if admit_latency_ms > 0 else float("inf")
-    return {name: ServedModel(name, model := OnnxModel(path), Batcher(model, metrics, batch_wait_ms, bound))
+    return {name: ServedModel(name, model := OnnxModel(path),
+                              Batcher(model, metrics, batch_wait_ms, bound, streams_on_loop))
             for name, path in model_dirs(model_dir, models_dir).items()}

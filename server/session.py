@@ -81,6 +81,8 @@ class StreamSession:
     async def flush(self, stall_timeout_s: float) -> None:
         """Advance whatever is pending (through the batch) and queue the prediction of the partial window; returns
         once it is in the outbox, so later samples cannot slip into the flushed window."""
+        if self.gone:  # ended already (a failed batch, a shed): nothing would ever complete the flush
+            raise StreamGone()
         self._flush = asyncio.get_running_loop().create_future()
         self.batcher.notify(self)
         try:

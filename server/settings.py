@@ -10,6 +10,14 @@ from pathlib import Path
 from msssm_serve.runtime import DEFAULT_MODEL_DIR
 
 
+def streams_on_loop_for(cores: int, workers: int) -> bool:
+    """Whether workers sharing `cores` run their streams' graph calls on the event loop's thread (`Batcher`): when no
+    worker has a core beyond its own, an inference thread would only take turns with the loop on that core, paying a
+    thread switch at every socket wake-up during a call; with cores to spare, the loop reads sockets on one while the
+    graph runs on another."""
+    return cores <= workers
+
+
 @dataclass(frozen=True)
 class Settings:
     model_dir: Path = DEFAULT_MODEL_DIR
@@ -27,6 +35,9 @@ class Settings:
     # Admission: while the p95 server-side latency of real-time streams over the last 2 s exceeds this, new streams
     # get 1013 and /classify 503, both with a retry hint (0: admit everything).
     admit_latency_ms: float = 100.0
+    # Streams' graph calls on the event loop's thread instead of the inference thread (server/batcher.py);
+    # `python -m server` sets it from its cores and workers (`streams_on_loop_for`).
+    streams_on_loop: bool = False
 
     @classmethod
     def from_env(cls, env: os._Environ | dict | None = None) -> "Settings":
@@ -46,4 +57,5 @@ class Settings:
             header_timeout_s=float(env.get("MSSSM_HEADER_TIMEOUT_S", cls.header_timeout_s)),
             body_timeout_s=float(env.get("MSSSM_BODY_TIMEOUT_S", cls.body_timeout_s)),
             admit_latency_ms=float(env.get("MSSSM_ADMIT_LATENCY_MS", cls.admit_latency_ms)),
+            streams_on_loop=env.get("MSSSM_STREAMS_ON_LOOP", "0") not in ("", "0"),
         )

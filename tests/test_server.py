@@ -271,9 +271,11 @@ def drain(outbox: asyncio.Queue) -> list:
     return items
 
 
-def test_a_flush_in_a_failing_batch_is_released_and_the_batcher_goes_on(model, records):
+@pytest.mark.parametrize("on_loop", [False, True], ids=["inference-thread", "on-loop"])
+def test_a_flush_in_a_failing_batch_is_released_and_the_batcher_goes_on(model, records, on_loop):
     """Batcher level: when the call a flushing stream is in fails, the flush ends (StreamGone) and the stream's last
-    message is a 1011 close, instead of waiting for ever or being retried in a loop; other streams go on."""
+    message is a 1011 close, instead of waiting for ever or being retried in a loop; other streams go on. The same
+    whether streams' calls run on the inference thread or on the event loop's (`streams_on_loop`)."""
     from msssm_serve.runtime import Stream
     from server.batcher import Batcher
     from server.metrics import Metrics
@@ -294,7 +296,8 @@ def test_a_flush_in_a_failing_batch_is_released_and_the_batcher_goes_on(model, r
             return getattr(self.inner, name)
 
     async def scenario():
-        batcher = Batcher(FailingOnce(model), Metrics(), batch_wait_ms=0)
+        batcher = Batcher(FailingOnce(model), Metrics(), batch_wait_ms=0, streams_on_loop=on_loop)
+        assert batcher.streams_on_loop == on_loop
         batcher.start()
         try:
             doomed = batcher.open(Stream(model, hop=25), asyncio.Queue())
@@ -317,11 +320,13 @@ def test_a_flush_in_a_failing_batch_is_released_and_the_batcher_goes_on(model, r
     assert not batcher.sessions and not batcher._ready
 
 
+@pytest.mark.parametrize("on_loop", [False, True], ids=["inference-thread", "on-loop"])
 @pytest.mark.parametrize("first,second,hop", [(1, 4000, 25), (1, 3999, 25), (300, 3701, 1000), (7, 9000, 1)])
-def test_a_frame_larger_than_the_free_buffer_is_consumed_in_pieces(model, records, first, second, hop):
+def test_a_frame_larger_than_the_free_buffer_is_consumed_in_pieces(model, records, first, second, hop, on_loop):
     """Regression (issue 19, finding 1): a short frame, then one larger than the buffer space it leaves, then a
     flush used to wait for ever on room that no event could make. The frame is now fed in pieces; every prediction
-    comes, equal to the window reference."""
+    comes, equal to the window reference, whether streams' calls run on the inference thread or on the event loop's
+    (one call's rows per turn: `streams_on_loop`)."""
     from msssm_serve.runtime import Stream
     from server.batcher import Batcher
     from server.metrics import Metrics
@@ -329,7 +334,7 @@ def test_a_frame_larger_than_the_free_buffer_is_consumed_in_pieces(model, record
     signal_ = np.concatenate([records[i % len(records)] for i in range(10)])[: first + second]
 
     async def scenario():
-        batcher = Batcher(model, Metrics(), batch_wait_ms=0)
+        batcher = Batcher(model, Metrics(), batch_wait_ms=0, streams_on_loop=on_loop)
         batcher.start()
         session = batcher.open(Stream(model, hop=hop), asyncio.Queue(maxsize=0))
         received = []
