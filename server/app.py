@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                settings.admit_latency_ms, settings.streams_on_loop)
         for served in models.values():
             served.batcher.start()
+        metrics.streams_on_loop.set(any(served.batcher.streams_on_loop for served in models.values()))
         default = models[registry.default_name(models)]
         app.state.models, app.state.default = models, default
         app.state.model, app.state.batcher = default.model, default.batcher

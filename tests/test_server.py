@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import time
@@ -533,11 +534,13 @@ def test_stream_text_frames_default_config(server, model, records):
         np.testing.assert_allclose(p["probabilities"], reference[0][p["t"] - 1], atol=TOL)
 
 
-def test_fifty_concurrent_streams_are_batched_without_mixing_states(server, model, records):
+def check_concurrent_streams(server, model, records, streams: int) -> None:
+    """`streams` streams at once, each a different stretch of the records in its own frame sizes: every prediction
+    equals the window reference, and the streams shared calls."""
     long_signal = np.concatenate(list(records))
     rng = np.random.default_rng(2)
     plans = [(int(rng.integers(0, 2000)), int(rng.integers(100, 1400)), list(rng.integers(1, 300, size=8)))
-             for _ in range(50)]
+             for _ in range(streams)]
 
     async def all_streams():
         return await asyncio.gather(*(run_stream(server.ws_url, long_signal[o : o + n], frames)
@@ -553,6 +556,30 @@ def test_fifty_concurrent_streams_are_batched_without_mixing_states(server, mode
     batch_sum = float(next(l.split()[-1] for l in metrics.splitlines() if l.startswith("msssm_batch_size_sum")))
     batch_count = float(next(l.split()[-1] for l in metrics.splitlines() if l.startswith("msssm_batch_size_count")))
     assert batch_sum / batch_count > 1, "streams share inference calls"
+
+
+def metric(server, name: str) -> float:
+    return float(next(l.split()[-1] for l in httpx.get(server.url + "/metrics").text.splitlines()
+                      if l.startswith(name + " ")))
+
+
+def test_fifty_concurrent_streams_are_batched_without_mixing_states(server, model, records):
+    check_concurrent_streams(server, model, records, 50)
+    # the test server may use every core here, one worker: its streams' calls stay on the inference thread
+    assert metric(server, "msssm_streams_on_loop") == float(len(os.sched_getaffinity(0)) <= 1)
+
+
+def test_a_worker_with_one_core_computes_its_streams_on_the_event_loop_and_they_equal_the_window(model_dir, model,
+                                                                                                   records):
+    """`python -m server` confined to one CPU with one worker runs its streams' graph calls on the event loop's
+    thread (`streams_on_loop_for`; /metrics says so), and concurrent streams over real sockets still get exactly the
+    window reference, batched together."""
+    proc = ServerProcess(model_dir, {"MSSSM_MAX_STREAMS": "60"}, cpus={min(os.sched_getaffinity(0))})
+    try:
+        assert metric(proc, "msssm_streams_on_loop") == 1
+        check_concurrent_streams(proc, model, records, 30)
+    finally:
+        proc.stop()
 
 
 def active_streams(url, headers=None) -> int:
