@@ -170,7 +170,7 @@ def batcher_path(model_dir: str, workers: int, streams: int, seconds: float, cpu
     sys.path.insert(0, str(REPO_ROOT))
     from server.settings import streams_on_loop_for
 
-    on_loop = streams_on_loop_for(len(cpus or os.sched_getaffinity(0)), workers)  # as `python -m server` decides
+    on_loop = streams_on_loop_for(1)  # one-thread workers, as `python -m server` makes them on fewer than 3 cores each
     # (5 s: every process loaded and its streams open before the clock starts)
     rate = _rate_together(_batcher_worker, (model_dir, max(16, streams // workers), on_loop), workers, seconds, 5,
                           cpus)

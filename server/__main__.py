@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     # streams, with 2 threads 275 (loadtest/results/streams_w1*.md).
     cores = len(os.sched_getaffinity(0))  # the cores this server may use (taskset, a container's cpuset)
     os.environ.setdefault("MSSSM_THREADS", str(max(1, (cores - args.workers) // args.workers)))
-    os.environ.setdefault("MSSSM_STREAMS_ON_LOOP", "1" if streams_on_loop_for(cores, args.workers) else "0")
+    on_loop = streams_on_loop_for(int(os.environ["MSSSM_THREADS"]))
+    os.environ.setdefault("MSSSM_STREAMS_ON_LOOP", "1" if on_loop else "0")
     frame_limit = int(os.environ.get("MSSSM_MAX_FRAME_BYTES", 1024 * 1024))
     # By this package's own name: `server` from a checkout, `msssm_serve.server` when installed (msssm-serve).
     uvicorn.run(f"{__package__}.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,

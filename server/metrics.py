@@ -25,7 +25,7 @@ class Metrics:
         self.gc_pause_seconds = Histogram("msssm_gc_pause_seconds", "Garbage-collector pauses (every thread of the "
                                           "worker waits)", ["generation"], buckets=LATENCY_BUCKETS, registry=r)
         self.streams_on_loop = Gauge("msssm_streams_on_loop", "1: streams' graph calls run on the event loop's "
-                                     "thread (a worker with one core), 0: on the inference thread", registry=r)
+                                     "thread (a one-thread graph), 0: on the inference thread", registry=r)
         self.streams_shed = Counter("msssm_streams_shed", "Streams closed (1013) to bring a model back under its "
                                     "latency bound, the newest first", registry=r)
 

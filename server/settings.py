@@ -10,12 +10,13 @@ from pathlib import Path
 from msssm_serve.runtime import DEFAULT_MODEL_DIR
 
 
-def streams_on_loop_for(cores: int, workers: int) -> bool:
-    """Whether workers sharing `cores` run their streams' graph calls on the event loop's thread (`Batcher`): when no
-    worker has a core beyond its own, an inference thread would only take turns with the loop on that core, paying a
-    thread switch at every socket wake-up during a call; with cores to spare, the loop reads sockets on one while the
-    graph runs on another."""
-    return cores <= workers
+def streams_on_loop_for(intra_op_threads: int) -> bool:
+    """Whether a worker runs its streams' graph calls on its event loop's thread (`Batcher`): when its graph runs on
+    one thread (fewer than three cores per worker). A hand-off to an inference thread then pays a thread switch at
+    every socket wake-up during a call, and measured ~8-15 % more CPU at the same load whether the worker had one core
+    or shared two (docs/performance.md). A worker with several intra-op threads keeps its loop on a thread of its own
+    (not measured on these 2-core machines)."""
+    return intra_op_threads == 1
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Settings:
     # get 1013 and /classify 503, both with a retry hint (0: admit everything).
     admit_latency_ms: float = 100.0
     # Streams' graph calls on the event loop's thread instead of the inference thread (server/batcher.py);
-    # `python -m server` sets it from its cores and workers (`streams_on_loop_for`).
+    # `python -m server` sets it from the worker's onnxruntime threads (`streams_on_loop_for`).
     streams_on_loop: bool = False
 
     @classmethod

@@ -90,13 +90,13 @@ class ServerProcess(LocalServer):
     """A test server: one onnxruntime thread (tests share two cores), log beside the model."""
 
     def __init__(self, model_dir: Path, env: dict[str, str], extra_args: list[str] | None = None,
-                 repository: bool = False, port: int | None = None, cpus: set[int] | None = None):
+                 repository: bool = False, port: int | None = None):
         log = model_dir.parent / f"server-{time.monotonic_ns()}.log"
         # No latency-based admission or shedding: tests share two cores with their clients, so a busy CI machine
         # must not turn a correctness test into a load test (admission and shedding are tested on their own).
         super().__init__(model_dir, log, env={"MSSSM_THREADS": "1", "MSSSM_ADMIT_LATENCY_MS": "0", **env},
                          extra_args=extra_args,
-                         start_timeout_s=SERVER_START_TIMEOUT_S, repository=repository, port=port, cpus=cpus)
+                         start_timeout_s=SERVER_START_TIMEOUT_S, repository=repository, port=port)
 
 
 @pytest.fixture(scope="session")
