@@ -1,7 +1,8 @@
 """Cross-stream batching: one consumer task advances every stream that has work in one onnxruntime call per
-distinct segment length, so a stream's state is never advanced by two calls at once. Calls run on a single inference
-thread, so the event loop never blocks on the model; or, for a worker whose graph runs on one thread (`streams_on_loop`),
-streams' calls run on the event loop's thread one call's rows at a time, with the sockets served between calls.
+distinct segment length, so a stream's state is never advanced by two calls at once. Calls run on a single
+inference thread, so the event loop never blocks on the model; or, for a worker whose graph runs on one thread
+(`streams_on_loop`), streams' calls run on the event loop's thread one call's rows at a time, with the sockets served
+between calls.
 
 The batcher schedules and nothing else. Streams that have work notify it and wait in an ordered set (never scanned
 whole); each turn asks every waiting `StreamSession` for its next segment (at most MAX_HOPS_PER_BATCH hops: a burst
@@ -123,8 +124,8 @@ class Batcher:
         # Streams' calls on the event loop's own thread, one call's rows per turn, the loop reading and writing
         # sockets between calls: for a worker whose graph runs on one thread (`streams_on_loop_for`), where a hand-off
         # to the inference thread cost a thread switch at every socket wake-up during a call (docs/performance.md:
-        # one core took 280 streams instead of 220). /classify calls
-        # (up to 8 windows: far longer than a hop's budget) stay on the inference thread.
+        # one core took 280 streams instead of 220). /classify calls (up to 8 windows: far longer than a hop's
+        # budget) stay on the inference thread.
         self.streams_on_loop = streams_on_loop and model.on_cpu
         self.latency_bound_s = latency_bound_ms / 1000
         self.latency = LatencyWindow()
