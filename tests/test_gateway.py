@@ -52,6 +52,12 @@ class GatewayReader:
     def of(self, stream_id: int, kind: str) -> list[dict]:
         return [m for m in self.by_id.get(stream_id, []) if m["type"] == kind]
 
+    def before(self, stream_id: int, kind: str, mark: str) -> list[dict]:
+        """The stream's `kind` messages that came before its first `mark` message (one batch can hold both)."""
+        messages = self.by_id.get(stream_id, [])
+        cut = next((i for i, m in enumerate(messages) if m["type"] == mark), len(messages))
+        return [m for m in messages[:cut] if m["type"] == kind]
+
 
 def test_streams_over_one_gateway_equal_the_model_whatever_the_frames(server, model, records):
     """Four streams (hops 25 and 50, float32, int16 counts, text samples) interleaved in shared binary messages with
@@ -197,7 +203,8 @@ def test_a_gateway_stream_snapshot_resumes_on_stream(server, model, records):
             later = []
             while not later or later[-1]["window"] != 1 or later[-1]["t"] != 200:
                 later.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
-        return reader.of(5, "prediction") + later
+        # the predictions before the snapshot: those after it are of samples its token carries
+        return reader.before(5, "prediction", "snapshot") + later
 
     predictions = asyncio.run(scenario())
     reference = window_reference(model, signal_)
