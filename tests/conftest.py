@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -84,6 +85,12 @@ def repository(tmp_path_factory, model_dir, subset_model_dir) -> Path:
     (root / "default").symlink_to(model_dir)
     (root / "rhythm").symlink_to(subset_model_dir)
     return root
+
+
+def metric_value(url: str, name: str, headers: dict | None = None) -> float:
+    """One unlabelled sample of a server's /metrics: a gauge, or a histogram's `_sum` or `_count`."""
+    text = httpx.get(url + "/metrics", headers=headers).text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
 class ServerProcess(LocalServer):

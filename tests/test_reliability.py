@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from msssm_serve.runtime import OnnxModel
 
-from conftest import REPO_ROOT, ServerProcess
+from conftest import REPO_ROOT, ServerProcess, metric_value
 from test_server import window_reference
 
 KEY = "s3cret"
@@ -46,8 +46,7 @@ def guarded(model_dir):
 
 
 def gauge(url: str) -> float:
-    text = httpx.get(url + "/metrics", headers=AUTH).text
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("msssm_active_streams ")))
+    return metric_value(url, "msssm_active_streams", AUTH)
 
 
 def wait_for_gauge(url: str, value: float, timeout_s: float = 5) -> float:

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from msssm_serve.runtime import OnnxModel
 
-from conftest import LEADS, ServerProcess
+from conftest import LEADS, ServerProcess, metric_value
 
 TOL = 1e-4
 KEY = {"Authorization": "Bearer s3cret"}
@@ -551,20 +551,14 @@ def check_concurrent_streams(server, model, records, streams: int) -> None:
         assert predictions, "every stream predicts"
         for p in predictions:
             np.testing.assert_allclose(p["probabilities"], reference[p["window"]][p["t"] - 1], atol=TOL)
-    metrics = httpx.get(server.url + "/metrics").text
-    batch_sum = float(next(l.split()[-1] for l in metrics.splitlines() if l.startswith("msssm_batch_size_sum")))
-    batch_count = float(next(l.split()[-1] for l in metrics.splitlines() if l.startswith("msssm_batch_size_count")))
+    batch_sum = metric_value(server.url, "msssm_batch_size_sum")
+    batch_count = metric_value(server.url, "msssm_batch_size_count")
     assert batch_sum / batch_count > 1, "streams share inference calls"
-
-
-def metric(server, name: str) -> float:
-    return float(next(l.split()[-1] for l in httpx.get(server.url + "/metrics").text.splitlines()
-                      if l.startswith(name + " ")))
 
 
 def test_fifty_concurrent_streams_are_batched_without_mixing_states(server, model, records):
     """The test server's graph runs on one thread (MSSSM_THREADS=1): its streams' calls run on the event loop's."""
-    assert metric(server, "msssm_streams_on_loop") == 1
+    assert metric_value(server.url, "msssm_streams_on_loop") == 1
     check_concurrent_streams(server, model, records, 50)
 
 
@@ -575,7 +569,7 @@ def test_a_worker_with_a_multi_thread_graph_computes_streams_on_its_inference_th
     reference there too, batched together."""
     proc = ServerProcess(model_dir, {"MSSSM_MAX_STREAMS": "60", "MSSSM_THREADS": "2"})
     try:
-        assert metric(proc, "msssm_streams_on_loop") == 0
+        assert metric_value(proc.url, "msssm_streams_on_loop") == 0
         check_concurrent_streams(proc, model, records, 30)
     finally:
         proc.stop()
