@@ -18,7 +18,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -146,6 +146,9 @@ class Batcher:
         # One thread: one inference at a time per process, all its intra-op threads on that call.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._work = asyncio.Event()
+        # what a gathering wait waits for (`_gather`), checked as streams become ready and requests come in
+        self._gathering: Callable[[], bool] | None = None
+        self._gathered = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._classify_queue: deque[ClassifyPiece] = deque()
 
@@ -189,6 +192,7 @@ class Batcher:
             self._ready[session] = now
             self.became_ready.add(now, 1)
             self._work.set()
+            self._wake_if_gathered()
 
     async def classify(self, signal: np.ndarray, scale_weights: bool = False) -> dict:
         """`OnnxModel.classify(signal, scale_weights)`, batched by the consumer with other requests waiting at the same
@@ -207,6 +211,7 @@ class Batcher:
         self._classify_outstanding += 1
         self._classify_peaks.append((now, self._classify_outstanding))
         self._work.set()
+        self._wake_if_gathered()
         try:
             # cancelled with the request: the batcher then skips what is left
             parts = await asyncio.gather(*(p.future for p in pieces))
@@ -223,8 +228,10 @@ class Batcher:
             if self._classify_queue:
                 wait = self._classify_fill_wait()
                 if wait > 0 and not self._ready:  # nothing else to do meanwhile
-                    await asyncio.sleep(wait)
-                    wait = 0.0
+                    if await self._gather(lambda: bool(self._ready) or self._classify_fill_wait() <= 0, wait):
+                        wait = self._classify_fill_wait()  # gathered, or streams came: they go first
+                    else:
+                        wait = 0.0  # waited the whole time: classify what is there
                 if wait <= 0:
                     await self._classify_some()
                 # else: the streams' turn goes first, and the queue is looked at again after it
@@ -255,7 +262,28 @@ class Batcher:
         # window it reads low for its first seconds, and batches stay small just when a burst of streams begins)
         per_s = self.became_ready.total(now) / self.became_ready.span(now)
         if missing > 0 and left > 0 and per_s * left >= 1:
-            await asyncio.sleep(min(left, missing / per_s))
+            full = len(self._ready) + missing
+            await self._gather(lambda: len(self._ready) >= full, min(left, missing / per_s))
+
+    async def _gather(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait until `done()` or `timeout` s: -> whether it was done. A wait for a fuller call ends the moment the
+        call is full: under load the frames that came in during the last call are read a few loop turns after it, and
+        a fixed sleep for them left the core idle while streams waited (one core: calls stuck at ~60/s, a quarter of
+        the core idle, streams shed at 340 that fit once the wait ended early; docs/performance.md)."""
+        self._gathering = done
+        self._gathered.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._gathered.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._gathering = None
+
+    def _wake_if_gathered(self) -> None:
+        if self._gathering is not None and self._gathering():
+            self._gathered.set()
 
     def _classify_fill_wait(self) -> float:
         """Seconds to let /classify requests gather before the next call: its rows share the graph's cost per call

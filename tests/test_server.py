@@ -264,6 +264,61 @@ def test_classify_requests_gather_for_a_fuller_call_only_while_they_keep_arrivin
                                    atol=TOL)
 
 
+def test_a_wait_for_a_fuller_call_ends_the_moment_the_call_is_full(model, records):
+    """Batcher level: under load the batcher waits for the rows (streams) or requests (/classify) that a fuller call
+    shares; once they are there it goes on at once rather than sleeping out the wait it had estimated (a fixed sleep
+    left the core idle while streams waited). Here the arrival rate seen so far predicts seconds of wait, and the
+    missing streams or requests come within milliseconds."""
+    from types import SimpleNamespace
+
+    from server.batcher import Batcher
+    from server.metrics import Metrics
+
+    class Ready:  # what the batcher reads of a stream's session while it waits
+        in_flight = gone = False
+        stream = SimpleNamespace(hop=25)
+
+    async def streams():
+        batcher = Batcher(model, Metrics(), batch_wait_ms=3000)  # not started: the wait is driven by hand
+        sessions = [Ready() for _ in range(2 * model.rows_per_call(25))]
+        batcher.sessions = set(sessions)
+        now = time.monotonic()
+        batcher.became_ready.add(now - 1.9, 1)  # two streams became ready over the last two seconds: a slow rate
+        batcher.notify(sessions[0])
+        loop = asyncio.get_running_loop()
+        for i, s in enumerate(sessions[1:model.rows_per_call(25)]):
+            loop.call_later(0.001 * i, batcher.notify, s)
+        started = time.monotonic()
+        await batcher._let_batch_fill()
+        return time.monotonic() - started, len(batcher._ready)
+
+    waited, ready = asyncio.run(streams())
+    assert ready == model.rows_per_call(25) and waited < 1.0  # the estimate was min(3 s, 19 missing / 1 per s)
+
+    async def requests():
+        batcher = Batcher(model, Metrics(), batch_wait_ms=2000)  # up to CLASSIFY_WAIT_FACTOR x 2 s
+        now = time.monotonic()
+        batcher.classify_arrived.add(now - 1.5, 1)  # one request over the last two seconds: a slow rate
+        batcher._classify_peaks.append((now - 1, 4))  # a second ago, four were outstanding together
+        batcher.start()
+        try:
+            started = time.monotonic()
+            tasks = []
+            for i in range(4):
+                tasks.append(asyncio.create_task(batcher.classify(records[i % len(records)])))
+                await asyncio.sleep(0.01)
+            answers = await asyncio.gather(*tasks)
+            return time.monotonic() - started, answers
+        finally:
+            await batcher.stop()
+
+    waited, answers = asyncio.run(requests())
+    assert waited < 2.0  # the estimate: 3 missing requests / 1 per s
+    for i, got in enumerate(answers):
+        np.testing.assert_allclose(got["probabilities"], model.classify(records[i % len(records)])["probabilities"],
+                                   atol=TOL)
+
+
 def drain(outbox: asyncio.Queue) -> list:
     items = []
     while not outbox.empty():
