@@ -267,9 +267,9 @@ class Batcher:
 
     async def _gather(self, done: Callable[[], bool], timeout: float) -> bool:
         """Wait until `done()` or `timeout` s: -> whether it was done. A wait for a fuller call ends the moment the
-        call is full: under load the frames that came in during the last call are read a few loop turns after it, and
-        a fixed sleep for them left the core idle while streams waited (one core: calls stuck at ~60/s, a quarter of
-        the core idle, streams shed at 340 that fit once the wait ended early; docs/performance.md)."""
+        call is full, not when the wait estimated from the arrival rate runs out: the streams or requests it waits for
+        may come sooner (under load, the frames that came in during the last call are read a few loop turns after
+        it), and a fixed sleep left the core idle meanwhile (docs/performance.md)."""
         self._gathering = done
         self._gathered.clear()
         try:
