@@ -90,7 +90,7 @@ def _graph_worker(model_dir: str, batch: int, length: int, seconds: float, start
     queue.put(calls * batch * length / (time.perf_counter() - t0))
 
 
-def _graph_rate(model_dir: str, batch: int, length: int, workers: int, seconds: float,
+def graph_rate(model_dir: str, batch: int, length: int, workers: int, seconds: float,
                 cpus: set[int] | None) -> float:
     """samples/s of the graph at one call shape, summed over `workers` one-thread processes (on `cpus` when given)."""
     return _rate_together(_graph_worker, (model_dir, batch, length), workers, seconds, 3, cpus)
@@ -103,7 +103,7 @@ def bare_graph(model_dir: str, workers: int, seconds: float, rounds: int, cpus: 
     table: dict[str, float] = {}
     shapes = [(b, t) for b in BATCHES for t in LENGTHS if b * t <= MAX_CALL_SAMPLES]
     for batch, length in [shape for _ in range(rounds) for shape in shapes]:
-        rate = _graph_rate(model_dir, batch, length, workers, seconds, cpus)
+        rate = graph_rate(model_dir, batch, length, workers, seconds, cpus)
         table[f"{batch}x{length}"] = max(rate, table.get(f"{batch}x{length}", 0.0))
         print(f"bare graph {batch:>3} rows x {length:>4} samples: {rate:,.0f} samples/s", flush=True)
     best = max(table, key=table.get)
@@ -116,7 +116,7 @@ def bare_graph_again(model_dir: str, workers: int, shape: str, seconds: float, r
     capacity is compared with the graph as fast as the machine was around it (a shared machine's graph speed moved
     2x within the hour on 2026-12-07: `docs/performance.md`)."""
     batch, length = map(int, shape.split("x"))
-    rate = max(_graph_rate(model_dir, batch, length, workers, seconds, cpus) for _ in range(rounds))
+    rate = max(graph_rate(model_dir, batch, length, workers, seconds, cpus) for _ in range(rounds))
     print(f"bare graph {shape} again: {rate:,.0f} samples/s", flush=True)
     return rate
 

@@ -8,54 +8,41 @@ sample inside the server against the bare graph at the same shape measured right
 Runs `--streams` paced 100 Hz streams (the load test's clients, `loadtest/streams.py`) against `python -m server` and
 reads the server's /metrics at the end of the warm-up and of the run: `msssm_batch_size` (streams per turn),
 `msssm_inference_seconds{kind="stream"}` (time in the graph call, with the state gather and scatter around it) and
-`msssm_samples_processed{kind="stream"}`. Then it times the bare graph at `--bare-rows` x hop from its own outputs'
-state (the best case: the state stays in the cache) in this process, pinned to the server's CPUs. Prints one line
-per figure. A call rate stuck below what the ready streams need while the server's CPU is short of full is a batcher
-that waits with work waiting (docs/performance.md); an in-server cost above the bare one is the price of gathering
-each call's states from the pool's rows.
+`msssm_samples_processed{kind="stream"}`. Then it times the bare graph at `--bare-rows` x hop as
+`benchmarks/efficiency.py` does (`graph_rate`: one one-thread process on the server's CPUs, its state never leaving
+the cache). Prints one line per figure. Streams per turn well below the call's best (`OnnxModel.rows_per_call`: 20
+at hop 25) are calls too small to share the graph's cost per call; an in-server cost above the bare one is the
+price of gathering each call's states from the pool's rows and writing them back. (The load test's CPU figure covers
+the measured span, after any shedding: a server that shed streams is not idle for being under 100 %.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import sys
 import threading
 import time
 
 import httpx
-import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from streams import SAMPLE_RATE, Sampler, Server, StreamRun, pin_load_generator, server_arguments, tiled_records
+from streams import (REPO_ROOT, SAMPLE_RATE, Sampler, Server, StreamRun, pin_load_generator, server_arguments,
+                     tiled_records)
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from efficiency import graph_rate  # noqa: E402  (the bare graph timed as the efficiency benchmark times it)
 
 
 def scrape(url: str) -> dict[str, float]:
-    """The server's /metrics as {sample name with labels: value}."""
+    """The server's /metrics as {sample name with its labels: value}, histogram buckets left out."""
     values = {}
     for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
         for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()) if k != "le")
-            le = s.labels.get("le")
-            values[s.name + (f"{{{labels}}}" if labels else "") + (f"[le={le}]" if le else "")] = s.value
+            if not s.name.endswith("_bucket"):
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                values[s.name + (f"{{{labels}}}" if labels else "")] = s.value
     return values
-
-
-def bare_us_per_sample(model_dir: str, rows: int, hop: int, cpus: set[int] | None, seconds: float = 5.0) -> float:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-    from msssm_serve.runtime import OnnxModel
-
-    model = OnnxModel(model_dir, threads=1)
-    x = np.random.default_rng(0).standard_normal((rows, hop, model.n_channels)).astype(np.float32)
-    state, samples = model.zero_state(rows), 0
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        state = model.session.run(model.output_names, {"x": x, **dict(zip(model.state_names, state))})[1:]
-        samples += rows * hop
-    return (time.perf_counter() - started) / samples * 1e6
 
 
 def main(argv=None) -> int:
@@ -97,7 +84,7 @@ def main(argv=None) -> int:
     turns, rows = delta["msssm_batch_size_count"], delta["msssm_batch_size_sum"]
     seconds = delta['msssm_inference_seconds_sum{kind="stream"}']
     samples = delta['msssm_samples_processed_total{kind="stream"}']
-    bare = bare_us_per_sample(args.model, args.bare_rows, hop, args.server_cpus)
+    bare = 1e6 / graph_rate(args.model, args.bare_rows, hop, 1, 5.0, args.server_cpus)
     over = f" over /gateway, {args.per_connection} per connection" if args.per_connection > 1 else ""
     print(f"{args.streams} streams{over}, {args.workers} worker(s): p99 {r['p99_ms']} ms, server CPU {r['server_cpu_pct']} %, "
           f"shed {r.get('shed', 0)}, failures {r['failures']}")
