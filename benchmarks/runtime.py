@@ -111,13 +111,13 @@ def us_per_sample(model: OnnxModel, x: np.ndarray, min_time: float, max_runs: in
     return s * 1e6 / (x.shape[0] * x.shape[1])
 
 
-def side_by_side(model: OnnxModel, other: OnnxModel, rng, rounds: int = 5) -> None:
-    """Cost per sample of two models at the shapes the server calls (streams x hop, a /classify window), each the
+def side_by_side(model: OnnxModel, other: OnnxModel, rng, rounds: int = 7) -> None:
+    """Cost per sample of two models at the shapes the server calls (streams x hop, /classify windows), each the
     best of `rounds` interleaved measurements."""
     print(f"\n5. serving cost per sample: {model.name} vs {other.name} (best of {rounds} interleaved rounds)")
     print(f"{'streams':>8} {'samples':>8} {'us/sample':>10} {'against':>10} {'ratio':>7}")
     ratios = []
-    for rows, length in ((1, 1000), (16, 25), (64, 25), (256, 25)):
+    for rows, length in ((1, 1000), (4, 125), (16, 25), (20, 25), (64, 25), (256, 25)):
         x = rng.standard_normal((rows, length, model.n_channels)).astype(np.float32)
         pairs = [(us_per_sample(model, x, 0.2, 10), us_per_sample(other, x, 0.2, 10)) for _ in range(rounds)]
         mine, theirs = min(a for a, _ in pairs), min(b for _, b in pairs)

@@ -3,9 +3,14 @@
     h_t = exp(dt_t * A) * h_t-1 + (dt_t * x_t) * B_t ;  y_t = sum_N(h_t * C_t)
 
 Why it is laid out this way (measured with onnxruntime 1.32 on the CPU provider, one thread):
-  * onnxruntime pays about a microsecond per op per Scan iteration, so only what must be sequential runs inside the
-    Scan: the body is `h = decay_t * h + drive_t` and the read-out `y_t = sum_N(h * C_t)`. The decay (Mul, Exp) is
-    computed for all time steps at once outside, where it is one large vectorised op instead of T small ones.
+  * onnxruntime pays a fixed cost per op per Scan iteration, which dominates when a call has few rows (one
+    /classify window: 1,280 state floats per step), so only what must be sequential runs inside the Scan: the body
+    is `h = decay_t * h + drive_t` (and an Identity that hands each h_t out). The decay (Mul, Exp), the drive (the
+    outer product dt x B) and the read-out (Mul by C, sum over N) are computed for all time steps at once outside,
+    each one large vectorised op instead of T small ones. Against the earlier body that formed the drive and the
+    read-out per step (5 ops), one window alone runs 9-15 % faster per sample, batched calls (16-20 streams x 25)
+    the same to within noise (`python benchmarks/runtime.py --threads 1 --against OLD_MODEL_DIR`, section 5), with identical outputs.
+    Unrolling several steps per iteration (Split, k steps, Concat) was slower at every shape.
   * The Scan walks axis 0 of time-major tensors: scanning axis 1 makes onnxruntime transpose every input and output
     of the loop, which costs more than the loop itself at large batch.
   * Inside the loop the state is [Bt, M, N, D] (D = channels innermost): the broadcasts over N and the reduction
@@ -22,26 +27,18 @@ PLACEHOLDER = ("msssm", "SelectiveScan")
 
 
 def _step_body(prefix: str) -> onnx.GraphProto:
-    """One step for all streams: state [Bt, M, N, D]; per-step inputs decay [Bt, M, N, D], dx [Bt, M, 1, D],
-    B [Bt|1, M, N, 1|D], C [Bt|1, M, N, 1|D] -> (new state, y_t [Bt, M, D])."""
+    """One step for all streams: state [Bt, M, N, D] and per-step decay and drive [Bt, M, N, D] -> (new state, the
+    same state again as the step's scan output h_t)."""
     n = lambda name: f"{prefix}{name}"  # noqa: E731  names unique per Scan, for readable graphs
-    unknown = lambda name, rank: helper.make_tensor_value_info(n(name), TensorProto.FLOAT, [None] * rank)  # noqa: E731
-    n_axis = helper.make_tensor(n("n_axis"), TensorProto.INT64, [1], [2])
+    unknown = lambda name: helper.make_tensor_value_info(n(name), TensorProto.FLOAT, [None] * 4)  # noqa: E731
     nodes = [
-        helper.make_node("Constant", [], [n("axis")], value=n_axis),
-        # The drive is an outer product of two small per-step tensors: formed here, it never exists for all T.
-        helper.make_node("Mul", [n("dx_t"), n("B_t")], [n("drive_t")]),
         helper.make_node("Mul", [n("decay_t"), n("h_in")], [n("carried")]),
         helper.make_node("Add", [n("carried"), n("drive_t")], [n("h_out")]),
-        helper.make_node("Mul", [n("h_out"), n("C_t")], [n("hC")]),
-        helper.make_node("ReduceSum", [n("hC"), n("axis")], [n("y_t")], keepdims=0),
+        # a graph output may not be listed twice: onnxruntime then hands out wrong values for one of them
+        helper.make_node("Identity", [n("h_out")], [n("h_t")]),
     ]
-    return helper.make_graph(
-        nodes,
-        f"{prefix}step",
-        inputs=[unknown("h_in", 4), unknown("decay_t", 4), unknown("dx_t", 4), unknown("B_t", 4), unknown("C_t", 4)],
-        outputs=[unknown("h_out", 4), unknown("y_t", 3)],
-    )
+    return helper.make_graph(nodes, f"{prefix}step", inputs=[unknown("h_in"), unknown("decay_t"), unknown("drive_t")],
+                             outputs=[unknown("h_out"), unknown("h_t")])
 
 
 def _lowered_nodes(node: onnx.NodeProto, prefix: str) -> list[onnx.NodeProto]:
@@ -63,18 +60,18 @@ def _lowered_nodes(node: onnx.NodeProto, prefix: str) -> list[onnx.NodeProto]:
         helper.make_node("Transpose", [c], [n("C_tm")], perm=[1, 0, 2, 4, 3]),
         helper.make_node("Mul", [n("dt_tm"), n("x_tm")], [n("dx")]),
         helper.make_node("Unsqueeze", [n("dx"), n("axis3_c")], [n("dx_col")]),  # [L, Bt, M, 1, D]
+        helper.make_node("Mul", [n("dx_col"), n("B_tm")], [n("drive")]),  # [L, Bt, M, N, D]
         helper.make_node("Transpose", [h0], [n("h0_nd")], perm=[0, 1, 3, 2]),  # [Bt, M, D, N] -> [Bt, M, N, D]
-    ]
-    scanned = [n("decay"), n("dx_col"), n("B_tm"), n("C_tm")]
-    nodes += [
         helper.make_node(
             "Scan",
-            [n("h0_nd"), *scanned],
-            [n("h_last_nd"), n("y_tm")],
+            [n("h0_nd"), n("decay"), n("drive")],
+            [n("h_last_nd"), n("h_tm")],  # h_tm: every step's state, [L, Bt, M, N, D]
             name=f"{prefix}scan",
-            num_scan_inputs=len(scanned),
+            num_scan_inputs=2,
             body=_step_body(f"{prefix}step_"),
         ),
+        helper.make_node("Mul", [n("h_tm"), n("C_tm")], [n("hC")]),
+        helper.make_node("ReduceSum", [n("hC"), n("axis3_c")], [n("y_tm")], keepdims=0),  # sum over N: [L, Bt, M, D]
         helper.make_node("Transpose", [n("h_last_nd")], [h_last], perm=[0, 1, 3, 2]),
         helper.make_node("Transpose", [n("y_tm")], [y], perm=time_major),
     ]
