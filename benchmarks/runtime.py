@@ -12,9 +12,9 @@ Prints, from one run on this machine:
      every hop (W = window, hop = 25), as a ratio;
   4. the graph's cost per sample by call shape (streams x samples per call, one Session.run each): the measurement
      behind the runtime's ROWS_PER_CALL and SAMPLES_PER_CALL;
-  5. with --against OTHER_MODEL_DIR: both models' cost per sample at the serving shapes, interleaved call for call
-     so that the machine's moments fall on both, and the ratio (e.g. a candidate default model against the bundled
-     one: python benchmarks/runtime.py --model CANDIDATE --against models/default).
+  5. with --against OTHER_MODEL_DIR [--rounds N]: both models' cost per sample at the serving shapes, interleaved
+     so that the machine's moments fall on both, and the median ratio (e.g. a candidate default model against the
+     bundled one: python benchmarks/runtime.py --model CANDIDATE --against models/default).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     p.add_argument("--hop", type=int, default=25)
     p.add_argument("--against", help="a second model directory: cost per sample side by side, as a ratio")
+    p.add_argument("--rounds", type=int, default=7, help="--against: interleaved measurements per shape")
     args = p.parse_args()
     model = OnnxModel(args.model, threads=args.threads or None)
     rng = np.random.default_rng(0)
@@ -101,7 +102,7 @@ def main() -> None:
         print(f"{rows:>8} {length:>8} {us_per_sample(model, x, min_time=0.3, max_runs=20):>10.1f}")
 
     if args.against:
-        side_by_side(model, OnnxModel(args.against, threads=args.threads or None), rng)
+        side_by_side(model, OnnxModel(args.against, threads=args.threads or None), rng, args.rounds)
 
 
 def us_per_sample(model: OnnxModel, x: np.ndarray, min_time: float, max_runs: int) -> float:
@@ -112,20 +113,20 @@ def us_per_sample(model: OnnxModel, x: np.ndarray, min_time: float, max_runs: in
 
 
 def side_by_side(model: OnnxModel, other: OnnxModel, rng, rounds: int = 7) -> None:
-    """Cost per sample of two models at the shapes the server calls (streams x hop, /classify windows), each the
-    best of `rounds` interleaved measurements."""
-    print(f"\n5. serving cost per sample: {model.name} vs {other.name} (best of {rounds} interleaved rounds)")
+    """Cost per sample of two models at the shapes the server calls (streams x hop, /classify windows): `rounds`
+    interleaved pairs of measurements per shape; each model's best, and the median of the pairs' ratios (a pair's two
+    measurements are taken within a second of each other, so the machine's drift falls on both)."""
+    print(f"\n5. serving cost per sample: {model.dir} vs {other.dir} ({rounds} interleaved rounds)")
     print(f"{'streams':>8} {'samples':>8} {'us/sample':>10} {'against':>10} {'ratio':>7}")
     ratios = []
-    for rows, length in ((1, 1000), (4, 125), (16, 25), (20, 25), (64, 25), (256, 25)):
+    for rows, length in ((1, 1000), (1, 512), (4, 125), (16, 25), (20, 25), (64, 25), (256, 25)):
         x = rng.standard_normal((rows, length, model.n_channels)).astype(np.float32)
         pairs = [(us_per_sample(model, x, 0.2, 10), us_per_sample(other, x, 0.2, 10)) for _ in range(rounds)]
-        mine, theirs = min(a for a, _ in pairs), min(b for _, b in pairs)
-        ratios.append(mine / theirs)
-        print(f"{rows:>8} {length:>8} {mine:>10.1f} {theirs:>10.1f} {mine / theirs:>7.2f}")
-    print(f"   cost ratio {model.name} / {other.name}: {np.mean(ratios):.2f} (mean over the shapes), "
+        ratio = float(np.median([a / b for a, b in pairs]))
+        ratios.append(ratio)
+        print(f"{rows:>8} {length:>8} {min(a for a, _ in pairs):>10.1f} {min(b for _, b in pairs):>10.1f} {ratio:>7.2f}")
+    print(f"   cost ratio {model.dir} / {other.dir}: {np.mean(ratios):.2f} (mean over the shapes), "
           f"{max(ratios):.2f} (worst)")
-
 
 if __name__ == "__main__":
     main()
