@@ -124,9 +124,11 @@ def side_by_side(model: OnnxModel, other: OnnxModel, rng, rounds: int = 7) -> No
         pairs = [(us_per_sample(model, x, 0.2, 10), us_per_sample(other, x, 0.2, 10)) for _ in range(rounds)]
         ratio = float(np.median([a / b for a, b in pairs]))
         ratios.append(ratio)
-        print(f"{rows:>8} {length:>8} {min(a for a, _ in pairs):>10.1f} {min(b for _, b in pairs):>10.1f} {ratio:>7.2f}")
+        best, best_other = min(a for a, _ in pairs), min(b for _, b in pairs)
+        print(f"{rows:>8} {length:>8} {best:>10.1f} {best_other:>10.1f} {ratio:>7.2f}")
     print(f"   cost ratio {model.dir} / {other.dir}: {np.mean(ratios):.2f} (mean over the shapes), "
           f"{max(ratios):.2f} (worst)")
+
 
 if __name__ == "__main__":
     main()

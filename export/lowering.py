@@ -8,9 +8,10 @@ Why it is laid out this way (measured with onnxruntime 1.32 on the CPU provider,
     is `h = decay_t * h + drive_t` (and an Identity that hands each h_t out). The decay (Mul, Exp), the drive (the
     outer product dt x B) and the read-out (Mul by C, sum over N) are computed for all time steps at once outside,
     each one large vectorised op instead of T small ones. Against the earlier body that formed the drive and the
-    read-out per step (5 ops), one window alone runs 9-15 % faster per sample, batched calls (16-20 streams x 25)
-    the same to within noise (`python benchmarks/runtime.py --threads 1 --against OLD_MODEL_DIR`, section 5), with identical outputs.
-    Unrolling several steps per iteration (Split, k steps, Concat) was slower at every shape.
+    read-out per step (5 ops; identical outputs), per sample: one window alone 0.89-0.91, 4 x 125 0.96, 16-20
+    streams x 25 0.97-0.98 (within noise), 64-256 x 25 1.05-1.12 (no CPU call is that large: the runtime cuts them
+    at ~512 samples), from `python benchmarks/runtime.py --threads 1 --against OLD_MODEL_DIR --rounds 15`.
+    Several steps per iteration (Split, k steps, Concat) were slower than this body at every shape measured.
   * The Scan walks axis 0 of time-major tensors: scanning axis 1 makes onnxruntime transpose every input and output
     of the loop, which costs more than the loop itself at large batch.
   * Inside the loop the state is [Bt, M, N, D] (D = channels innermost): the broadcasts over N and the reduction
