@@ -12,9 +12,9 @@ Prints, from one run on one thread (onnxruntime and PyTorch both pinned to one):
   3. the graph's achieved samples/s at its best call shape (rows x samples per call) and the roofline ratio:
      (time per sample if every op ran at its peak) / (time per sample measured);
   4. onnxruntime's profile of that call: the share of time in the recurrence (each layer's lowered Scan and the
-     decay / drive ops around it) and in the rest, and the project's fused C++ scan kernel (msssm_serve/csrc, what
-     CPU training runs) timed on the same recurrence, so that the graph's time with a fused recurrence operator is
-     measured, not guessed: rest + kernel.
+     decay / drive / read-out ops around it) and in the rest, and the project's fused C++ scan kernel
+     (msssm_serve/csrc, what CPU training runs) timed on the same recurrence, so that the graph's time with a fused
+     recurrence operator is measured, not guessed: rest + kernel.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def work_per_sample(cfg: ModelConfig) -> dict[str, int]:
         exp += M * D; other += M * D; arith += 5 * M * D  # softplus as relu(x) + log(1 + exp(-|x|))
         arith += M * N * D; exp += M * N * D  # decay = exp(dt * A)
         arith += M * D  # dt * x
-        arith += 5 * M * N * D  # the Scan step: drive, decay * h, add, h * C, sum over N
+        arith += 5 * M * N * D  # a step: drive, decay * h, add (in the Scan), h * C, sum over N
         arith += 2 * M * D  # skip: y + D * x
         if S:
             macs += D * M; arith += M  # mixer projection
@@ -146,9 +146,9 @@ def feeds_for(sess: ort.InferenceSession, channels: int, rows: int, samples: int
 
 
 def without_recurrence(graph: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph with each layer's lowered recurrence (the Scan and the decay / drive ops around it) replaced by
-    Identity(x) -> y and Identity(h0) -> h_last: everything else the graph does, unchanged. dt, B and C, which a
-    fused operator would read, are kept as outputs so that nothing upstream of the recurrence is pruned."""
+    """The graph with each layer's lowered recurrence (the Scan and the decay / drive / read-out ops around it)
+    replaced by Identity(x) -> y and Identity(h0) -> h_last: everything else the graph does, unchanged. dt, B and C,
+    which a fused operator would read, are kept as outputs so that nothing upstream of the recurrence is pruned."""
     g = onnx.ModelProto()
     g.CopyFrom(graph)
     lowered = [n for n in g.graph.node if any(LOWERED.match(v) for v in (*n.input, *n.output))]
@@ -311,7 +311,7 @@ def main() -> None:
         f"**roofline ratio {ratio:.2f}**.",
         "",
         f"Where a call's time goes: {wall_us:.0f} us per call; without its recurrence (each layer's Scan and the "
-        f"decay and drive ops around it replaced by an Identity) {rest_us:.0f} us, so the recurrence takes "
+        f"decay, drive and read-out ops around it replaced by an Identity) {rest_us:.0f} us, so the recurrence takes "
         f"**{(wall_us - rest_us) / wall_us:.0%}** of the call. By op type (onnxruntime's profiler; it adds its own "
         f"cost per node, so shares only):",
         "",
